@@ -1,0 +1,40 @@
+"""Helpers shared by the kernels: launch-mode detection and input checks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# exp(x) == exp2(x * LOG2E): the kernels work in base 2 (exp2 is the native instruction).
+LOG2E = 1.4426950408889634
+
+
+def is_interpret() -> bool:
+    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def check_head_dim(d: int) -> None:
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim {d} not supported: use 16, 32, 64, 128 or 256")
+
+
+def check_last_dim_contiguous(*ts: torch.Tensor) -> None:
+    for t in ts:
+        if t.stride(-1) != 1:
+            raise ValueError("the head dimension (last) must be contiguous")
+
+
+def check_gqa(hq: int, hkv: int) -> int:
+    if hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    return hq // hkv
+
+
+def default_scale(d: int, scale: float | None) -> float:
+    return d**-0.5 if scale is None else float(scale)
