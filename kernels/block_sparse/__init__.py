@@ -1,0 +1,7 @@
+"""Block-sparse attention core (prefill) shared by hip_attention and block_sparse_prefill."""
+
+from .naive import block_mask_dense, block_sparse_attention_naive
+from .ops import block_sparse_attention, block_sparse_fwd_kernel
+
+__all__ = ["block_sparse_attention", "block_sparse_fwd_kernel", "block_sparse_attention_naive",
+           "block_mask_dense"]

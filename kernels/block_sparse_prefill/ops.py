@@ -1,0 +1,124 @@
+"""MInference-style vertical-slash sparse prefill on the block-sparse core.
+
+The last `last_q` queries are scored against every key (one small dense product); the attention
+they put on each key (vertical lines: keys every query looks at) and on each query-key offset
+(slash lines: diagonals, e.g. the local window or periodic structure) is summed per key block and per
+block-diagonal. The best `n_vertical` key blocks and `n_slash` block-diagonals, plus the sink
+blocks and the first `n_local` diagonals, become per-query-block lists for block_sparse_attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..block_sparse.ops import block_sparse_attention
+from ..flash_prefill.ops import flash_prefill
+from ..utils import check_gqa, default_scale
+
+_BIG = 1 << 30
+
+
+def vertical_slash_scores(q, k, last_q=64, scale=None, causal=True, head_chunk=8, block_size_k=64):
+    """Attention mass of the last `last_q` queries per key block (vertical) and per block-offset
+    (slash, offset = query position - key position). Returns two [B, HQ, cdiv(S, block_size_k)] float32."""
+    B, T, HQ, D = q.shape
+    S, HKV = k.shape[1], k.shape[2]
+    G = check_gqa(HQ, HKV)
+    scale = default_scale(D, scale)
+    L = min(last_q, T)
+    nkb = triton.cdiv(S, block_size_k)
+    dev = q.device
+    pos = torch.arange(T - L, T, device=dev) + (S - T)  # [L] key-axis positions of the last queries
+    cols = torch.arange(S, device=dev)
+    visible = cols[None, :] <= pos[:, None] if causal else torch.ones(L, S, dtype=torch.bool, device=dev)
+    # offset o of key j for query i is pos_i - j: gather index j = pos_i - o
+    offs_idx = pos[:, None] - cols[None, :]  # [L, S] (row i, offset o) -> key index
+    offs_ok = (offs_idx >= 0) & (offs_idx < S)
+    offs_idx = offs_idx.clamp(0, S - 1)
+    vert = torch.zeros(B, HQ, nkb * block_size_k, device=dev, dtype=torch.float32)
+    slash = torch.zeros(B, HQ, nkb * block_size_k, device=dev, dtype=torch.float32)
+    qs = q[:, T - L:]
+    for h0 in range(0, HQ, head_chunk):
+        h1 = min(HQ, h0 + head_chunk)
+        kh = k[:, :, torch.arange(h0, h1, device=dev) // G]  # [B, S, Hc, D]
+        s = torch.einsum("blhd,bshd->bhls", qs[:, :, h0:h1].float(), kh.float()) * scale
+        s = s.masked_fill(~visible, float("-inf"))
+        p = torch.softmax(s, dim=-1)  # [B, Hc, L, S]
+        vert[:, h0:h1, :S] = p.sum(2)
+        ps = p.gather(-1, offs_idx[None, None].expand(B, h1 - h0, L, S)) * offs_ok
+        slash[:, h0:h1, :S] = ps.sum(2)
+        del s, p, ps
+    return vert.view(B, HQ, nkb, block_size_k).sum(-1), slash.view(B, HQ, nkb, block_size_k).sum(-1)
+
+
+def vertical_slash_blocks(q, k, block_size_q=64, block_size_k=64, last_q=64, n_vertical=32, n_slash=16,
+                          n_sink=1, n_local=2, causal=True, scale=None):
+    """Per-query-block key-block lists from vertical-slash estimation.
+
+    Returns block_idx [B, HQ, NQB, MAXK] int32 (ascending, packed) and block_cnt [B, HQ, NQB]."""
+    B, T, HQ, D = q.shape
+    S = k.shape[1]
+    dev = q.device
+    nkb = triton.cdiv(S, block_size_k)
+    nqb = triton.cdiv(T, block_size_q)
+    vert, slash = vertical_slash_scores(q, k, last_q, scale, causal, block_size_k=block_size_k)
+    # always-kept parts are excluded from the competition
+    vert[..., :n_sink] = float("-inf")
+    slash[..., :n_local] = float("-inf")
+    nv = max(0, min(n_vertical, nkb - n_sink))
+    ns = max(0, min(n_slash, nkb - n_local))
+    v_sel = vert.topk(nv, -1).indices if nv else vert.new_zeros(B, HQ, 0, dtype=torch.long)
+    d_sel = slash.topk(ns, -1).indices if ns else slash.new_zeros(B, HQ, 0, dtype=torch.long)
+    sink = torch.arange(min(n_sink, nkb), device=dev).expand(B, HQ, -1)
+    d_all = torch.cat([torch.arange(min(n_local, nkb), device=dev).expand(B, HQ, -1), d_sel], -1)
+
+    m0 = torch.arange(nqb, device=dev) * block_size_q
+    m1 = torch.clamp(m0 + block_size_q, max=T) - 1
+    delta = S - T if causal else 0
+    p0, p1 = m0 + delta, m1 + delta  # [NQB] key-axis positions of each block's first/last query
+    kend = torch.clamp(p1 + 1, 0, S) if causal else torch.full_like(p1, S)
+    # a block-diagonal d (offsets [d*BK, (d+1)*BK)) crosses key blocks lo..hi for a query block
+    span = triton.cdiv(block_size_q, block_size_k) + 1
+    hi = torch.div(p1[None, None, :, None] - d_all[:, :, None, :] * block_size_k, block_size_k, rounding_mode="floor")
+    lo = torch.div(p0[None, None, :, None] - (d_all[:, :, None, :] + 1) * block_size_k + 1, block_size_k,
+                   rounding_mode="floor")
+    sl = hi[..., None] - torch.arange(span, device=dev)  # [B, HQ, NQB, nd, span]
+    sl = torch.where(sl >= lo[..., None], sl, -1).flatten(-2)
+    cand = torch.cat([sink[:, :, None, :].expand(B, HQ, nqb, -1), v_sel[:, :, None, :].expand(B, HQ, nqb, -1), sl], -1)
+    ok = (cand >= 0) & (cand * block_size_k < kend[None, None, :, None])
+    cand = torch.where(ok, cand, _BIG).sort(-1).values
+    dup = torch.zeros_like(ok)
+    dup[..., 1:] = cand[..., 1:] == cand[..., :-1]
+    cand = torch.where(dup, _BIG, cand).sort(-1).values
+    cnt = (cand < _BIG).sum(-1).to(torch.int32)
+    return torch.where(cand == _BIG, 0, cand).to(torch.int32), cnt
+
+
+def block_sparse_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    block_size_q: int = 64,
+    block_size_k: int = 64,
+    last_q: int = 64,
+    n_vertical: int = 32,
+    n_slash: int = 16,
+    n_sink: int = 1,
+    n_local: int = 2,
+    dense_below: int = 8192,
+    return_blocks: bool = False,
+    out: torch.Tensor | None = None,
+):
+    """Vertical-slash sparse prefill. q: [B, T, HQ, D]; k, v: [B, S, HKV, D]; dense flash_prefill
+    below dense_below keys. Returns o [B, T, HQ, D] (and (block_idx, block_cnt) with return_blocks)."""
+    S = k.shape[1]
+    if S < dense_below:
+        o = flash_prefill(q, k, v, causal=causal, scale=scale, out=out)
+        return (o, None) if return_blocks else o
+    blocks = vertical_slash_blocks(q, k, block_size_q, block_size_k, last_q, n_vertical, n_slash, n_sink,
+                                   n_local, causal, scale)
+    o = block_sparse_attention(q, k, v, *blocks, block_size_q, block_size_k, causal=causal, scale=scale, out=out)
+    return (o, blocks) if return_blocks else o

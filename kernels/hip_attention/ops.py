@@ -1,0 +1,261 @@
+"""HiP attention (hierarchically pruned attention, training-free): per query block, keep the best
+key blocks found by iterative halving, then attend only to them.
+
+Mask estimation: the middle key range of each query block (everything but the sink blocks at the
+start and the local blocks just before the query) is cut into `topk` equal segments; each step
+halves every segment, scores each half by one or a few representative keys (the largest q.k over
+the block's queries, computed by `hip_score_fwd_kernel`), and keeps the `topk` best halves, until
+the segments are single key blocks: O(topk * log(T / topk)) key reads per query block instead of
+T. Sink and local blocks are always kept. Attention then runs on the block-sparse core (prefill) or
+on the flash-decoding kernel in sparse mode (decode, selection refreshed every few steps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..block_sparse.ops import block_sparse_attention
+from ..flash_decode.ops import sparse_decode
+from ..flash_prefill.ops import flash_prefill
+from ..utils import check_gqa, check_last_dim_contiguous, is_interpret, next_pow2
+
+_BIG = 1 << 30
+
+
+@triton.jit
+def hip_score_fwd_kernel(
+    q, k, rep, score, block_table,
+    T_q, NHS, NQB, C, page_size,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh, stride_btb,
+    GS: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr,
+):
+    """score[u, c] = max over the unit's query rows of q . k[rep[u, c]] (-inf where rep < 0).
+
+    A unit u = (b, hs, qb) holds BLOCK_Q queries of GS query heads: row r -> (token qb*BLOCK_Q + r//GS,
+    head hs*GS + r%GS); GS = 1 gives a selection per query head, GS = G one per KV head.
+    """
+    u = tl.program_id(0)
+    i_qb = u % NQB
+    i_b = u // (NQB * NHS)
+    i_hs = (u // NQB) % NHS
+    i_hk = (i_hs * GS) // G
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, D)
+    t_r = i_qb * BLOCK_Q + offs_r // GS
+    h_r = i_hs * GS + offs_r % GS
+    row_ok = (offs_r < BLOCK_Q * GS) & (t_r < T_q)
+    # [BLOCK_R, D]
+    qt = tl.load(q + i_b.to(tl.int64) * stride_qb + t_r[:, None] * stride_qt + h_r[:, None] * stride_qh
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        pos = tl.load(rep + u.to(tl.int64) * C + offs_c, mask=offs_c < C, other=-1)
+        ok = pos >= 0
+        if PAGED:
+            page = tl.load(block_table + i_b.to(tl.int64) * stride_btb + pos // page_size, mask=ok, other=0)
+            off = page.to(tl.int64) * stride_kb + (pos % page_size) * stride_kt
+        else:
+            off = i_b.to(tl.int64) * stride_kb + pos.to(tl.int64) * stride_kt
+        # [BLOCK_C, D]
+        kk = tl.load(k + off[:, None] + i_hk * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(qt, tl.trans(kk))
+        s = tl.where(row_ok[:, None], s, float("-inf"))
+        best = tl.where(ok, tl.max(s, 0), float("-inf"))
+        tl.store(score + u.to(tl.int64) * C + offs_c, best, mask=offs_c < C)
+
+
+def score_triton(q, k, rep, block_size_q, group_heads, block_table=None):
+    """rep [B, HS, NQB, C] int (key positions, -1 = none) -> scores [B, HS, NQB, C] float32."""
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    G = check_gqa(HQ, HKV)
+    check_last_dim_contiguous(q, k)
+    _, HS, NQB, C = rep.shape
+    GS = G if group_heads else 1
+    rep = rep.to(torch.int32).contiguous()
+    score = torch.empty(rep.shape, device=q.device, dtype=torch.float32)
+    if rep.numel() == 0:
+        return score
+    paged = block_table is not None
+    block_r = max(16, next_pow2(block_size_q * GS))
+    block_c = 16 if is_interpret() else 64
+    hip_score_fwd_kernel[(B * HS * NQB,)](
+        q, k, rep, score, block_table if paged else rep,
+        T, HS, NQB, C, k.shape[1] if paged else 1,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), block_table.stride(0) if paged else 0,
+        GS=GS, G=G, BLOCK_Q=block_size_q, BLOCK_R=block_r, BLOCK_C=block_c, D=D, PAGED=paged,
+        num_warps=4 if block_r <= 64 else 8, num_stages=1 if is_interpret() else 2,
+    )
+    return score
+
+
+def prefill_kend(T: int, S: int, block_size_q: int, causal: bool, device) -> torch.Tensor:
+    """Number of keys visible to each query block: [cdiv(T, block_size_q)] int64 (bottom-right causal)."""
+    nqb = triton.cdiv(T, block_size_q)
+    if not causal:
+        return torch.full((nqb,), S, device=device, dtype=torch.int64)
+    last_q = torch.clamp((torch.arange(nqb, device=device) + 1) * block_size_q, max=T)
+    return torch.clamp(last_q + S - T, min=0, max=S)
+
+
+def hip_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    kend: torch.Tensor,
+    max_kend: int,
+    block_size_q: int = 64,
+    block_size_k: int = 64,
+    topk: int = 32,
+    n_sink: int = 1,
+    n_local: int = 4,
+    n_rep: int = 1,
+    group_heads: bool = False,
+    block_table: torch.Tensor | None = None,
+    scorer=None,
+) -> torch.Tensor:
+    """Hierarchical top-k key-block selection.
+
+    q: [B, T, HQ, D]; k: [B, S, HKV, D] (or paged pages with block_table); kend: [B, NQB] or [NQB]
+    keys visible to each query block; max_kend: an upper bound of kend (host int).
+    Returns sel [B, HS, NQB, topk] int32: chosen middle key blocks (in [n_sink, nkb - n_local)),
+    ascending, -1 padded at the end; HS = HKV if group_heads else HQ.
+    scorer(q, k, rep, block_size_q, group_heads, block_table) -> scores; default: the Triton kernel.
+    """
+    scorer = scorer or score_triton
+    B, T, HQ, D = q.shape
+    HS = k.shape[2] if group_heads else HQ
+    if kend.dim() == 1:
+        kend = kend[None].expand(B, -1)
+    NQB = kend.shape[1]
+    dev = q.device
+    nkb = (kend + block_size_k - 1) // block_size_k
+    lo = n_sink
+    M = torch.clamp(nkb - n_local - lo, min=0)  # [B, NQB] middle blocks
+    i = torch.arange(topk + 1, device=dev)
+    bounds = lo + (M[..., None] * i) // topk  # [B, NQB, topk + 1]
+    s = bounds[..., :-1][:, None].expand(B, HS, NQB, topk).contiguous()
+    e = bounds[..., 1:][:, None].expand(B, HS, NQB, topk).contiguous()
+    m_max = max(0, triton.cdiv(max_kend, block_size_k) - n_local - lo)
+    l_max = triton.cdiv(m_max, topk) if m_max > 0 else 0
+    n_iter = math.ceil(math.log2(l_max)) if l_max > 1 else 0
+    r = torch.arange(n_rep, device=dev)
+    for _ in range(n_iter):
+        half = s + (e - s + 1) // 2
+        cs = torch.cat([s, half], -1)  # [B, HS, NQB, 2 topk]
+        ce = torch.cat([half, e], -1)
+        empty = ce <= cs
+        # n_rep keys spread evenly over each half
+        span = (ce - cs) * block_size_k
+        rep = cs[..., None] * block_size_k + (span[..., None] * (2 * r + 1)) // (2 * n_rep)
+        rep = torch.where(empty[..., None], -1, rep).flatten(-2)
+        sc = scorer(q, k, rep, block_size_q, group_heads, block_table).view(*cs.shape, n_rep).amax(-1)
+        sc = sc.masked_fill(empty, float("-inf"))
+        top = sc.topk(topk, dim=-1).indices
+        s = cs.gather(-1, top)
+        e = ce.gather(-1, top)
+    sel = torch.where(e > s, s, _BIG).sort(-1).values
+    return torch.where(sel == _BIG, -1, sel).to(torch.int32)
+
+
+def hip_block_list(sel: torch.Tensor, kend: torch.Tensor, block_size_k: int, n_sink: int, n_local: int):
+    """Prefill block lists: sink + selected + local blocks, ascending and packed.
+
+    sel: [B, HS, NQB, K]; kend: [B, NQB] or [NQB]. Returns block_idx [B, HS, NQB, n_sink+K+n_local]
+    int32 and block_cnt [B, HS, NQB] int32."""
+    B, HS, NQB, K = sel.shape
+    dev = sel.device
+    if kend.dim() == 1:
+        kend = kend[None].expand(B, -1)
+    nkb = ((kend + block_size_k - 1) // block_size_k)[:, None, :, None]  # [B, 1, NQB, 1]
+    sink = torch.arange(n_sink, device=dev).view(1, 1, 1, -1)
+    sink = torch.where(sink < nkb, sink, _BIG).expand(B, HS, NQB, n_sink)
+    loc = nkb - n_local + torch.arange(n_local, device=dev).view(1, 1, 1, -1)
+    loc = torch.where(loc >= n_sink, loc, _BIG).expand(B, HS, NQB, n_local)
+    mid = torch.where(sel >= 0, sel.long(), _BIG)
+    idx = torch.cat([sink, mid, loc], -1).sort(-1).values
+    cnt = (idx < _BIG).sum(-1).to(torch.int32)
+    return torch.where(idx == _BIG, 0, idx).to(torch.int32), cnt
+
+
+def hip_attention_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    block_size_q: int = 64,
+    block_size_k: int = 64,
+    topk: int = 32,
+    n_sink: int = 1,
+    n_local: int = 4,
+    n_rep: int = 1,
+    dense_below: int = 8192,
+    return_blocks: bool = False,
+    scorer=None,
+    out: torch.Tensor | None = None,
+):
+    """HiP prefill. q: [B, T, HQ, D]; k, v: [B, S, HKV, D]. Falls back to dense flash_prefill when
+    S < dense_below or when the kept blocks would cover every key anyway. Returns o [B, T, HQ, D]
+    (and (block_idx, block_cnt) with return_blocks; None for the dense fallback)."""
+    B, T, HQ, D = q.shape
+    S = k.shape[1]
+    nkb = triton.cdiv(S, block_size_k)
+    if S < dense_below or nkb <= n_sink + topk + n_local:
+        o = flash_prefill(q, k, v, causal=causal, scale=scale, out=out)
+        return (o, None) if return_blocks else o
+    kend = prefill_kend(T, S, block_size_q, causal, q.device)
+    sel = hip_select(q, k, kend, S, block_size_q, block_size_k, topk, n_sink, n_local, n_rep,
+                     group_heads=False, scorer=scorer)
+    blocks = hip_block_list(sel, kend, block_size_k, n_sink, n_local)
+    o = block_sparse_attention(q, k, v, *blocks, block_size_q, block_size_k, causal=causal,
+                               scale=scale, out=out)
+    return (o, blocks) if return_blocks else o
+
+
+def hip_decode_select(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    max_seqlen: int,
+    block_size_k: int = 64,
+    topk: int = 32,
+    n_sink: int = 1,
+    n_local: int = 4,
+    n_rep: int = 1,
+    block_table: torch.Tensor | None = None,
+    scorer=None,
+) -> torch.Tensor:
+    """Decode selection, one list per (sequence, KV head) shared by its query heads and tokens.
+    q: [B, TQ, HQ, D]; cache as in flash_decode. Returns sel [B, HKV, topk] int32 for hip_decode."""
+    kend = seqlens.to(torch.int64)[:, None]
+    sel = hip_select(q, k_cache, kend, max_seqlen, q.shape[1], block_size_k, topk, n_sink, n_local,
+                     n_rep, group_heads=True, block_table=block_table, scorer=scorer)
+    return sel[:, :, 0]
+
+
+def hip_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    sel: torch.Tensor,
+    seqlens: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    block_size_k: int = 64,
+    n_sink: int = 1,
+    n_local: int = 4,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """HiP decode step: sparse flash-decoding over the sink blocks, the selection sel [B, HKV, K]
+    (made by hip_decode_select, possibly some steps ago) and the last n_local blocks, which follow
+    the cache as it grows. Returns o [B, TQ, HQ, D]."""
+    return sparse_decode(q, k_cache, v_cache, sel, n_sink, n_local, block_size_k, seqlens=seqlens,
+                         block_table=block_table, scale=scale, num_splits=num_splits, out=out)
