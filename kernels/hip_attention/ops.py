@@ -202,12 +202,13 @@ def hip_attention_prefill(
     out: torch.Tensor | None = None,
 ):
     """HiP prefill. q: [B, T, HQ, D]; k, v: [B, S, HKV, D]. Falls back to dense flash_prefill when
-    S < dense_below or when the kept blocks would cover every key anyway. Returns o [B, T, HQ, D]
+    S < dense_below. Returns o [B, T, HQ, D]
     (and (block_idx, block_cnt) with return_blocks; None for the dense fallback)."""
     B, T, HQ, D = q.shape
     S = k.shape[1]
     nkb = triton.cdiv(S, block_size_k)
-    if S < dense_below or nkb <= n_sink + topk + n_local:
+    # (when n_sink + topk + n_local >= nkb the selection keeps every block: same result as dense)
+    if S < dense_below or nkb <= n_sink + n_local:
         o = flash_prefill(q, k, v, causal=causal, scale=scale, out=out)
         return (o, None) if return_blocks else o
     kend = prefill_kend(T, S, block_size_q, causal, q.device)
