@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from ..index.errors import UserError
-from . import cli_index
+from . import cli_index, cli_serve
 
 # Each module adds its subcommands with register(subparsers).
-COMMAND_MODULES = [cli_index]
+COMMAND_MODULES = [cli_index, cli_serve]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,302 @@
+"""`retrogram serve` (the gRPC servers) and `retrogram health` (ask a server's health service)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..index.errors import UserError
+from .cli_common import console, print_json
+
+SERVICES = ("ngram", "retriever")
+DEFAULT_PORTS = {"ngram": 50051, "retriever": 50052}
+INDEX_ENV = "RETROGRAM_INDEX"
+
+SERVE_HELP = """\
+Serve an index over gRPC.
+
+  retrogram serve --index DIR                   both services, each in its own process, on loopback
+                                                ports 50051 (ngram) and 50052 (retriever); Ctrl-C stops all
+  retrogram serve ngram --index DIR --port P    one service in this process (P=0: any free port)
+
+A service answers health checks (grpc.health.v1) with NOT_SERVING until its index is loaded, and lists
+itself through server reflection (grpcurl -plaintext HOST:PORT list). On SIGTERM or Ctrl-C it stops
+taking calls, finishes those in flight (up to --grace seconds) and exits.
+
+Binding beyond loopback (--host 0.0.0.0) needs API keys: --api-key-file FILE (one key a line) or
+$RETROGRAM_API_KEY (comma-separated); clients send one in the `x-api-key` metadata. TLS with --tls-cert
+and --tls-key (and --tls-client-ca to require client certificates).
+
+Each service process prints a JSON line on stdout when it listens and when it serves
+({"event": "listening"|"serving"|"failed", "address": ...}); logs are JSON lines on stderr.
+"""
+
+
+def _add_server_options(p) -> None:
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; anything beyond loopback needs API keys)")
+    p.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                   help=f"require one of these API keys (one a line; also ${'RETROGRAM_API_KEY'})")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow binding beyond loopback without API keys")
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="PEM", help="serve TLS with this certificate chain")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="the certificate's private key")
+    p.add_argument("--tls-client-ca", type=Path, default=None, metavar="PEM",
+                   help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--max-message-mb", type=float, default=64, metavar="MB",
+                   help="largest request or response message (default 64 MiB)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=256, metavar="N",
+                   help="calls in progress at once; more are refused with RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="engine worker threads (default: the number of cores)")
+    p.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="on shutdown, seconds given to calls in flight (default 30)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve Prometheus metrics over HTTP on this port (the stack: P for ngram, P+1 for retriever)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true", help="log every call (JSON lines on stderr)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve an index over gRPC (n-gram and retriever services)",
+                       description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("service", nargs="?", default="all", choices=("all",) + SERVICES,
+                   help="which service (default: all, each in its own process)")
+    p.add_argument("--index", type=Path, default=os.environ.get(INDEX_ENV), metavar="DIR",
+                   help=f"the index directory (default ${INDEX_ENV})")
+    p.add_argument("--port", type=int, default=None, metavar="P",
+                   help="port of a single service (default 50051 ngram, 50052 retriever; 0: any free port)")
+    p.add_argument("--ngram-port", type=int, default=DEFAULT_PORTS["ngram"], metavar="P",
+                   help="the stack's n-gram port (default 50051)")
+    p.add_argument("--retriever-port", type=int, default=DEFAULT_PORTS["retriever"], metavar="P",
+                   help="the stack's retriever port (default 50052)")
+    p.add_argument("--shards", default=None, metavar="A,B",
+                   help="ngram: serve only these shards of the index (to spread one index over several servers)")
+    p.add_argument("--startup-timeout", type=float, default=600, metavar="S",
+                   help="the stack: how long to wait for each service to load its index (default 600)")
+    _add_server_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("health", help="ask a server's gRPC health service; exit 0 when SERVING",
+                       description="Ask a server's standard health service (grpc.health.v1). Exit 0 when the "
+                                   "service is SERVING, 1 otherwise (the docker-compose health check).")
+    p.add_argument("server", metavar="HOST:PORT")
+    p.add_argument("--service", default="", help="the service to ask about (default: the whole server), "
+                   "e.g. retrogram.v1.NgramService")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+    p.add_argument("--tls-ca", type=Path, default=None, metavar="PEM", help="CA certificate to trust")
+    p.set_defaults(func=cmd_health)
+
+
+def _config(args, port: int):
+    from .serving import ServeConfig, load_api_keys
+
+    return ServeConfig(host=args.host, port=port, api_keys=load_api_keys(args.api_key_file),
+                       insecure_no_auth=args.insecure_no_auth, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       tls_client_ca=args.tls_client_ca, max_message_bytes=int(args.max_message_mb * (1 << 20)),
+                       max_concurrent_rpcs=args.max_concurrent_rpcs, threads=args.threads, grace_s=args.grace,
+                       metrics_port=args.metrics_port, access_log=args.access_log)
+
+
+def make_service(name: str, index_dir: Path, shards: list[int] | None = None):
+    if name == "ngram":
+        from .ngram_service import NgramServicer
+
+        return NgramServicer(index_dir, shards=shards)
+    if name == "retriever":
+        from .retriever_service import RetrieverServicer
+
+        return RetrieverServicer(index_dir)
+    raise UserError(f"unknown service {name!r}; expected one of {', '.join(SERVICES)}")
+
+
+def _parse_shards(spec: str | None) -> list[int] | None:
+    if spec is None:
+        return None
+    try:
+        shards = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--shards {spec!r}: expected comma-separated shard numbers, e.g. 0,1") from None
+    if not shards or any(s < 0 for s in shards):
+        raise UserError(f"--shards {spec!r}: expected comma-separated shard numbers, e.g. 0,1")
+    return shards
+
+
+def cmd_serve(args) -> int:
+    if args.index is None:
+        raise UserError(f"--index: required (or set ${INDEX_ENV})")
+    if args.service == "all":
+        return serve_stack(args)
+    from .serving import serve, setup_logging
+
+    setup_logging(args.log_level)
+    port = args.port if args.port is not None else DEFAULT_PORTS[args.service]
+    svc = make_service(args.service, args.index, _parse_shards(args.shards))
+    return serve([svc], _config(args, port))
+
+
+# ---------------------------------------------------------------------------------------------- stack
+
+def stack_services(index_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """Which services an index can back, and why the others cannot."""
+    from ..index.manifest import Manifest
+
+    manifest = Manifest.load(index_dir)
+    have, why = [], {}
+    for name in SERVICES:
+        try:
+            make_service(name, index_dir).check_index()
+            have.append(name)
+        except UserError as e:
+            why[name] = str(e)
+    if not have:
+        raise UserError(f"{index_dir}: nothing to serve ({'; '.join(f'{k}: {v}' for k, v in why.items())}); "
+                        f"stages built: {', '.join(manifest.stages) or 'none'}")
+    return have, why
+
+
+def _child_argv(args, name: str, port: int) -> list[str]:
+    argv = [sys.executable, "-m", "retrogram.services.cli", "serve", name, "--index", str(args.index),
+            "--port", str(port), "--host", args.host, "--max-message-mb", str(args.max_message_mb),
+            "--max-concurrent-rpcs", str(args.max_concurrent_rpcs), "--threads", str(args.threads),
+            "--grace", str(args.grace), "--log-level", args.log_level]
+    for flag in ("api_key_file", "tls_cert", "tls_key", "tls_client_ca"):
+        v = getattr(args, flag)
+        if v is not None:
+            argv += ["--" + flag.replace("_", "-"), str(v)]
+    if args.insecure_no_auth:
+        argv.append("--insecure-no-auth")
+    if args.access_log:
+        argv.append("--access-log")
+    if args.metrics_port is not None:
+        argv += ["--metrics-port", str(args.metrics_port + SERVICES.index(name))]
+    if name == "ngram" and args.shards:
+        argv += ["--shards", args.shards]
+    return argv
+
+
+class _Child:
+    def __init__(self, name: str, argv: list[str]):
+        self.name = name
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                     start_new_session=True)   # Ctrl-C reaches us; we forward SIGTERM
+        self.events: list[dict] = []
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                sys.stdout.write(line)
+                continue
+            with self.cond:
+                self.events.append(ev)
+                self.cond.notify_all()
+        with self.cond:
+            self.events.append({"event": "exited"})
+            self.cond.notify_all()
+
+    def wait_event(self, names: set[str], timeout: float) -> dict | None:
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for ev in self.events:
+                    if ev.get("event") in names:
+                        return ev
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(min(left, 0.5))
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def serve_stack(args) -> int:
+    names, why = stack_services(args.index)
+    for name, reason in why.items():
+        console.print(f"[yellow]not serving {name}[/]: {reason}")
+    ports = {"ngram": args.ngram_port, "retriever": args.retriever_port}
+    if args.port is not None:
+        raise UserError("--port is for a single service (retrogram serve ngram --port P); "
+                        "use --ngram-port / --retriever-port for the stack")
+    children: list[_Child] = []
+    stop = threading.Event()
+    old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    rc = 0
+    try:
+        for name in names:
+            children.append(_Child(name, _child_argv(args, name, ports[name])))
+        for c in children:
+            ev = c.wait_event({"serving", "failed", "exited"}, args.startup_timeout)
+            if ev is None or ev["event"] != "serving":
+                msg = ev.get("error") if ev and ev.get("error") else f"did not start (exit {c.proc.poll()})"
+                raise UserError(f"{c.name} service: {msg}")
+            listening = c.wait_event({"listening"}, 0) or ev
+            console.print(f"[bold green]{c.name:<9}[/] serving {args.index} on {listening['address']}")
+            print_json({"event": "serving", "service": c.name, "address": listening["address"]})
+        console.print("[dim]Ctrl-C to stop[/]")
+        while not stop.is_set():
+            for c in children:
+                if c.proc.poll() is not None:
+                    console.print(f"[red]{c.name} service exited ({c.proc.returncode}); stopping the others[/]")
+                    rc = 1
+                    stop.set()
+            stop.wait(0.5)
+    finally:
+        for c in children:
+            c.terminate()
+        for c in children:
+            try:
+                c.proc.wait(timeout=args.grace + 10)
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+        for s, h in old.items():
+            signal.signal(s, h)
+    console.print("stopped")
+    return rc
+
+
+# --------------------------------------------------------------------------------------------- health
+
+def check_health(server: str, service: str = "", timeout: float = 5.0, tls: bool = False,
+                 root_certificates: bytes | None = None) -> str:
+    """The health status name (SERVING, NOT_SERVING, ...) or UNREACHABLE."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from .client import make_channel, parse_target
+
+    ch = make_channel(parse_target(server), tls=tls, root_certificates=root_certificates, retries=False)
+    try:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:
+            return "SERVICE_UNKNOWN"
+        return "UNREACHABLE"
+    finally:
+        ch.close()
+
+
+def cmd_health(args) -> int:
+    roots = args.tls_ca.read_bytes() if args.tls_ca else None
+    status = check_health(args.server, args.service, args.timeout, args.tls or roots is not None, roots)
+    print(status)
+    return 0 if status == "SERVING" else 1

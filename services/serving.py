@@ -1,0 +1,620 @@
+"""What every retrogram gRPC server shares: grpcio asyncio server, health checking (NOT_SERVING until the
+index is loaded), reflection, deadlines and cancellation, error mapping, size and concurrency limits,
+API keys, TLS, Prometheus metrics, structured logs, graceful shutdown on SIGTERM.
+
+A service is a `Service` subclass naming its protobuf service descriptor; each RPC is a plain method of
+the same name taking (request message, CallContext) and returning the response message (or, for a
+server-streaming RPC, yielding them). Those methods run in a thread pool, never on the event loop: the
+engines release the GIL, so calls run in parallel. Everything else (parsing, limits, errors, metrics,
+logs) is done here, once, for every method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import grpc
+from google.protobuf import message as _message
+from google.protobuf import message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from ..index.errors import UserError
+
+log = logging.getLogger("retrogram.services")
+
+API_KEY_HEADER = "x-api-key"
+API_KEY_ENV = "RETROGRAM_API_KEY"
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+DEFAULT_MAX_CONCURRENT_RPCS = 256
+HEALTH_EXEMPT = "/grpc.health.v1.Health/"
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+class RequestError(Exception):
+    """A request the server refuses, with the gRPC status to answer and a message saying what was wrong."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def too_large(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+_CODE_BY_NAME = {c.name: c for c in grpc.StatusCode}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and message a client sees for an exception raised while answering a call.
+
+    An engine's error class may name its status with a `grpc_code` attribute ("NOT_FOUND", ...);
+    otherwise a UserError that is also a LookupError (or is named *NotFound*) is NOT_FOUND, one named
+    *Limit*/*TooLarge*/*Exhausted* is RESOURCE_EXHAUSTED, and any other UserError (or ValueError from
+    input checks) is INVALID_ARGUMENT."""
+    if isinstance(exc, RequestError):
+        return exc.code, exc.message
+    named = getattr(exc, "grpc_code", None)
+    if isinstance(named, str) and named.upper() in _CODE_BY_NAME:
+        return _CODE_BY_NAME[named.upper()], str(exc)
+    if isinstance(exc, UserError):
+        cls = type(exc).__name__.lower()
+        if isinstance(exc, LookupError) or "notfound" in cls:
+            return grpc.StatusCode.NOT_FOUND, str(exc)
+        if any(w in cls for w in ("limit", "toolarge", "exhausted")):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, MemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory answering this request; send a smaller one"
+    if isinstance(exc, _message.DecodeError):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}"
+    return grpc.StatusCode.INTERNAL, ""
+
+
+# ---------------------------------------------------------------------------------------------- context
+
+class CallContext:
+    """What a service method sees of its call: the deadline and whether the client went away.
+    Long methods call `check()` between blocks of work; it raises when there is no point going on."""
+
+    __slots__ = ("method", "deadline", "cancelled", "peer")
+
+    def __init__(self, method: str, time_remaining: float | None, peer: str = ""):
+        self.method = method
+        self.deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        self.cancelled = False
+        self.peer = peer
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise RequestError(grpc.StatusCode.CANCELLED, f"{self.method}: cancelled by the client")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.method}: deadline exceeded")
+
+
+# ---------------------------------------------------------------------------------------------- service
+
+class Service:
+    """Base of every servicer. Subclasses set `name` and `descriptor`, implement `check_index` (fast:
+    the index's files are there), `load` (slow: open the engine) and one method per RPC."""
+
+    name: str = ""
+    descriptor: Any = None   # google.protobuf.descriptor.ServiceDescriptor
+
+    def __init__(self, index_dir: Path | str):
+        self.index_dir = Path(index_dir)
+        self.ready = False
+
+    def check_index(self) -> None:
+        """Raise UserError naming the file when the index cannot be served (run before binding)."""
+
+    def load(self) -> None:
+        """Open the engine (blocking; runs in a thread while health says NOT_SERVING)."""
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def full_name(self) -> str:
+        return self.descriptor.full_name
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+class _Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("retrogram_rpc_requests", "RPCs answered, by service, method and status code",
+                                ["service", "method", "code"], registry=self.registry)
+        self.latency = Histogram("retrogram_rpc_latency_seconds", "RPC latency on the server, by service and method",
+                                 ["service", "method"], registry=self.registry,
+                                 buckets=(5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2,
+                                          0.5, 1, 2, 5, 10, 30))
+        self.in_flight = Gauge("retrogram_rpc_in_flight", "RPCs being answered", ["service"], registry=self.registry)
+        self.loaded = Gauge("retrogram_index_loaded", "1 once the service's index is loaded", ["service"],
+                            registry=self.registry)
+        self.load_seconds = Gauge("retrogram_index_load_seconds", "time taken to load the index", ["service"],
+                                  registry=self.registry)
+
+
+_metrics: _Metrics | None = None
+_metrics_lock = threading.Lock()
+
+
+def metrics() -> _Metrics:
+    """The process's metrics (one registry per process, shared by the services it hosts)."""
+    global _metrics
+    with _metrics_lock:
+        if _metrics is None:
+            _metrics = _Metrics()
+        return _metrics
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, event (the message) and the record's `fields`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        d = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
+             "event": record.getMessage()}
+        d.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            d["traceback"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        return json.dumps(d, ensure_ascii=False, default=str)
+
+
+def setup_logging(level: str = "info", stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("retrogram")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def _log(level: int, event: str, **fields) -> None:
+    if log.isEnabledFor(level):
+        log.log(level, event, extra={"fields": fields})
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_keys: tuple[str, ...] = ()
+    insecure_no_auth: bool = False          # allow binding beyond loopback without API keys
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None       # require client certificates signed by this CA (mTLS)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
+    threads: int = 0                        # engine worker threads (0: number of cores)
+    grace_s: float = 30.0
+    metrics_port: int | None = None
+    access_log: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        host = self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+
+def is_loopback(host: str) -> bool:
+    h = host.strip("[]")
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def load_api_keys(path: Path | None) -> tuple[str, ...]:
+    """API keys from a file (one per line, # comments) and the RETROGRAM_API_KEY variable (comma-separated)."""
+    keys = [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--api-key-file {path}: {e.strerror or e}") from None
+        keys += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        if not keys:
+            raise UserError(f"--api-key-file {path}: no key in the file")
+    return tuple(dict.fromkeys(keys))
+
+
+def validate_config(config: ServeConfig) -> None:
+    if not (0 <= config.port <= 65535):
+        raise UserError(f"--port {config.port}: expected 0..65535")
+    if not is_loopback(config.host) and not config.api_keys and not config.insecure_no_auth:
+        raise UserError(f"--host {config.host} is reachable from other machines: give API keys "
+                        f"(--api-key-file FILE or ${API_KEY_ENV}), or --insecure-no-auth to serve without them")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together")
+    for p in (config.tls_cert, config.tls_key, config.tls_client_ca):
+        if p is not None and not Path(p).is_file():
+            raise UserError(f"{p}: no such file")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise UserError("--tls-client-ca needs --tls-cert and --tls-key")
+    if config.max_message_bytes < 1024:
+        raise UserError(f"--max-message-bytes {config.max_message_bytes}: expected at least 1024")
+    if config.max_concurrent_rpcs < 1:
+        raise UserError(f"--max-concurrent-rpcs {config.max_concurrent_rpcs}: expected a positive number")
+
+
+# ------------------------------------------------------------------------------------------ interceptor
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Every call but health checks must carry one of the keys in the `x-api-key` metadata (or as
+    `authorization: Bearer KEY`); others are refused with UNAUTHENTICATED."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        import hmac
+
+        self._keys = tuple(k.encode() for k in keys)
+        self._compare = hmac.compare_digest
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"missing or wrong API key: send it in the '{API_KEY_HEADER}' metadata")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def _ok(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == API_KEY_HEADER or key == "authorization":
+                v = value.decode() if isinstance(value, bytes) else value
+                if key == "authorization":
+                    if not v.lower().startswith("bearer "):
+                        continue
+                    v = v[7:].strip()
+                vb = v.encode()
+                if any(self._compare(vb, k) for k in self._keys):
+                    return True
+        return False
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(HEALTH_EXEMPT) or self._ok(handler_call_details.invocation_metadata):
+            return await continuation(handler_call_details)
+        return self._deny
+
+
+# ------------------------------------------------------------------------------------------------ server
+
+_END = object()
+
+
+def _next_or_end(it: Iterator) -> Any:
+    try:
+        return next(it)
+    except StopIteration:
+        return _END
+
+
+def _parse(cls, raw: bytes):
+    msg = cls.FromString(raw)
+    size = msg.ByteSize()
+    msg.DiscardUnknownFields()
+    if msg.ByteSize() != size:
+        raise invalid(f"the request has fields that {cls.DESCRIPTOR.full_name} does not define "
+                      "(a client built from newer protos?)")
+    return msg
+
+
+class Server:
+    """One grpc.aio server hosting some services on one address."""
+
+    def __init__(self, services: list[Service], config: ServeConfig):
+        self.services = services
+        self.config = config
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+        self._executor = ThreadPoolExecutor(max_workers=config.threads or os.cpu_count() or 2,
+                                            thread_name_prefix="retrogram-rpc")
+        self._metrics = metrics()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- handlers
+
+    def _handlers(self, svc: Service) -> grpc.GenericRpcHandler:
+        handlers = {}
+        for m in svc.descriptor.methods:
+            fn = getattr(svc, m.name, None)
+            if fn is None:
+                continue
+            req_cls = message_factory.GetMessageClass(m.input_type)
+            if m.client_streaming:
+                raise TypeError(f"{m.full_name}: client streaming is not supported")
+            if m.server_streaming:
+                handlers[m.name] = grpc.unary_stream_rpc_method_handler(self._stream(svc, m.name, fn, req_cls))
+            else:
+                handlers[m.name] = grpc.unary_unary_rpc_method_handler(self._unary(svc, m.name, fn, req_cls))
+        return grpc.method_handlers_generic_handler(svc.full_name, handlers)
+
+    def _begin(self, svc: Service, method: str, context) -> CallContext:
+        if self._stopping:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{svc.name} server is shutting down")
+        if not svc.ready:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"{svc.name} server is still loading its index {svc.index_dir}; retry shortly")
+        return CallContext(f"{svc.descriptor.name}.{method}", context.time_remaining())
+
+    async def _fail(self, context, svc: Service, method: str, exc: BaseException) -> grpc.StatusCode:
+        code, msg = status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            ref = uuid.uuid4().hex[:12]
+            log.error("rpc_internal_error", exc_info=exc,
+                      extra={"fields": {"service": svc.name, "method": method, "ref": ref, "peer": context.peer()}})
+            msg = f"internal error in {svc.descriptor.name}.{method} (server log reference {ref})"
+        else:
+            _log(logging.INFO, "rpc_error", service=svc.name, method=method, code=code.name, message=msg)
+        await context.abort(code, msg)
+        return code  # not reached: abort raises
+
+    def _observe(self, svc: Service, method: str, code: grpc.StatusCode, t0: float, context) -> None:
+        dt = time.perf_counter() - t0
+        m = self._metrics
+        m.requests.labels(svc.name, method, code.name).inc()
+        m.latency.labels(svc.name, method).observe(dt)
+        if self.config.access_log:
+            _log(logging.INFO, "rpc", service=svc.name, method=method, code=code.name, ms=round(dt * 1e3, 3),
+                 peer=context.peer())
+
+    def _unary(self, svc: Service, method: str, fn: Callable, req_cls):
+        loop_run = None
+        executor = self._executor
+        in_flight = self._metrics.in_flight.labels(svc.name)
+
+        def call(req, ctx):
+            return fn(req, ctx).SerializeToString()
+
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            nonlocal loop_run
+            t0 = time.perf_counter()
+            code = grpc.StatusCode.OK
+            ctx = None
+            in_flight.inc()
+            try:
+                ctx = self._begin(svc, method, context)
+                req = _parse(req_cls, raw)
+                if loop_run is None:
+                    loop_run = asyncio.get_running_loop().run_in_executor
+                return await loop_run(executor, call, req, ctx)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                if ctx is not None:
+                    ctx.cancelled = True
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every error becomes a status
+                code = status_for(e)[0]
+                await self._fail(context, svc, method, e)
+            finally:
+                in_flight.dec()
+                self._observe(svc, method, code, t0, context)
+
+        return handler
+
+    def _stream(self, svc: Service, method: str, fn: Callable, req_cls):
+        executor = self._executor
+        in_flight = self._metrics.in_flight.labels(svc.name)
+
+        def start(req, ctx):
+            return iter(fn(req, ctx))
+
+        def step(it):
+            item = _next_or_end(it)
+            return item if item is _END else item.SerializeToString()
+
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext):
+            t0 = time.perf_counter()
+            code = grpc.StatusCode.OK
+            ctx = None
+            in_flight.inc()
+            loop = asyncio.get_running_loop()
+            try:
+                ctx = self._begin(svc, method, context)
+                req = _parse(req_cls, raw)
+                it = await loop.run_in_executor(executor, start, req, ctx)
+                while True:
+                    ctx.check()
+                    item = await loop.run_in_executor(executor, step, it)
+                    if item is _END:
+                        break
+                    yield item
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                if ctx is not None:
+                    ctx.cancelled = True
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                code = status_for(e)[0]
+                await self._fail(context, svc, method, e)
+            finally:
+                in_flight.dec()
+                self._observe(svc, method, code, t0, context)
+
+        return handler
+
+    # -- lifecycle
+
+    async def start(self) -> int:
+        """Bind and start answering (health NOT_SERVING); returns the bound port."""
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                   ("grpc.max_send_message_length", cfg.max_message_bytes),
+                   ("grpc.so_reuseport", 0),
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.http2.min_ping_interval_without_data_ms", 5000)]
+        interceptors = [ApiKeyInterceptor(cfg.api_keys)] if cfg.api_keys else []
+        server = grpc.aio.server(interceptors=interceptors, options=options,
+                                 maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        server.add_generic_rpc_handlers([self._handlers(s) for s in self.services])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [s.full_name for s in self.services] + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                                         reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+        for s in self.services:
+            await self._health.set(s.full_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        if cfg.tls_cert is not None:
+            creds = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                root_certificates=Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None,
+                require_client_auth=cfg.tls_client_ca is not None)
+            port = server.add_secure_port(cfg.address, creds)
+        else:
+            port = server.add_insecure_port(cfg.address)
+        if not port:
+            raise UserError(f"cannot listen on {cfg.address} (address in use or not available)")
+        await server.start()
+        self._server = server
+        self.port = port
+        if cfg.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(cfg.metrics_port, addr=cfg.host.strip("[]"), registry=self._metrics.registry)
+        _log(logging.INFO, "listening", services=[s.name for s in self.services], address=self.address,
+             tls=cfg.tls_cert is not None, api_keys=len(cfg.api_keys), metrics_port=cfg.metrics_port)
+        return port
+
+    @property
+    def address(self) -> str:
+        host = self.config.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+    async def load(self) -> None:
+        """Load every service's index (off the loop); health turns SERVING for each as it is ready."""
+        loop = asyncio.get_running_loop()
+        for s in self.services:
+            t0 = time.perf_counter()
+            await loop.run_in_executor(None, s.load)
+            s.ready = True
+            dt = time.perf_counter() - t0
+            self._metrics.loaded.labels(s.name).set(1)
+            self._metrics.load_seconds.labels(s.name).set(dt)
+            await self._health.set(s.full_name, health_pb2.HealthCheckResponse.SERVING)
+            _log(logging.INFO, "index_loaded", service=s.name, index=str(s.index_dir), seconds=round(dt, 3))
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let the calls in flight finish (up to `grace` seconds), then close."""
+        if self._server is None:
+            return
+        self._stopping = True
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.config.grace_s if grace is None else grace)
+        self._executor.shutdown(wait=True, cancel_futures=False)
+        for s in self.services:
+            with contextlib.suppress(Exception):
+                s.close()
+        self._server = None
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def print_event(event: str, stream=None, **fields) -> None:
+    """A line of JSON on stdout for whoever started the server (`retrogram serve`, tests): listening, serving."""
+    stream = stream or sys.stdout
+    stream.write(json.dumps({"event": event, **fields}) + "\n")
+    stream.flush()
+
+
+async def serve_async(services: list[Service], config: ServeConfig, announce: bool = True) -> int:
+    """Run a server until SIGTERM/SIGINT: check the indexes, bind, announce, load, serve, drain, exit."""
+    validate_config(config)
+    for s in services:
+        s.check_index()
+    server = Server(services, config)
+    await server.start()
+    names = [s.name for s in services]
+    if announce:
+        print_event("listening", services=names, address=server.address, port=server.port,
+                    tls=config.tls_cert is not None)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    got = {}
+
+    def on_signal(signum):
+        got["signal"] = signal.Signals(signum).name
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal, sig)
+    rc = 0
+    loader = asyncio.ensure_future(server.load())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([loader, stopper], return_when=asyncio.FIRST_COMPLETED)
+    if loader.done() and loader.exception() is not None:
+        e = loader.exception()
+        code, msg = status_for(e)
+        msg = msg or f"{type(e).__name__}: {e}"
+        log.error("index_load_failed", exc_info=e if code == grpc.StatusCode.INTERNAL else None,
+                  extra={"fields": {"services": names, "error": msg}})
+        print_event("failed", services=names, error=msg)
+        print(f"retrogram serve: error: {msg}", file=sys.stderr)
+        rc = 2
+        stop.set()
+    elif loader.done():
+        if announce:
+            print_event("serving", services=names, address=server.address, port=server.port)
+    await stop.wait()
+    if not loader.done():
+        loader.cancel()
+    _log(logging.INFO, "shutting_down", signal=got.get("signal"), grace_s=config.grace_s)
+    await server.stop()
+    _log(logging.INFO, "stopped", services=names)
+    return rc
+
+
+def serve(services: list[Service], config: ServeConfig, announce: bool = True) -> int:
+    return asyncio.run(serve_async(services, config, announce))
