@@ -1,0 +1,225 @@
+"""`retrogram ngram ...`: n-gram queries on an index from the command line.
+
+    retrogram ngram count --index IDX "to be or not"            # the count of the text's token sequence
+    retrogram ngram count --index IDX --ids 12,34 --json        # {"count": N, "approx": false, "tokens": [12, 34]}
+    retrogram ngram count --index IDX --cnf "king AND queen OR prince"
+    retrogram ngram prob --index IDX "to be or"                  # P(last token | the tokens before it)
+    retrogram ngram ntd --index IDX "to be or"                   # the distribution of the next token
+    retrogram ngram infgram-prob / infgram-ntd ...               # the same after the longest occurring suffix
+    retrogram ngram search --index IDX "to be" --maxnum 3        # documents with the n-gram (or --cnf EXPR)
+    retrogram ngram doc --index IDX 42                           # document 42
+    retrogram ngram count --index IDX --file queries.txt         # one query per line, one JSON object per line
+
+A query is TEXT (tokenized with the index's tokenizer) or --ids (comma-separated token ids). Results are the
+engine's (infini-gram's result fields); --json prints them with the query's "tokens".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..index.errors import UserError
+from .cli_common import add_json_flag, console, print_json
+
+OPS = {
+    "count": "the count of a token sequence (or of a CNF with --cnf)",
+    "prob": "P(last token | the tokens before it)",
+    "ntd": "the distribution of the token after the sequence",
+    "infgram-prob": "P(last token | the longest suffix of the tokens before it that occurs)",
+    "infgram-ntd": "the next-token distribution after the longest suffix that occurs",
+    "search": "documents that contain the sequence (or match --cnf)",
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ngram", help="n-gram queries: count, prob, ntd, infgram-prob, infgram-ntd, search, doc",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ops = p.add_subparsers(dest="op", required=True, metavar="OP", parser_class=sub._parser_class)
+    for op, help_ in OPS.items():
+        q = ops.add_parser(op, help=help_, description=help_)
+        _common(q)
+        q.add_argument("text", nargs="?", default=None, metavar="TEXT", help="the query text")
+        q.add_argument("--ids", default=None, metavar="A,B,...", help="the query as comma-separated token ids")
+        q.add_argument("--file", type=Path, default=None, metavar="F",
+                       help="one query per line (text, or ids with --ids-per-line); prints one JSON object per line")
+        q.add_argument("--ids-per-line", action="store_true", help="--file lines are comma-separated token ids")
+        if op in ("ntd", "infgram-ntd"):
+            q.add_argument("--max-support", type=int, default=1000, metavar="N",
+                           help="sample the distribution from at most ~N occurrences (default 1000)")
+            q.add_argument("--top", type=int, default=10, metavar="K", help="tokens shown without --json (default 10)")
+        if op in ("count", "search"):
+            q.add_argument("--cnf", default=None, metavar="EXPR",
+                           help='"a AND b OR c": n-grams joined by AND (all, within --max-diff-tokens of each other, '
+                                'in one document) of ORs; with --ids, each n-gram is comma-separated ids')
+            q.add_argument("--max-clause-freq", type=int, default=50000, metavar="N",
+                           help="subsample a clause with more matches (default 50000; count is then approximate)")
+            q.add_argument("--max-diff-tokens", type=int, default=100, metavar="N",
+                           help="the most tokens between the terms of a CNF match (default 100)")
+        if op == "search":
+            q.add_argument("--maxnum", type=int, default=1, metavar="N", help="documents drawn (default 1)")
+            q.add_argument("--max-disp-len", type=int, default=100, metavar="N",
+                           help="tokens shown around each match (default 100)")
+        q.set_defaults(func=cmd_ngram)
+    q = ops.add_parser("doc", help="a document by its index (its id in store.sqlite)")
+    _common(q)
+    q.add_argument("doc_ix", type=int, metavar="DOC_IX")
+    q.add_argument("--max-disp-len", type=int, default=1000, metavar="N", help="tokens shown (default 1000)")
+    q.set_defaults(func=cmd_doc)
+
+
+def _common(q) -> None:
+    q.add_argument("--index", required=True, type=Path, action="append", metavar="DIR",
+                   help="a retrogram index, or a directory of infini-gram shard files; repeat to query several")
+    add_json_flag(q)
+
+
+def _open(args):
+    from ..ngram import Engine
+
+    return Engine(args.index if len(args.index) > 1 else args.index[0])
+
+
+def parse_ids(s: str, what: str = "--ids") -> list[int]:
+    try:
+        ids = [int(x) for x in s.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise UserError(f"{what}: expected comma-separated integer token ids, got {s!r}") from None
+    if not ids:
+        raise UserError(f"{what}: no token ids in {s!r}")
+    return ids
+
+
+def parse_cnf(expr: str, to_ids) -> list[list[list[int]]]:
+    """'a AND b OR c' -> [[a], [b, c]] (AND binds looser than OR), each term through to_ids."""
+    clauses = [c.strip() for c in expr.split(" AND ")]
+    if not expr.strip() or any(not c for c in clauses):
+        raise UserError(f"--cnf: expected terms joined by AND / OR, got {expr!r}")
+    cnf = []
+    for clause in clauses:
+        terms = [t.strip() for t in clause.split(" OR ")]
+        if any(not t for t in terms):
+            raise UserError(f"--cnf: an empty term in {clause!r}")
+        cnf.append([to_ids(t) for t in terms])
+    return cnf
+
+
+def run_query(engine, args, ids: list[int] | None, cnf_text: str | None, as_ids: bool) -> dict:
+    op = args.op
+    if cnf_text is not None:
+        cnf = parse_cnf(cnf_text, (lambda t: parse_ids(t, "--cnf")) if as_ids else engine.tokenize)
+        if op == "count":
+            out = engine.count_cnf(cnf, args.max_clause_freq, args.max_diff_tokens)
+        else:
+            out = engine.search_docs_cnf(cnf, args.maxnum, args.max_disp_len, args.max_clause_freq, args.max_diff_tokens)
+        return {**out, "cnf": cnf}
+    if op == "count":
+        out = engine.count(ids)
+    elif op in ("prob", "infgram-prob"):
+        if not ids:
+            raise UserError("the query needs at least one token (the one whose probability is asked)")
+        fn = engine.prob if op == "prob" else engine.infgram_prob
+        out = fn(ids[:-1], ids[-1])
+    elif op in ("ntd", "infgram-ntd"):
+        fn = engine.ntd if op == "ntd" else engine.infgram_ntd
+        out = fn(ids, args.max_support)
+    else:
+        out = engine.search_docs(ids, args.maxnum, args.max_disp_len)
+    return {**out, "tokens": ids}
+
+
+def _queries(engine, args):
+    """(ids or None, cnf text or None) for each query the arguments give."""
+    cnf = getattr(args, "cnf", None)
+    given = sum(x is not None for x in (args.text, args.ids, args.file))
+    if cnf is not None:
+        if args.text is not None or args.file is not None:
+            raise UserError("--cnf: give the expression alone (not with TEXT or --file)")
+        yield None, cnf, args.ids is not None or args.ids_per_line
+        return
+    if given != 1:
+        raise UserError("give exactly one query: TEXT, --ids A,B,... or --file F")
+    if args.file is not None:
+        if not args.file.is_file():
+            raise UserError(f"--file {args.file}: no such file")
+        with open(args.file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                ids = parse_ids(line, f"--file {args.file} line {n}") if args.ids_per_line else engine.tokenize(line)
+                yield ids, None, args.ids_per_line
+    elif args.ids is not None:
+        yield parse_ids(args.ids), None, True
+    else:
+        yield engine.tokenize(args.text), None, False
+
+
+def cmd_ngram(args) -> int:
+    engine = _open(args)
+    for ids, cnf, as_ids in _queries(engine, args):
+        out = run_query(engine, args, ids, cnf, as_ids)
+        if args.json or args.file is not None:
+            print_json(out)
+        else:
+            _print_human(engine, args, out)
+    return 0
+
+
+def _tok(engine, t: int) -> str:
+    try:
+        return repr(engine.decode([t]))
+    except UserError:
+        return str(t)
+
+
+def _print_human(engine, args, out: dict) -> None:
+    op = args.op
+    approx = " (approximate)" if out.get("approx") else ""
+    if op == "count":
+        print(out["count"])
+        if approx:
+            console.print(f"[yellow]approximate[/]: a clause was subsampled (--max-clause-freq {args.max_clause_freq})")
+    elif op in ("prob", "infgram-prob"):
+        suffix = f"  suffix_len={out['suffix_len']}" if "suffix_len" in out else ""
+        print(f"{out['prob']:.6g}  ({out['cont_cnt']} / {out['prompt_cnt']}){suffix}")
+    elif op in ("ntd", "infgram-ntd"):
+        suffix = f"  suffix_len={out['suffix_len']}" if "suffix_len" in out else ""
+        print(f"prompt_cnt={out['prompt_cnt']}{suffix}{approx}")
+        ranked = sorted(out["result_by_token_id"].items(), key=lambda kv: -kv[1]["cont_cnt"])
+        for t, r in ranked[:args.top]:
+            print(f"{r['prob']:.4f}  {r['cont_cnt']:>8}  {t:>6}  {_tok(engine, t)}")
+    else:
+        print(f"cnt={out['cnt']}{approx}")
+        for idx, d in zip(out["idxs"], out["documents"]):
+            text = _decode(engine, d["token_ids"])
+            print(f"--- match {idx}: document {d['doc_ix']} ({d['doc_len']} tokens), match at token "
+                  f"{d['needle_offset']} of this window")
+            print(text)
+
+
+def _decode(engine, ids: list[int]) -> str:
+    try:
+        return engine.decode(ids)
+    except UserError:
+        return ",".join(map(str, ids))
+
+
+def cmd_doc(args) -> int:
+    engine = _open(args)
+    d = engine.get_doc_by_ix(args.doc_ix, args.max_disp_len)
+    if args.json:
+        print_json({**d, "text": _decode(engine, d["token_ids"])})
+        return 0
+    meta = d["metadata"].strip()
+    print(f"document {d['doc_ix']}: {d['doc_len']} tokens (showing {d['disp_len']})")
+    if meta:
+        try:
+            print(json.dumps(json.loads(meta), ensure_ascii=False))
+        except json.JSONDecodeError:
+            print(meta)
+    print(_decode(engine, d["token_ids"]))
+    sys.stdout.flush()
+    return 0

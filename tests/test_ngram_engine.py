@@ -1,0 +1,311 @@
+"""The n-gram engine against brute-force numpy counting and against infini-gram 2.6.0's C++ engine, on
+synthetic shards written by our builder: small vocabularies (many repeats), several documents and
+shards, u8/u16/u32 tokens. Every count, probability, distribution (exact and sampled), ∞-gram result and
+CNF result must be identical."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from retrogram.ngram import Engine, QueryError
+from retrogram.ngram.build import write_shard
+from retrogram.ngram.shards import separator
+
+EOS = 1
+SETTINGS = dict(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow,
+                                                                       HealthCheck.function_scoped_fixture])
+
+
+class Corpus:
+    """Documents split into shards on disk, the engine and infini-gram's engine on them, and the brute force."""
+
+    def __init__(self, shards: list[list[list[int]]], width: int = 2):
+        self.tmp = tempfile.TemporaryDirectory(prefix="rg-")   # no infini-gram keyword in the path
+        self.dir = Path(self.tmp.name)
+        self.width = width
+        for k, docs in enumerate(shards):
+            write_shard(self.dir, k, [np.array(d, np.int64) for d in docs], width,
+                        metadata=[f'{{"k": {k}, "i": {i}}}' for i in range(len(docs))])
+        self.sep = separator(width)
+        # brute force: each shard's token stream as infini-gram lays it out
+        self.streams = [np.concatenate([np.concatenate([[self.sep], d]) for d in docs]).astype(np.int64)
+                        for docs in shards]
+        self.engine = Engine(self.dir, eos_token_id=EOS)
+
+    def infinigram(self):
+        from retrogram.ngram.reference import open_infinigram
+
+        return open_infinigram(self.dir, self.width, EOS)
+
+    def close(self):
+        self.tmp.cleanup()
+
+    # brute force ------------------------------------------------------------------------------------
+    def positions(self, q):
+        out = []
+        for s, ts in enumerate(self.streams):
+            m = len(q)
+            if m == 0:
+                out += [(s, i) for i in range(len(ts))]
+                continue
+            if m > len(ts):
+                continue
+            win = np.lib.stride_tricks.sliding_window_view(ts, m)
+            out += [(s, int(i)) for i in np.nonzero((win == np.array(q)).all(axis=1))[0]]
+        return out
+
+    def count(self, q):
+        return len(self.positions(q))
+
+    def next_tokens(self, q):
+        nxt = {}
+        for s, i in self.positions(q):
+            j = i + len(q)
+            t = int(self.streams[s][j]) if j < len(self.streams[s]) else EOS
+            t = EOS if t == self.sep else t
+            nxt[t] = nxt.get(t, 0) + 1
+        return nxt
+
+    def longest_suffix(self, prompt):
+        L = 0
+        while L < len(prompt) and self.count(prompt[len(prompt) - L - 1:]) > 0:
+            L += 1
+        return L
+
+
+def same_ntd(ours: dict, theirs: dict, c: Corpus, q: list[int]) -> None:
+    """Our ntd equals infini-gram's, except for its one known slip: when q ends a shard, the first suffix
+    of q's range is the end of the shard and the last may precede a separator; it maps both to eos before
+    testing "same token at both ends", and then counts the whole range as eos (ours compares raw tokens)."""
+    if ours == theirs:
+        return
+    assert any(list(ts[len(ts) - len(q):]) == list(q) for ts in c.streams), (ours, theirs)
+    assert theirs["prompt_cnt"] == ours["prompt_cnt"]
+    eos = lambda r: r["result_by_token_id"].get(EOS, {}).get("cont_cnt", 0)  # noqa: E731
+    assert eos(theirs) > eos(ours)
+
+
+token = st.integers(0, 5)   # a small vocabulary: many repeats
+doc = st.lists(token, min_size=1, max_size=40)
+shard = st.lists(doc, min_size=1, max_size=6)
+corpora = st.lists(shard, min_size=1, max_size=3)
+
+
+@settings(**SETTINGS)
+@given(corpora, st.lists(token, min_size=1, max_size=6), st.data())
+def test_counts_and_probabilities_match_brute_force(shards, q, data):
+    c = Corpus(shards)
+    try:
+        e = c.engine
+        if len(q) > e.get_total_tok_cnt():
+            with pytest.raises(QueryError, match="longer than the whole corpus"):
+                e.count(q)
+            q = q[:1]
+        assert e.count(q) == {"count": c.count(q), "approx": False}
+        # queries that do occur, n from 1 to the whole document (repeats, document ends)
+        s = data.draw(st.integers(0, len(shards) - 1))
+        d = data.draw(st.integers(0, len(shards[s]) - 1))
+        docu = shards[s][d]
+        a = data.draw(st.integers(0, len(docu) - 1))
+        b = data.draw(st.integers(a + 1, len(docu)))
+        sub = docu[a:b]
+        assert e.count(sub)["count"] == c.count(sub) >= 1
+        assert list(e.count_many([q, sub, sub[:1]])) == [c.count(q), c.count(sub), c.count(sub[:1])]
+        for prompt, cont in ((sub[:-1], sub[-1]), (q[:-1], q[-1]), ([], q[0])):
+            pc, cc = c.count(prompt), c.count(prompt + [cont])
+            r = e.prob(prompt, cont)
+            assert (r["prompt_cnt"], r["cont_cnt"]) == (pc, cc)
+            assert r["prob"] == (cc / pc if pc else -1.0)
+        # exact next-token distribution (max_support large enough), end of document = eos
+        r = e.ntd(sub, max_support=10_000)
+        want = c.next_tokens(sub)
+        assert r["approx"] is False and r["prompt_cnt"] == c.count(sub)
+        assert {t: v["cont_cnt"] for t, v in r["result_by_token_id"].items()} == want
+        assert list(r["result_by_token_id"]) == sorted(want)
+    finally:
+        c.close()
+
+
+@settings(**SETTINGS)
+@given(corpora, st.lists(token, min_size=0, max_size=30))
+def test_infgram_and_score_sequence_match_brute_force(shards, seq):
+    c = Corpus(shards)
+    try:
+        e = c.engine
+        total = sum(len(t) for t in c.streams)
+        assert e.get_total_tok_cnt() == total
+        if seq:
+            scored = e.score_sequence(seq)
+        for i in range(len(seq)):
+            prompt, cont = seq[:i], seq[i]
+            L = c.longest_suffix(prompt)
+            suffix = prompt[len(prompt) - L:]
+            pc, cc = c.count(suffix), c.count(suffix + [cont])
+            r = e.infgram_prob(prompt, cont)
+            assert (r["suffix_len"], r["prompt_cnt"], r["cont_cnt"]) == (L, pc, cc)
+            assert (scored["suffix_len"][i], scored["prompt_cnt"][i], scored["cont_cnt"][i]) == (L, pc, cc)
+            assert scored["prob"][i] == cc / pc
+            n = e.infgram_ntd(prompt, max_support=10_000)
+            assert n["suffix_len"] == L and n["prompt_cnt"] == pc
+            assert {t: v["cont_cnt"] for t, v in n["result_by_token_id"].items()} == c.next_tokens(suffix)
+    finally:
+        c.close()
+
+
+term = st.lists(st.integers(0, 5), min_size=1, max_size=3)
+cnfs = st.lists(st.lists(term, min_size=1, max_size=3), min_size=1, max_size=3)
+
+
+@settings(**SETTINGS)
+@given(corpora, cnfs, st.lists(token, min_size=0, max_size=5), st.sampled_from([1, 2, 4]),
+       st.integers(1, 40), st.integers(1, 12), st.integers(1, 40))
+def test_every_query_identical_to_infinigram(shards, cnf, prompt, width, max_support, max_diff, max_clause_freq):
+    """Sampled ntd (approx), CNF counts with subsampling, documents: infini-gram's engine on the same files."""
+    c = Corpus(shards, width)
+    try:
+        e, ig = c.engine, c.infinigram()
+        flat = [t for clause in cnf for term in clause for t in term]
+        total = e.get_total_tok_cnt()
+        if any(len(term) > total for clause in cnf for term in clause):
+            with pytest.raises(QueryError, match="longer than the whole corpus"):
+                e.count_cnf(cnf)
+            cnf = [[term[:1] for term in clause] for clause in cnf]
+        for q in (prompt, flat, flat[:2]):
+            if len(q) > total:
+                with pytest.raises(QueryError, match="longer than the whole corpus"):
+                    e.ntd(q)
+                continue
+            if q:
+                assert e.count(q) == ig.count(q)
+                assert e.find(q) == ig.find(q)
+                assert e.prob(q[:-1], q[-1]) == ig.prob(q[:-1], q[-1])
+                assert e.infgram_prob(q[:-1], q[-1]) == ig.infgram_prob(q[:-1], q[-1])
+            same_ntd(e.ntd(q, max_support), ig.ntd(q, max_support), c, q)
+            ours, theirs = e.infgram_ntd(q, max_support), ig.infgram_ntd(q, max_support)
+            assert ours["suffix_len"] == theirs["suffix_len"]
+            same_ntd(ours, theirs, c, q[len(q) - ours["suffix_len"]:])
+        assert e.count_cnf(cnf, max_clause_freq, max_diff) == ig.count_cnf(cnf, max_clause_freq, max_diff)
+        assert e.find_cnf(cnf, max_clause_freq, max_diff) == ig.find_cnf(cnf, max_clause_freq, max_diff)
+        assert e.get_total_doc_cnt() == ig.get_total_doc_cnt()
+        for ix in range(e.get_total_doc_cnt()):
+            assert e.get_doc_by_ix(ix, 7) == ig.get_doc_by_ix(ix, 7)
+        for s in range(e.get_num_shards()):
+            for rank in range(0, e.get_tok_cnt(s), 3):
+                ours, theirs = e.get_doc_by_rank(s, rank, 5), ig.get_doc_by_rank(s, rank, 5)
+                if theirs["needle_offset"] > theirs["doc_len"]:   # a separator's rank: infini-gram's unsigned -1
+                    theirs["needle_offset"] = -1
+                assert ours == theirs
+    finally:
+        c.close()
+
+
+@settings(**SETTINGS)
+@given(corpora, term, st.integers(1, 5))
+def test_search_docs_draws_real_matches(shards, q, maxnum):
+    c = Corpus(shards)
+    try:
+        e, ig = c.engine, c.infinigram()
+        r = e.search_docs(q, maxnum=maxnum, max_disp_len=9)
+        assert (r["cnt"], r["approx"]) == (ig.search_docs(q, maxnum)["cnt"], False)
+        if r["cnt"] == 0:
+            assert r["idxs"] == r["documents"] == []
+            return
+        assert len(r["idxs"]) == len(r["documents"]) == maxnum
+        seg = e.find(q)["segment_by_shard"]
+        for idx, d in zip(r["idxs"], r["documents"]):
+            assert 0 <= idx < r["cnt"]
+            s = 0   # the idx-th match, as infini-gram numbers them: shard by shard, rank order
+            while idx >= seg[s][1] - seg[s][0]:
+                idx -= seg[s][1] - seg[s][0]
+                s += 1
+            assert d == ig.get_doc_by_rank(s, seg[s][0] + idx, 9)
+            assert d["token_ids"][d["needle_offset"]:d["needle_offset"] + len(q)] == q[:d["disp_len"] - d["needle_offset"]]
+    finally:
+        c.close()
+
+
+def test_adversarial_repeats_and_separators():
+    """One token repeated (every suffix shares long prefixes), documents of one token, shard boundaries."""
+    shards = [[[3] * 50, [3]], [[3, 3, 4] * 10, [4]], [[3] * 7]]
+    c = Corpus(shards)
+    try:
+        e, ig = c.engine, c.infinigram()
+        for n in range(1, 52):
+            assert e.count([3] * n)["count"] == c.count([3] * n)
+            ours = e.ntd([3] * n, 10_000)
+            assert {t: v["cont_cnt"] for t, v in ours["result_by_token_id"].items()} == c.next_tokens([3] * n)
+            same_ntd(ours, ig.ntd([3] * n, 10_000), c, [3] * n)
+            same_ntd(e.ntd([3] * n, 3), ig.ntd([3] * n, 3), c, [3] * n)
+        seq = [3] * 60 + [4, 3, 3, 4] * 5
+        scored = e.score_sequence(seq)
+        for i in range(len(seq)):
+            r = ig.infgram_prob(seq[:i], seq[i])
+            assert (r["suffix_len"], r["prompt_cnt"], r["cont_cnt"]) == (
+                scored["suffix_len"][i], scored["prompt_cnt"][i], scored["cont_cnt"][i])
+        assert e.count_cnf([[[3]], [[4]]], 5, 3) == ig.count_cnf([[[3]], [[4]]], 5, 3)
+        assert e.find_cnf([[[3, 3]], [[4], [3, 4]]], 50000, 2) == ig.find_cnf([[[3, 3]], [[4], [3, 4]]], 50000, 2)
+    finally:
+        c.close()
+
+
+def test_bad_queries_name_the_argument():
+    c = Corpus([[[1, 2, 3], [2, 3]]])
+    try:
+        e = Engine(c.dir, eos_token_id=EOS, vocab_size=10)
+        cases = [
+            (lambda: e.count([]), "input_ids: empty query"),
+            (lambda: e.count([1, 10]), "input_ids: token id 10 is outside the vocabulary"),
+            (lambda: e.count([-1]), "input_ids: token id -1"),
+            (lambda: e.count([1.5]), "input_ids: expected a list of integer token ids"),
+            (lambda: e.count("abc"), "input_ids: expected a list of token ids"),
+            (lambda: e.count([2] * 20), "input_ids: 20 tokens, longer than the whole corpus"),
+            (lambda: e.prob([1], 65535), "cont_id: token id 65535"),
+            (lambda: e.prob([1], "2"), "cont_id: expected one integer"),
+            (lambda: e.ntd([1], max_support=0), "max_support: expected an integer in [1,"),
+            (lambda: e.search_docs([1], maxnum=0), "maxnum: expected an integer"),
+            (lambda: e.search_docs([1], maxnum=10**9), "maxnum: expected an integer"),
+            (lambda: e.count_cnf([]), "cnf: expected a non-empty list"),
+            (lambda: e.count_cnf([[]]), "cnf: clause 0 is not a non-empty list"),
+            (lambda: e.count_cnf([[[1], []]]), "cnf clause 0 term 1: empty query"),
+            (lambda: e.get_doc_by_ix(2), "doc_ix: expected an integer in [0, 2)"),
+            (lambda: e.get_doc_by_rank(1, 0), "s: expected a shard number in [0, 1)"),
+            (lambda: e.get_doc_by_rank(0, 99), "rank: expected an integer in [0, 7)"),
+            (lambda: e.count_text("x"), "text queries need a retrogram index"),
+        ]
+        for call, message in cases:
+            with pytest.raises(QueryError if "retrogram index" not in message else Exception, match=None) as ei:
+                call()
+            assert message in str(ei.value), (message, str(ei.value))
+        with pytest.raises(QueryError, match="separator"):
+            Engine(c.dir, eos_token_id=EOS).count([65535])
+    finally:
+        c.close()
+
+
+def test_threads_query_in_parallel_with_identical_results():
+    rng = np.random.default_rng(0)
+    shards = [[list(rng.integers(0, 20, 300)) for _ in range(20)] for _ in range(2)]
+    c = Corpus(shards)
+    try:
+        e = c.engine
+        queries = [list(map(int, rng.integers(0, 20, rng.integers(1, 4)))) for _ in range(200)]
+        want = [(e.count(q), e.ntd(q, 50), e.infgram_prob(q, 3)) for q in queries]
+        got = [None] * len(queries)
+
+        def work(i0):
+            for i in range(i0, len(queries), 4):
+                q = queries[i]
+                got[i] = (e.count(q), e.ntd(q, 50), e.infgram_prob(q, 3))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert got == want
+    finally:
+        c.close()
