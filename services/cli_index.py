@@ -42,6 +42,9 @@ def register(sub) -> None:
                         "of another corpus or tokenizer in --out)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="tokenizer worker processes (default: all cores)")
+    p.add_argument("--mem", type=float, default=None, metavar="GIB",
+                   help="memory budget of the n-gram suffix-array build in GiB (default: half the machine's, at most 8); "
+                        "the corpus is cut into shards that fit it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_json_flag(p)
     p.set_defaults(func=cmd_build_index)
@@ -58,7 +61,9 @@ def cmd_build_index(args) -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     if args.stages is not None and not stages:
         raise UserError("--stages: expected a comma-separated list of stage names")
-    options = {"workers": args.workers}
+    if args.mem is not None and not args.mem > 0:
+        raise UserError(f"--mem {args.mem:g}: expected a positive number of GiB")
+    options = {"workers": args.workers, "mem": args.mem}
     with make_progress(not args.no_progress and not args.json) as progress:
         summary = run_build(args.out, args.corpus, args.tokenizer, pipeline_stages(), stages, args.force,
                             options, progress)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from ..index.build import Stage
 from ..index.tokenize import TOKENIZE
+from ..ngram.build import NGRAM
 
 
 def pipeline_stages() -> list[Stage]:
-    return [TOKENIZE]
+    return [TOKENIZE, NGRAM]
 
 
 def stage_names() -> list[str]:
