@@ -99,7 +99,8 @@ class Engine:
                     raise IndexFormatError(f"{d}: an index of u{8 * manifest_width} tokens, but "
                                            f"{'token_dtype' if token_dtype else 'the other shards'} say u{8 * width}")
                 width = manifest_width
-            shards, found = open_shards(shard_dir, width)
+            # a bare directory's width is read from its files (then compared), unless token_dtype says it
+            shards, found = open_shards(shard_dir, width if manifest_width or token_dtype else None)
             if width is not None and found != width:
                 raise IndexFormatError(f"{shard_dir}: shards of u{8 * found} tokens, expected u{8 * width}")
             width = found
@@ -108,10 +109,11 @@ class Engine:
         self.token_dtype = np.dtype(DTYPES[width]).newbyteorder("<")
         self.sep = separator(width)
         info = self.tokenizer_info or {}
-        self.vocab_size = int(vocab_size if vocab_size is not None else info.get("vocab_size") or self.sep)
-        if not 0 < self.vocab_size <= self.sep:
-            raise UserError(f"vocab_size: expected 1..{self.sep} for u{8 * width} tokens (the separator "
-                            f"{self.sep} is reserved), got {self.vocab_size}")
+        vocab = vocab_size if vocab_size is not None else info.get("vocab_size") or self.sep
+        if isinstance(vocab, bool) or not isinstance(vocab, (int, np.integer)) or vocab < 1:
+            raise UserError(f"vocab_size: expected a positive integer, got {vocab!r}")
+        # ids must be below it; the separator is never a token (a byte vocabulary of 256 never holds 0xff)
+        self.vocab_size = min(int(vocab), self.sep)
         eos = eos_token_id if eos_token_id is not None else info.get("eos_token_id")
         self.eos_token_id = int(eos) if eos is not None else self.sep
         self._table = shard_table(self.shards)

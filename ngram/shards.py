@@ -111,6 +111,9 @@ def infer_width(directory: Path, k: int) -> int:
             continue
         if sa_size == (ds_size // width) * pointer_size(ds_size):
             return width
+    for width in (4, 2, 1):   # a damaged table: guess from the separator, and let open_shard name the file
+        if ds_size % width == 0 and head[:width] == b"\xff" * width:
+            return width
     raise IndexFormatError(f"{ds_path}: cannot tell its token width (u8/u16/u32) from its size ({ds_size} bytes), "
                            f"{sa_path.name}'s ({sa_size} bytes) and its first separator; pass token_dtype")
 
@@ -129,6 +132,9 @@ def open_shard(directory: Path, k: int, width: int) -> Shard:
     if sa_size == 0 or sa_size % tok_cnt or not 1 <= sa_size // tok_cnt <= 8:
         raise IndexFormatError(f"{paths['table']}: {sa_size} bytes for {tok_cnt} tokens; truncated, or the shard "
                                f"is not of u{8 * width} tokens")
+    if sa_size // tok_cnt < pointer_size(ds_size):
+        raise IndexFormatError(f"{paths['table']}: {sa_size // tok_cnt}-byte pointers cannot address "
+                               f"{paths['tokenized'].name} ({ds_size} bytes); the shard is not of u{8 * width} tokens")
     od_size = paths["offset"].stat().st_size
     if od_size == 0 or od_size % 8:
         raise IndexFormatError(f"{paths['offset']}: {od_size} bytes, not a whole number of u64 document offsets")
