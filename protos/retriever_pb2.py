@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from retrogram.protos import common_pb2 as retrogram_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n retrogram/protos/retriever.proto\x12\x0cretrogram.v1\x1a\x1dretrogram/protos/common.proto\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x92\x01\n\rRetrieveQuery\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x03ids\x18\x02 \x01(\x0b\x32\x16.retrogram.v1.TokenIdsH\x00\x12,\n\tembedding\x18\x03 \x01(\x0b\x32\x17.retrogram.v1.EmbeddingH\x00\x12\x14\n\x0c\x65xclude_docs\x18\x04 \x03(\x04\x42\x06\n\x04kind\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"s\n\x0fRetrieveRequest\x12,\n\x07queries\x18\x01 \x03(\x0b\x32\x1b.retrogram.v1.RetrieveQuery\x12\t\n\x01k\x18\x02 \x01(\r\x12\x14\n\x0c\x65xclude_docs\x18\x03 \x03(\x04\x12\x11\n\twith_text\x18\x04 \x01(\x08\"\xb0\x01\n\tNeighbour\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x10\n\x08\x63hunk_id\x18\x02 \x01(\x04\x12\x0e\n\x06\x64oc_id\x18\x03 \x01(\x04\x12\x10\n\x08metadata\x18\x04 \x01(\t\x12\x14\n\x0c\x63hunk_tokens\x18\x05 \x03(\r\x12\x1b\n\x13\x63ontinuation_tokens\x18\x06 \x03(\r\x12\x12\n\nchunk_text\x18\x07 \x01(\t\x12\x19\n\x11\x63ontinuation_text\x18\x08 \x01(\t\"9\n\nNeighbours\x12+\n\nneighbours\x18\x01 \x03(\x0b\x32\x17.retrogram.v1.Neighbour\"=\n\x10RetrieveResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.retrogram.v1.Neighbours2\x99\x01\n\x10RetrieverService\x12:\n\x04Info\x12\x19.retrogram.v1.InfoRequest\x1a\x17.retrogram.v1.IndexInfo\x12I\n\x08Retrieve\x12\x1d.retrogram.v1.RetrieveRequest\x1a\x1e.retrogram.v1.RetrieveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n retrogram/protos/retriever.proto\x12\x0cretrogram.v1\x1a\x1dretrogram/protos/common.proto\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa6\x01\n\rRetrieveQuery\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x03ids\x18\x02 \x01(\x0b\x32\x16.retrogram.v1.TokenIdsH\x00\x12,\n\tembedding\x18\x03 \x01(\x0b\x32\x17.retrogram.v1.EmbeddingH\x00\x12\x18\n\x0b\x65xclude_doc\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x06\n\x04kindB\x0e\n\x0c_exclude_doc\"s\n\x0fRetrieveRequest\x12,\n\x07queries\x18\x01 \x03(\x0b\x32\x1b.retrogram.v1.RetrieveQuery\x12\t\n\x01k\x18\x02 \x01(\r\x12\x14\n\x0c\x65xclude_docs\x18\x03 \x03(\x04\x12\x11\n\tomit_text\x18\x04 \x01(\x08\"A\n\x08\x44ocument\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x02 \x01(\t\x12\x10\n\x08metadata\x18\x03 \x01(\t\"\xcb\x01\n\tNeighbour\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x10\n\x08\x63hunk_id\x18\x02 \x01(\x04\x12\x0e\n\x06\x64oc_id\x18\x03 \x01(\x04\x12\x14\n\x0ctoken_offset\x18\x04 \x01(\x04\x12\x0e\n\x06tokens\x18\x05 \x03(\r\x12\x14\n\x0c\x63ontinuation\x18\x06 \x03(\r\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x19\n\x11\x63ontinuation_text\x18\x08 \x01(\t\x12(\n\x08\x64ocument\x18\t \x01(\x0b\x32\x16.retrogram.v1.Document\"9\n\nNeighbours\x12+\n\nneighbours\x18\x01 \x03(\x0b\x32\x17.retrogram.v1.Neighbour\"=\n\x10RetrieveResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.retrogram.v1.Neighbours2\x99\x01\n\x10RetrieverService\x12:\n\x04Info\x12\x19.retrogram.v1.InfoRequest\x1a\x17.retrogram.v1.IndexInfo\x12I\n\x08Retrieve\x12\x1d.retrogram.v1.RetrieveRequest\x1a\x1e.retrogram.v1.RetrieveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EMBEDDING']._serialized_start=81
   _globals['_EMBEDDING']._serialized_end=108
-  _globals['_RETRIEVEQUERY']._serialized_start=111
-  _globals['_RETRIEVEQUERY']._serialized_end=257
-  _globals['_TOKENIDS']._serialized_start=259
-  _globals['_TOKENIDS']._serialized_end=282
-  _globals['_RETRIEVEREQUEST']._serialized_start=284
-  _globals['_RETRIEVEREQUEST']._serialized_end=399
-  _globals['_NEIGHBOUR']._serialized_start=402
-  _globals['_NEIGHBOUR']._serialized_end=578
-  _globals['_NEIGHBOURS']._serialized_start=580
-  _globals['_NEIGHBOURS']._serialized_end=637
-  _globals['_RETRIEVERESPONSE']._serialized_start=639
-  _globals['_RETRIEVERESPONSE']._serialized_end=700
-  _globals['_RETRIEVERSERVICE']._serialized_start=703
-  _globals['_RETRIEVERSERVICE']._serialized_end=856
+  _globals['_TOKENIDS']._serialized_start=110
+  _globals['_TOKENIDS']._serialized_end=133
+  _globals['_RETRIEVEQUERY']._serialized_start=136
+  _globals['_RETRIEVEQUERY']._serialized_end=302
+  _globals['_RETRIEVEREQUEST']._serialized_start=304
+  _globals['_RETRIEVEREQUEST']._serialized_end=419
+  _globals['_DOCUMENT']._serialized_start=421
+  _globals['_DOCUMENT']._serialized_end=486
+  _globals['_NEIGHBOUR']._serialized_start=489
+  _globals['_NEIGHBOUR']._serialized_end=692
+  _globals['_NEIGHBOURS']._serialized_start=694
+  _globals['_NEIGHBOURS']._serialized_end=751
+  _globals['_RETRIEVERESPONSE']._serialized_start=753
+  _globals['_RETRIEVERESPONSE']._serialized_end=814
+  _globals['_RETRIEVERSERVICE']._serialized_start=817
+  _globals['_RETRIEVERSERVICE']._serialized_end=970
 # @@protoc_insertion_point(module_scope)

@@ -13,55 +13,67 @@ class Embedding(_message.Message):
     values: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
-class RetrieveQuery(_message.Message):
-    __slots__ = ("text", "ids", "embedding", "exclude_docs")
-    TEXT_FIELD_NUMBER: _ClassVar[int]
-    IDS_FIELD_NUMBER: _ClassVar[int]
-    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
-    EXCLUDE_DOCS_FIELD_NUMBER: _ClassVar[int]
-    text: str
-    ids: TokenIds
-    embedding: Embedding
-    exclude_docs: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, text: _Optional[str] = ..., ids: _Optional[_Union[TokenIds, _Mapping]] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., exclude_docs: _Optional[_Iterable[int]] = ...) -> None: ...
-
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
     IDS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class RetrieveQuery(_message.Message):
+    __slots__ = ("text", "ids", "embedding", "exclude_doc")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_DOC_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    ids: TokenIds
+    embedding: Embedding
+    exclude_doc: int
+    def __init__(self, text: _Optional[str] = ..., ids: _Optional[_Union[TokenIds, _Mapping]] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., exclude_doc: _Optional[int] = ...) -> None: ...
+
 class RetrieveRequest(_message.Message):
-    __slots__ = ("queries", "k", "exclude_docs", "with_text")
+    __slots__ = ("queries", "k", "exclude_docs", "omit_text")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_DOCS_FIELD_NUMBER: _ClassVar[int]
-    WITH_TEXT_FIELD_NUMBER: _ClassVar[int]
+    OMIT_TEXT_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[RetrieveQuery]
     k: int
     exclude_docs: _containers.RepeatedScalarFieldContainer[int]
-    with_text: bool
-    def __init__(self, queries: _Optional[_Iterable[_Union[RetrieveQuery, _Mapping]]] = ..., k: _Optional[int] = ..., exclude_docs: _Optional[_Iterable[int]] = ..., with_text: _Optional[bool] = ...) -> None: ...
+    omit_text: bool
+    def __init__(self, queries: _Optional[_Iterable[_Union[RetrieveQuery, _Mapping]]] = ..., k: _Optional[int] = ..., exclude_docs: _Optional[_Iterable[int]] = ..., omit_text: _Optional[bool] = ...) -> None: ...
+
+class Document(_message.Message):
+    __slots__ = ("source", "external_id", "metadata")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    external_id: str
+    metadata: str
+    def __init__(self, source: _Optional[str] = ..., external_id: _Optional[str] = ..., metadata: _Optional[str] = ...) -> None: ...
 
 class Neighbour(_message.Message):
-    __slots__ = ("score", "chunk_id", "doc_id", "metadata", "chunk_tokens", "continuation_tokens", "chunk_text", "continuation_text")
+    __slots__ = ("score", "chunk_id", "doc_id", "token_offset", "tokens", "continuation", "text", "continuation_text", "document")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
     DOC_ID_FIELD_NUMBER: _ClassVar[int]
-    METADATA_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    CONTINUATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_TEXT_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     score: float
     chunk_id: int
     doc_id: int
-    metadata: str
-    chunk_tokens: _containers.RepeatedScalarFieldContainer[int]
-    continuation_tokens: _containers.RepeatedScalarFieldContainer[int]
-    chunk_text: str
+    token_offset: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    continuation: _containers.RepeatedScalarFieldContainer[int]
+    text: str
     continuation_text: str
-    def __init__(self, score: _Optional[float] = ..., chunk_id: _Optional[int] = ..., doc_id: _Optional[int] = ..., metadata: _Optional[str] = ..., chunk_tokens: _Optional[_Iterable[int]] = ..., continuation_tokens: _Optional[_Iterable[int]] = ..., chunk_text: _Optional[str] = ..., continuation_text: _Optional[str] = ...) -> None: ...
+    document: Document
+    def __init__(self, score: _Optional[float] = ..., chunk_id: _Optional[int] = ..., doc_id: _Optional[int] = ..., token_offset: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., continuation: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., continuation_text: _Optional[str] = ..., document: _Optional[_Union[Document, _Mapping]] = ...) -> None: ...
 
 class Neighbours(_message.Message):
     __slots__ = ("neighbours",)

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 from ..index.errors import UserError
@@ -77,8 +73,6 @@ def register(sub) -> None:
                    help="the stack's n-gram port (default 50051)")
     p.add_argument("--retriever-port", type=int, default=DEFAULT_PORTS["retriever"], metavar="P",
                    help="the stack's retriever port (default 50052)")
-    p.add_argument("--shards", default=None, metavar="A,B",
-                   help="ngram: serve only these shards of the index (to spread one index over several servers)")
     p.add_argument("--startup-timeout", type=float, default=600, metavar="S",
                    help="the stack: how long to wait for each service to load its index (default 600)")
     _add_server_options(p)
@@ -106,28 +100,16 @@ def _config(args, port: int):
                        metrics_port=args.metrics_port, access_log=args.access_log)
 
 
-def make_service(name: str, index_dir: Path, shards: list[int] | None = None):
+def make_service(name: str, index_dir: Path):
     if name == "ngram":
         from .ngram_service import NgramServicer
 
-        return NgramServicer(index_dir, shards=shards)
+        return NgramServicer(index_dir)
     if name == "retriever":
         from .retriever_service import RetrieverServicer
 
         return RetrieverServicer(index_dir)
     raise UserError(f"unknown service {name!r}; expected one of {', '.join(SERVICES)}")
-
-
-def _parse_shards(spec: str | None) -> list[int] | None:
-    if spec is None:
-        return None
-    try:
-        shards = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--shards {spec!r}: expected comma-separated shard numbers, e.g. 0,1") from None
-    if not shards or any(s < 0 for s in shards):
-        raise UserError(f"--shards {spec!r}: expected comma-separated shard numbers, e.g. 0,1")
-    return shards
 
 
 def cmd_serve(args) -> int:
@@ -139,7 +121,7 @@ def cmd_serve(args) -> int:
 
     setup_logging(args.log_level)
     port = args.port if args.port is not None else DEFAULT_PORTS[args.service]
-    svc = make_service(args.service, args.index, _parse_shards(args.shards))
+    svc = make_service(args.service, args.index)
     return serve([svc], _config(args, port))
 
 
@@ -163,11 +145,10 @@ def stack_services(index_dir: Path) -> tuple[list[str], dict[str, str]]:
     return have, why
 
 
-def _child_argv(args, name: str, port: int) -> list[str]:
-    argv = [sys.executable, "-m", "retrogram.services.cli", "serve", name, "--index", str(args.index),
-            "--port", str(port), "--host", args.host, "--max-message-mb", str(args.max_message_mb),
-            "--max-concurrent-rpcs", str(args.max_concurrent_rpcs), "--threads", str(args.threads),
-            "--grace", str(args.grace), "--log-level", args.log_level]
+def _child_args(args, name: str) -> list[str]:
+    """The options a stack child gets (beyond service, --index, --port, --host)."""
+    argv = ["--max-message-mb", str(args.max_message_mb), "--max-concurrent-rpcs", str(args.max_concurrent_rpcs),
+            "--threads", str(args.threads), "--grace", str(args.grace), "--log-level", args.log_level]
     for flag in ("api_key_file", "tls_cert", "tls_key", "tls_client_ca"):
         v = getattr(args, flag)
         if v is not None:
@@ -178,95 +159,47 @@ def _child_argv(args, name: str, port: int) -> list[str]:
         argv.append("--access-log")
     if args.metrics_port is not None:
         argv += ["--metrics-port", str(args.metrics_port + SERVICES.index(name))]
-    if name == "ngram" and args.shards:
-        argv += ["--shards", args.shards]
     return argv
 
 
-class _Child:
-    def __init__(self, name: str, argv: list[str]):
-        self.name = name
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                     start_new_session=True)   # Ctrl-C reaches us; we forward SIGTERM
-        self.events: list[dict] = []
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                sys.stdout.write(line)
-                continue
-            with self.cond:
-                self.events.append(ev)
-                self.cond.notify_all()
-        with self.cond:
-            self.events.append({"event": "exited"})
-            self.cond.notify_all()
-
-    def wait_event(self, names: set[str], timeout: float) -> dict | None:
-        end = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for ev in self.events:
-                    if ev.get("event") in names:
-                        return ev
-                left = end - time.monotonic()
-                if left <= 0:
-                    return None
-                self.cond.wait(min(left, 0.5))
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-
 def serve_stack(args) -> int:
+    from .launch import ServerProcess
+
+    if args.port is not None:
+        raise UserError("--port is for a single service (retrogram serve ngram --port P); "
+                        "use --ngram-port / --retriever-port for the stack")
     names, why = stack_services(args.index)
     for name, reason in why.items():
         console.print(f"[yellow]not serving {name}[/]: {reason}")
     ports = {"ngram": args.ngram_port, "retriever": args.retriever_port}
-    if args.port is not None:
-        raise UserError("--port is for a single service (retrogram serve ngram --port P); "
-                        "use --ngram-port / --retriever-port for the stack")
-    children: list[_Child] = []
+    children: list[ServerProcess] = []
     stop = threading.Event()
     old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     rc = 0
     try:
-        for name in names:
-            children.append(_Child(name, _child_argv(args, name, ports[name])))
+        for name in names:   # all start loading at once
+            children.append(ServerProcess(name, args.index, ports[name], args.host, _child_args(args, name),
+                                          capture_stderr=False))
         for c in children:
             ev = c.wait_event({"serving", "failed", "exited"}, args.startup_timeout)
             if ev is None or ev["event"] != "serving":
                 msg = ev.get("error") if ev and ev.get("error") else f"did not start (exit {c.proc.poll()})"
-                raise UserError(f"{c.name} service: {msg}")
-            listening = c.wait_event({"listening"}, 0) or ev
-            console.print(f"[bold green]{c.name:<9}[/] serving {args.index} on {listening['address']}")
-            print_json({"event": "serving", "service": c.name, "address": listening["address"]})
+                raise UserError(f"{c.service} service: {msg}")
+            console.print(f"[bold green]{c.service:<9}[/] serving {args.index} on {c.address}")
+            print_json({"event": "serving", "service": c.service, "address": c.address})
         console.print("[dim]Ctrl-C to stop[/]")
         while not stop.is_set():
             for c in children:
                 if c.proc.poll() is not None:
-                    console.print(f"[red]{c.name} service exited ({c.proc.returncode}); stopping the others[/]")
+                    console.print(f"[red]{c.service} service exited ({c.proc.returncode}); stopping the others[/]")
                     rc = 1
                     stop.set()
             stop.wait(0.5)
     finally:
         for c in children:
-            c.terminate()
+            c.signal(signal.SIGTERM)
         for c in children:
-            try:
-                c.proc.wait(timeout=args.grace + 10)
-            except subprocess.TimeoutExpired:
-                c.proc.kill()
-                c.proc.wait()
+            c.stop(timeout=args.grace + 10)
         for s, h in old.items():
             signal.signal(s, h)
     console.print("stopped")

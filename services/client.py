@@ -333,31 +333,35 @@ def _opt(**kw) -> dict:
 
 
 def _neighbour(n: rpb.Neighbour) -> dict:
-    return {"score": n.score, "chunk_id": n.chunk_id, "doc_id": n.doc_id,
-            "metadata": json.loads(n.metadata) if n.metadata else {},
-            "chunk_tokens": list(n.chunk_tokens), "continuation_tokens": list(n.continuation_tokens),
-            "chunk_text": n.chunk_text, "continuation_text": n.continuation_text}
+    """A Neighbour message as retrogram.index.Neighbour.to_dict() gives it."""
+    d = n.document
+    return {"score": n.score, "chunk_id": n.chunk_id, "doc_id": n.doc_id, "token_offset": n.token_offset,
+            "tokens": list(n.tokens), "continuation": list(n.continuation), "text": n.text,
+            "continuation_text": n.continuation_text,
+            "document": {"source": d.source or None, "external_id": d.external_id or None,
+                         "metadata": json.loads(d.metadata) if d.metadata else {}}}
 
 
-def retrieve_query_msg(q: Any, exclude_docs: Iterable[int] = ()) -> rpb.RetrieveQuery:
-    """A text (str), token ids (list of ints) or an embedding (numpy float array, or `("embedding", vec)`)."""
-    ex = [int(d) for d in exclude_docs]
+def retrieve_query_msg(q: Any, exclude_doc: int | None = None) -> rpb.RetrieveQuery:
+    """A text (str), token ids (a list of ints), or an embedding (a float numpy vector, or
+    ("embedding", values)); `("ids", [...])` and `("text", "...")` say the kind explicitly."""
+    kw = {} if exclude_doc is None else {"exclude_doc": int(exclude_doc)}
     if isinstance(q, rpb.RetrieveQuery):
         return q
     if isinstance(q, str):
-        return rpb.RetrieveQuery(text=q, exclude_docs=ex)
+        return rpb.RetrieveQuery(text=q, **kw)
     if isinstance(q, tuple) and len(q) == 2 and q[0] in ("embedding", "ids", "text"):
         kind, v = q
         if kind == "embedding":
-            return rpb.RetrieveQuery(embedding=rpb.Embedding(values=[float(x) for x in v]), exclude_docs=ex)
+            return rpb.RetrieveQuery(embedding=rpb.Embedding(values=[float(x) for x in v]), **kw)
         if kind == "ids":
-            return rpb.RetrieveQuery(ids=rpb.TokenIds(ids=[int(x) for x in v]), exclude_docs=ex)
-        return rpb.RetrieveQuery(text=str(v), exclude_docs=ex)
+            return rpb.RetrieveQuery(ids=rpb.TokenIds(ids=[int(x) for x in v]), **kw)
+        return rpb.RetrieveQuery(text=str(v), **kw)
     dtype = getattr(q, "dtype", None)
     if dtype is not None and getattr(dtype, "kind", "") == "f":
-        return rpb.RetrieveQuery(embedding=rpb.Embedding(values=[float(x) for x in q]), exclude_docs=ex)
+        return rpb.RetrieveQuery(embedding=rpb.Embedding(values=q.tolist()), **kw)
     try:
-        return rpb.RetrieveQuery(ids=rpb.TokenIds(ids=[int(x) for x in q]), exclude_docs=ex)
+        return rpb.RetrieveQuery(ids=rpb.TokenIds(ids=[int(x) for x in q]), **kw)
     except (TypeError, ValueError):
         raise UserError(f"a retrieval query is a text, token ids or an embedding, not {type(q).__name__}") from None
 
@@ -639,14 +643,27 @@ class AsyncNgramClient(_AsyncBase):
 
 # ---------------------------------------------------------------------------------------- retriever
 
-def _retrieve_req(queries, k, exclude_docs, with_text) -> tuple[rpb.RetrieveRequest, bool]:
-    single = isinstance(queries, (str, rpb.RetrieveQuery)) or (isinstance(queries, tuple) and len(queries) == 2
-                                                                and queries[0] in ("embedding", "ids", "text"))
-    if not single and hasattr(queries, "ndim"):
-        single = queries.ndim == 1
+def _is_single(q) -> bool:
+    if isinstance(q, (str, rpb.RetrieveQuery)):
+        return True
+    if isinstance(q, tuple) and len(q) == 2 and q[0] in ("embedding", "ids", "text"):
+        return True
+    if hasattr(q, "ndim"):
+        return q.ndim == 1
+    return bool(len(q)) and not isinstance(q[0], (str, tuple, list, rpb.RetrieveQuery)) and not hasattr(q[0], "ndim")
+
+
+def _retrieve_req(queries, k, exclude_doc, exclude_docs, omit_text) -> tuple[rpb.RetrieveRequest, bool]:
+    single = _is_single(queries)
     qs = [queries] if single else list(queries)
-    req = rpb.RetrieveRequest(queries=[retrieve_query_msg(q) for q in qs], k=k or 0,
-                              exclude_docs=[int(d) for d in (exclude_docs or ())], with_text=with_text)
+    if exclude_doc is None or isinstance(exclude_doc, int):
+        per = [exclude_doc] * len(qs)
+    else:
+        per = list(exclude_doc)
+        if len(per) != len(qs):
+            raise UserError(f"exclude_doc: {len(per)} entries for {len(qs)} queries (one id or None per query)")
+    req = rpb.RetrieveRequest(queries=[retrieve_query_msg(q, e) for q, e in zip(qs, per)], k=k or 0,
+                              exclude_docs=[int(d) for d in (exclude_docs or ())], omit_text=omit_text)
     return req, single
 
 
@@ -659,11 +676,13 @@ class RetrieverClient(_SyncBase):
             raise UserError("RetrieverClient takes one server")
         self.stubs = [rgrpc.RetrieverServiceStub(c) for c in self.channels]
 
-    def retrieve(self, queries, k: int | None = None, exclude_docs: Iterable[int] | None = None,
-                 with_text: bool = True, timeout=None):
-        """Neighbours of one query (a list of dicts) or of a batch (a list of lists). A query is a text,
-        token ids, or an embedding (a float numpy vector, or ("embedding", values))."""
-        req, single = _retrieve_req(queries, k, exclude_docs, with_text)
+    def retrieve(self, queries, k: int | None = None, exclude_doc=None, exclude_docs: Iterable[int] | None = None,
+                 omit_text: bool = False, timeout=None):
+        """Neighbours of one query (a list of dicts, best first) or of a batch (a list of such lists), as
+        `Retriever.search(...)` gives them (Neighbour.to_dict()). A query is a text, token ids, or an
+        embedding (a float numpy vector, or ("embedding", values)). exclude_doc: one document id for every
+        query, or one id (or None) per query; exclude_docs: ids left out for every query."""
+        req, single = _retrieve_req(queries, k, exclude_doc, exclude_docs, omit_text)
         r = self._call(0, "Retrieve", req, timeout)
         out = [[_neighbour(n) for n in ns.neighbours] for ns in r.results]
         return out[0] if single else out
@@ -676,9 +695,9 @@ class AsyncRetrieverClient(_AsyncBase):
             raise UserError("AsyncRetrieverClient takes one server")
         self.stubs = [rgrpc.RetrieverServiceStub(c) for c in self.channels]
 
-    async def retrieve(self, queries, k: int | None = None, exclude_docs: Iterable[int] | None = None,
-                       with_text: bool = True, timeout=None):
-        req, single = _retrieve_req(queries, k, exclude_docs, with_text)
+    async def retrieve(self, queries, k: int | None = None, exclude_doc=None, exclude_docs: Iterable[int] | None = None,
+                       omit_text: bool = False, timeout=None):
+        req, single = _retrieve_req(queries, k, exclude_doc, exclude_docs, omit_text)
         r = await self._call(0, "Retrieve", req, timeout)
         out = [[_neighbour(n) for n in ns.neighbours] for ns in r.results]
         return out[0] if single else out

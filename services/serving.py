@@ -124,6 +124,15 @@ class CallContext:
 
 # ---------------------------------------------------------------------------------------------- service
 
+def server_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("retrogram")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return ""
+
+
 class Service:
     """Base of every servicer. Subclasses set `name` and `descriptor`, implement `check_index` (fast:
     the index's files are there), `load` (slow: open the engine) and one method per RPC."""
@@ -351,6 +360,8 @@ class Server:
         self._executor = ThreadPoolExecutor(max_workers=config.threads or os.cpu_count() or 2,
                                             thread_name_prefix="retrogram-rpc")
         self._metrics = metrics()
+        self._children: dict = {}
+        self._in_flight = 0
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -391,19 +402,25 @@ class Server:
         await context.abort(code, msg)
         return code  # not reached: abort raises
 
-    def _observe(self, svc: Service, method: str, code: grpc.StatusCode, t0: float, context) -> None:
+    def _observe(self, svc: Service, method: str, code: grpc.StatusCode, t0: float, peer: str) -> None:
         dt = time.perf_counter() - t0
-        m = self._metrics
-        m.requests.labels(svc.name, method, code.name).inc()
-        m.latency.labels(svc.name, method).observe(dt)
+        key = (svc.name, method, code)
+        children = self._children.get(key)
+        if children is None:
+            m = self._metrics
+            children = self._children[key] = (m.requests.labels(svc.name, method, code.name),
+                                               m.latency.labels(svc.name, method))
+        children[0].inc()
+        children[1].observe(dt)
         if self.config.access_log:
             _log(logging.INFO, "rpc", service=svc.name, method=method, code=code.name, ms=round(dt * 1e3, 3),
-                 peer=context.peer())
+                 peer=peer)
 
     def _unary(self, svc: Service, method: str, fn: Callable, req_cls):
         loop_run = None
         executor = self._executor
         in_flight = self._metrics.in_flight.labels(svc.name)
+        access_log = self.config.access_log
 
         def call(req, ctx):
             return fn(req, ctx).SerializeToString()
@@ -413,7 +430,10 @@ class Server:
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
             ctx = None
+            # the peer is read now: a call's context must not be touched once the call is over
+            peer = context.peer() if access_log else ""
             in_flight.inc()
+            self._in_flight += 1
             try:
                 ctx = self._begin(svc, method, context)
                 req = _parse(req_cls, raw)
@@ -432,13 +452,15 @@ class Server:
                 await self._fail(context, svc, method, e)
             finally:
                 in_flight.dec()
-                self._observe(svc, method, code, t0, context)
+                self._in_flight -= 1
+                self._observe(svc, method, code, t0, peer)
 
         return handler
 
     def _stream(self, svc: Service, method: str, fn: Callable, req_cls):
         executor = self._executor
         in_flight = self._metrics.in_flight.labels(svc.name)
+        access_log = self.config.access_log
 
         def start(req, ctx):
             return iter(fn(req, ctx))
@@ -451,7 +473,10 @@ class Server:
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
             ctx = None
+            # the peer is read now: a call's context must not be touched once the call is over
+            peer = context.peer() if access_log else ""
             in_flight.inc()
+            self._in_flight += 1
             loop = asyncio.get_running_loop()
             try:
                 ctx = self._begin(svc, method, context)
@@ -475,7 +500,8 @@ class Server:
                 await self._fail(context, svc, method, e)
             finally:
                 in_flight.dec()
-                self._observe(svc, method, code, t0, context)
+                self._in_flight -= 1
+                self._observe(svc, method, code, t0, peer)
 
         return handler
 
@@ -544,12 +570,17 @@ class Server:
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let the calls in flight finish (up to `grace` seconds), then close."""
+        """Refuse new calls (UNAVAILABLE, health NOT_SERVING), let the calls in flight finish (up to
+        `grace` seconds), then close the server."""
         if self._server is None:
             return
+        grace = self.config.grace_s if grace is None else grace
+        end = time.monotonic() + grace
         self._stopping = True
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(self.config.grace_s if grace is None else grace)
+        while self._in_flight > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.005)
+        await self._server.stop(max(0.0, end - time.monotonic()))
         self._executor.shutdown(wait=True, cancel_futures=False)
         for s in self.services:
             with contextlib.suppress(Exception):
