@@ -31,8 +31,8 @@ released, so threads query one Engine in parallel.
 
 from __future__ import annotations
 
-import json
 import threading
+from array import array
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -108,6 +108,7 @@ class Engine:
         self.width = width
         self.token_dtype = np.dtype(DTYPES[width]).newbyteorder("<")
         self.sep = separator(width)
+        self._typecode = {1: "B", 2: "H", 4: "I"}[width]   # array.array codes of the token widths
         info = self.tokenizer_info or {}
         vocab = vocab_size if vocab_size is not None else info.get("vocab_size") or self.sep
         if isinstance(vocab, bool) or not isinstance(vocab, (int, np.integer)) or vocab < 1:
@@ -147,6 +148,14 @@ class Engine:
 
     def _ids(self, name: str, ids: Any, allow_empty: bool = False) -> np.ndarray:
         """Token ids -> the query's bytes (little-endian tokens of the index's width)."""
+        if type(ids) is list and ids:   # the fast path: array() accepts only ints that fit the width
+            try:
+                buf = array(self._typecode, ids)
+            except (TypeError, OverflowError):
+                pass   # the checks below say what is wrong
+            else:
+                if max(ids) < self.vocab_size:
+                    return np.frombuffer(buf, np.uint8)
         if isinstance(ids, np.ndarray):
             arr = ids
             if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
