@@ -74,6 +74,25 @@ def bench_ms(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def bench_graph_ms(fn):
+    """Median time of fn replayed from a CUDA graph: decode steps are short enough that eager
+    launches (Python + Triton's launcher) would be timed instead of the GPU work."""
+    if DEV != "cuda":
+        return bench_ms(fn)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # compile and warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    ms = bench_ms(g.replay)
+    del g
+    return ms
+
+
 def sdpa_flash(q, k, v, causal):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -275,6 +294,8 @@ def sparse_prefill(lens, H=32, D=128, hip_cfg=None, vs_cfg=None):
 
 @guarded("decode")
 def decode(lens, batches=(1, 8), H=32, D=128, hkv_list=(32, 8), hip_cfg=None, refresh_every=8):
+    """Each method timed eagerly and replayed from a CUDA graph (as a decoder with CUDA graphs runs it);
+    bandwidth = K and V bytes of the cache / time."""
     hip_cfg = hip_cfg or dict(topk=32, n_sink=1, n_local=4)
     for HKV in hkv_list:
         for B in batches:
@@ -283,31 +304,39 @@ def decode(lens, batches=(1, 8), H=32, D=128, hkv_list=(32, 8), hip_cfg=None, re
                 k, v = rnd(B, S, HKV, D), rnd(B, S, HKV, D)
                 nbytes = 2 * k.numel() * k.element_size()
                 row = {"B": B, "S": S, "H": H, "HKV": HKV, "D": D, "kv_bytes": nbytes}
+
+                def timed(name, fn):
+                    row[name + "_ms"] = bench_ms(fn)
+                    row[name + "_graph_ms"] = bench_graph_ms(fn)
+
                 if HKV == H:
                     qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-                    ms = bench_ms(lambda: sdpa_flash(qs, ks, vs, False))
-                    row["sdpa_ms"], row["sdpa_TBps"] = ms, nbytes / ms / 1e9
+                    timed("sdpa", lambda: sdpa_flash(qs, ks, vs, False))
                     del ks, vs
                 o = torch.empty_like(q)
-                ms = bench_ms(lambda: flash_decode(q, k, v, out=o))
-                row["flash_ms"], row["flash_TBps"] = ms, nbytes / ms / 1e9
                 seqlens = torch.full((B,), S, device=DEV, dtype=torch.int32)
+                timed("flash", lambda: flash_decode(q, k, v, seqlens=seqlens, max_seqlen=S, out=o))
                 kp, vp, table = to_paged(k, v, 256)
                 del k, v
                 torch.cuda.empty_cache()
-                ms = bench_ms(lambda: flash_decode(q, kp, vp, seqlens=seqlens, block_table=table, max_seqlen=S, out=o))
-                row["paged_ms"], row["paged_TBps"] = ms, nbytes / ms / 1e9
+                timed("paged", lambda: flash_decode(q, kp, vp, seqlens=seqlens, block_table=table, max_seqlen=S, out=o))
                 # HiP decode over the paged cache: the selection is refreshed every `refresh_every` steps
-                row["hip_select_ms"] = bench_ms(lambda: hip_decode_select(q, kp, seqlens, S, block_table=table, **hip_cfg))
+                timed("hip_select", lambda: hip_decode_select(q, kp, seqlens, S, block_table=table, **hip_cfg))
                 sel = hip_decode_select(q, kp, seqlens, S, block_table=table, **hip_cfg)
-                row["hip_step_ms"] = bench_ms(lambda: hip_decode(q, kp, vp, sel, seqlens, table, n_sink=hip_cfg["n_sink"],
-                                                                 n_local=hip_cfg["n_local"], out=o))
-                row["hip_amortized_ms"] = row["hip_step_ms"] + row["hip_select_ms"] / refresh_every
-                row["hip_speedup_vs_dense"] = row["paged_ms"] / row["hip_amortized_ms"]
+                timed("hip_step", lambda: hip_decode(q, kp, vp, sel, seqlens, table, n_sink=hip_cfg["n_sink"],
+                                                     n_local=hip_cfg["n_local"], out=o))
+                for sfx in ("", "_graph"):
+                    for name in ("sdpa", "flash", "paged"):
+                        if name + sfx + "_ms" in row:
+                            row[name + sfx + "_TBps"] = nbytes / row[name + sfx + "_ms"] / 1e9
+                    row["hip_amortized" + sfx + "_ms"] = row["hip_step" + sfx + "_ms"] + row["hip_select" + sfx + "_ms"] / refresh_every
+                    row["hip_speedup_vs_dense" + sfx] = row["paged" + sfx + "_ms"] / row["hip_amortized" + sfx + "_ms"]
                 RESULTS["decode"].append(row)
-                log(f"decode B={B} S={S:>6} HKV={HKV:>2}: sdpa {row.get('sdpa_TBps', float('nan')):.2f} TB/s | flash "
-                    f"{row['flash_TBps']:.2f} TB/s ({row['flash_ms']*1e3:.0f} us) | paged {row['paged_TBps']:.2f} TB/s | hip "
-                    f"{row['hip_amortized_ms']*1e3:.0f} us/step ({row['hip_speedup_vs_dense']:.1f}x dense)")
+                log(f"decode B={B} S={S:>6} HKV={HKV:>2} (graph): sdpa {row.get('sdpa_graph_TBps', float('nan')):.2f} TB/s | "
+                    f"flash {row['flash_graph_TBps']:.2f} TB/s ({row['flash_graph_ms']*1e3:.0f} us) | paged "
+                    f"{row['paged_graph_TBps']:.2f} TB/s | hip step {row['hip_step_graph_ms']*1e3:.0f} us + select "
+                    f"{row['hip_select_graph_ms']*1e3:.0f} us/{refresh_every} ({row['hip_speedup_vs_dense_graph']:.1f}x dense);"
+                    f" eager: flash {row['flash_TBps']:.2f} TB/s, hip {row['hip_speedup_vs_dense']:.1f}x")
                 del q, kp, vp, o
                 torch.cuda.empty_cache()
 
@@ -340,10 +369,11 @@ def table():
     for h, s in zip(RESULTS["hip_prefill"], RESULTS["vs_prefill"]):
         log(f"{'':>18}{h['T']:>7} | {h['sdpa_ms']:7.1f} | {h['total_ms']:6.1f} ({h['speedup_vs_sdpa']:4.1f}x) | "
             f"{s['total_ms']:6.1f} ({s['speedup_vs_sdpa']:4.1f}x)")
-    log("decode  B      S HKV | SDPA TB/s | flash TB/s | paged TB/s | HiP us/step (x dense)")
+    log("decode (CUDA graph)  B      S HKV | SDPA TB/s | flash TB/s | paged TB/s | HiP us/step (x paged dense)")
     for r in RESULTS["decode"]:
-        log(f"{r['B']:>8} {r['S']:>6} {r['HKV']:>3} | {r.get('sdpa_TBps', float('nan')):9.2f} | {r['flash_TBps']:10.2f} | "
-            f"{r['paged_TBps']:10.2f} | {r['hip_amortized_ms']*1e3:7.0f} ({r['hip_speedup_vs_dense']:.1f}x)")
+        log(f"{r['B']:>21} {r['S']:>6} {r['HKV']:>3} | {r.get('sdpa_graph_TBps', float('nan')):9.2f} | "
+            f"{r['flash_graph_TBps']:10.2f} | {r['paged_graph_TBps']:10.2f} | {r['hip_amortized_graph_ms']*1e3:7.0f} "
+            f"({r['hip_speedup_vs_dense_graph']:.1f}x)")
     bad = [c for c in RESULTS["checks"] if not c["ok"]]
     log(f"checks: {len(RESULTS['checks']) - len(bad)}/{len(RESULTS['checks'])} ok; errors: {len(RESULTS['errors'])}")
 

@@ -47,10 +47,12 @@ def cca_attention(
     qp = q.reshape(1, B * T, HQ, D)
     kp = k.reshape(1, B * L * N, HKV, D)
     vp = v.reshape(1, B * L * N, HKV, D)
+    # the kernel writes straight into `out` when it is packable ([B, T] merge into one axis)
+    direct = out is not None and out.stride(0) == T * out.stride(1) and out.stride(-1) == 1
     o = flash_prefill(qp, kp, vp, causal=False, scale=scale, cu_seqlens=cu_q, cu_seqlens_k=cu_k,
-                      max_seqlen_q=min(chunk_size, T))
+                      max_seqlen_q=min(chunk_size, T), out=out.view(1, B * T, HQ, D) if direct else None)
     o = o.view(B, T, HQ, D)
-    if out is not None:
+    if out is not None and not direct:
         out.copy_(o)
         return out
-    return o
+    return out if direct else o

@@ -48,3 +48,29 @@ def hip_decode_naive(q, k_cache, v_cache, sel, seqlens=None, block_table=None, b
     """Reference for hip_decode."""
     return flash_decode_naive(q, k_cache, v_cache, seqlens, block_table, scale, sel=sel,
                               n_sink=n_sink, n_local=n_local, block_n=block_size_k)
+
+
+def bound_score_naive(q, k, cs, ce, block_size_q, block_size_k, group_heads):
+    """Upper bound of q . k over the keys of block ranges [cs, ce) (Quest bound), directly from the
+    keys: max over the unit's queries of sum_d max(q_d * max_k k_d, q_d * min_k k_d). -inf if empty."""
+    B, T, HQ, D = q.shape
+    S, HKV = k.shape[1], k.shape[2]
+    G = HQ // HKV
+    GS = G if group_heads else 1
+    _, HS, NQB, C = cs.shape
+    out = torch.full(cs.shape, float("-inf"), dtype=torch.float32)
+    for b in range(B):
+        for hs in range(HS):
+            hk = hs * GS // G
+            heads = list(range(hs * GS, hs * GS + GS))
+            for qb in range(NQB):
+                t0, t1 = qb * block_size_q, min(T, (qb + 1) * block_size_q)
+                rows = q[b, t0:t1, heads].reshape(-1, D).double()
+                for c in range(C):
+                    a, e = int(cs[b, hs, qb, c]), int(ce[b, hs, qb, c])
+                    if e <= a:
+                        continue
+                    keys = k[b, a * block_size_k : min(S, e * block_size_k), hk].double()
+                    kx, kn = keys.amax(0), keys.amin(0)
+                    out[b, hs, qb, c] = torch.maximum(rows * kx, rows * kn).sum(-1).max().float()
+    return out

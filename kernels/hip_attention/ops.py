@@ -96,6 +96,110 @@ def score_triton(q, k, rep, block_size_q, group_heads, block_table=None):
     return score
 
 
+@triton.jit
+def hip_bound_score_fwd_kernel(
+    q, kmax, kmin, r1, r2, score,
+    T_q, NHS, NQB, C, HKV,
+    stride_qb, stride_qt, stride_qh,
+    GS: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, D: tl.constexpr,
+):
+    """score[u, c] = max over the unit's query rows of the Quest-style upper bound of q . k over the
+    keys of a segment: sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin, where kmax/kmin are
+    the channel-wise extremes of the segment, read as the union of two sparse-table rows r1, r2."""
+    u = tl.program_id(0)
+    i_qb = u % NQB
+    i_b = u // (NQB * NHS)
+    i_hs = (u // NQB) % NHS
+    i_hk = (i_hs * GS) // G
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, D)
+    t_r = i_qb * BLOCK_Q + offs_r // GS
+    h_r = i_hs * GS + offs_r % GS
+    row_ok = (offs_r < BLOCK_Q * GS) & (t_r < T_q)
+    qt = tl.load(q + i_b.to(tl.int64) * stride_qb + t_r[:, None] * stride_qt + h_r[:, None] * stride_qh
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    zero = tl.zeros_like(qt)
+    q_pos = tl.maximum(qt, zero)
+    q_neg = tl.minimum(qt, zero)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        a = tl.load(r1 + u.to(tl.int64) * C + offs_c, mask=offs_c < C, other=-1)
+        b = tl.load(r2 + u.to(tl.int64) * C + offs_c, mask=offs_c < C, other=-1)
+        ok = a >= 0
+        oa = (a.to(tl.int64) * HKV + i_hk) * D
+        ob = (b.to(tl.int64) * HKV + i_hk) * D
+        m = ok[:, None]
+        kx = tl.maximum(tl.load(kmax + oa[:, None] + offs_d[None, :], mask=m, other=0.0),
+                        tl.load(kmax + ob[:, None] + offs_d[None, :], mask=m, other=0.0))
+        kn = tl.minimum(tl.load(kmin + oa[:, None] + offs_d[None, :], mask=m, other=0.0),
+                        tl.load(kmin + ob[:, None] + offs_d[None, :], mask=m, other=0.0))
+        s = tl.dot(q_pos, tl.trans(kx)) + tl.dot(q_neg, tl.trans(kn))
+        s = tl.where(row_ok[:, None], s, float("-inf"))
+        best = tl.where(ok, tl.max(s, 0), float("-inf"))
+        tl.store(score + u.to(tl.int64) * C + offs_c, best, mask=offs_c < C)
+
+
+def key_bound_tables(k: torch.Tensor, block_size_k: int):
+    """Sparse tables of channel-wise key extremes: level l row i covers key blocks [i, i + 2^l).
+    k: [B, S, HKV, D] -> (kmax, kmin) [L, B, nkb, HKV, D] in k's dtype, L = floor(log2(nkb)) + 1.
+    One pass over K; padding past S repeats the last key (a real key, so bounds stay valid)."""
+    B, S, HKV, D = k.shape
+    nkb = triton.cdiv(S, block_size_k)
+    pad = nkb * block_size_k - S
+    kk = torch.cat([k, k[:, -1:].expand(B, pad, HKV, D)], 1) if pad else k
+    kk = kk.view(B, nkb, block_size_k, HKV, D)
+    mx, mn = [kk.amax(2)], [kk.amin(2)]
+    step = 1
+    while 2 * step <= nkb:
+        a, b = mx[-1], mn[-1]
+        nx, nn = a.clone(), b.clone()
+        nx[:, : nkb - step] = torch.maximum(a[:, : nkb - step], a[:, step:])
+        nn[:, : nkb - step] = torch.minimum(b[:, : nkb - step], b[:, step:])
+        mx.append(nx)
+        mn.append(nn)
+        step *= 2
+    return torch.stack(mx).contiguous(), torch.stack(mn).contiguous()
+
+
+def bound_rows(cs, ce, B, nkb):
+    """Sparse-table rows (flat indices into [L, B, nkb]) whose union is the block range [cs, ce)."""
+    n = (ce - cs).clamp(min=1)
+    lvl = torch.floor(torch.log2(n.double())).long()
+    lvl = torch.where((1 << (lvl + 1)) <= n, lvl + 1, lvl)  # guard log2 rounding
+    lvl = torch.where((1 << lvl) > n, lvl - 1, lvl)
+    b_idx = torch.arange(B, device=cs.device).view(B, *([1] * (cs.dim() - 1)))
+    base = (lvl * B + b_idx) * nkb
+    empty = ce <= cs
+    r1 = torch.where(empty, -1, base + cs)
+    r2 = torch.where(empty, -1, base + ce - (1 << lvl))
+    return r1, r2
+
+
+def bound_score_triton(q, tables, r1, r2, block_size_q, group_heads):
+    """Upper-bound scores [B, HS, NQB, C] of the block ranges given by sparse-table rows r1, r2."""
+    kmax, kmin = tables
+    B, T, HQ, D = q.shape
+    HKV = kmax.shape[3]
+    G = check_gqa(HQ, HKV)
+    check_last_dim_contiguous(q)
+    _, HS, NQB, C = r1.shape
+    GS = G if group_heads else 1
+    r1 = r1.to(torch.int32).contiguous()
+    r2 = r2.to(torch.int32).contiguous()
+    score = torch.empty(r1.shape, device=q.device, dtype=torch.float32)
+    if r1.numel() == 0:
+        return score
+    block_r = max(16, next_pow2(block_size_q * GS))
+    hip_bound_score_fwd_kernel[(B * HS * NQB,)](
+        q, kmax, kmin, r1, r2, score, T, HS, NQB, C, HKV,
+        q.stride(0), q.stride(1), q.stride(2),
+        GS=GS, G=G, BLOCK_Q=block_size_q, BLOCK_R=block_r, BLOCK_C=16 if is_interpret() else 32, D=D,
+        num_warps=4 if block_r <= 64 else 8, num_stages=1 if is_interpret() else 2,
+    )
+    return score
+
+
 def prefill_kend(T: int, S: int, block_size_q: int, causal: bool, device) -> torch.Tensor:
     """Number of keys visible to each query block: [cdiv(T, block_size_q)] int64 (bottom-right causal)."""
     nqb = triton.cdiv(T, block_size_q)
@@ -119,6 +223,8 @@ def hip_select(
     group_heads: bool = False,
     block_table: torch.Tensor | None = None,
     scorer=None,
+    estimator: str = "rep",
+    bound_scorer=None,
 ) -> torch.Tensor:
     """Hierarchical top-k key-block selection.
 
@@ -126,9 +232,18 @@ def hip_select(
     keys visible to each query block; max_kend: an upper bound of kend (host int).
     Returns sel [B, HS, NQB, topk] int32: chosen middle key blocks (in [n_sink, nkb - n_local)),
     ascending, -1 padded at the end; HS = HKV if group_heads else HQ.
-    scorer(q, k, rep, block_size_q, group_heads, block_table) -> scores; default: the Triton kernel.
+    estimator: "rep" scores a segment by n_rep representative keys (HiP; reads only those keys);
+    "bound" by the Quest-style upper bound of q . k over all of the segment's keys, from sparse tables
+    of channel-wise key extremes (one extra pass over K; contiguous caches only).
+    scorer(q, k, rep, block_size_q, group_heads, block_table) -> scores; default: the Triton kernel;
+    bound_scorer(q, tables, r1, r2, block_size_q, group_heads) likewise for "bound".
     """
     scorer = scorer or score_triton
+    bound_scorer = bound_scorer or bound_score_triton
+    if estimator not in ("rep", "bound"):
+        raise ValueError(f"unknown estimator {estimator!r}")
+    if estimator == "bound" and block_table is not None:
+        raise ValueError("the bound estimator needs a contiguous key cache")
     B, T, HQ, D = q.shape
     HS = k.shape[2] if group_heads else HQ
     if kend.dim() == 1:
@@ -146,16 +261,21 @@ def hip_select(
     l_max = triton.cdiv(m_max, topk) if m_max > 0 else 0
     n_iter = math.ceil(math.log2(l_max)) if l_max > 1 else 0
     r = torch.arange(n_rep, device=dev)
+    tables = key_bound_tables(k, block_size_k) if estimator == "bound" and n_iter > 0 else None
     for _ in range(n_iter):
         half = s + (e - s + 1) // 2
         cs = torch.cat([s, half], -1)  # [B, HS, NQB, 2 topk]
         ce = torch.cat([half, e], -1)
         empty = ce <= cs
-        # n_rep keys spread evenly over each half
-        span = (ce - cs) * block_size_k
-        rep = cs[..., None] * block_size_k + (span[..., None] * (2 * r + 1)) // (2 * n_rep)
-        rep = torch.where(empty[..., None], -1, rep).flatten(-2)
-        sc = scorer(q, k, rep, block_size_q, group_heads, block_table).view(*cs.shape, n_rep).amax(-1)
+        if tables is not None:
+            r1, r2 = bound_rows(cs, ce, B, tables[0].shape[2])
+            sc = bound_scorer(q, tables, r1, r2, block_size_q, group_heads)
+        else:
+            # n_rep keys spread evenly over each half
+            span = (ce - cs) * block_size_k
+            rep = cs[..., None] * block_size_k + (span[..., None] * (2 * r + 1)) // (2 * n_rep)
+            rep = torch.where(empty[..., None], -1, rep).flatten(-2)
+            sc = scorer(q, k, rep, block_size_q, group_heads, block_table).view(*cs.shape, n_rep).amax(-1)
         sc = sc.masked_fill(empty, float("-inf"))
         top = sc.topk(topk, dim=-1).indices
         s = cs.gather(-1, top)
@@ -199,6 +319,7 @@ def hip_attention_prefill(
     dense_below: int = 8192,
     return_blocks: bool = False,
     scorer=None,
+    estimator: str = "bound",
     out: torch.Tensor | None = None,
 ):
     """HiP prefill. q: [B, T, HQ, D]; k, v: [B, S, HKV, D]. Falls back to dense flash_prefill when
@@ -213,7 +334,7 @@ def hip_attention_prefill(
         return (o, None) if return_blocks else o
     kend = prefill_kend(T, S, block_size_q, causal, q.device)
     sel = hip_select(q, k, kend, S, block_size_q, block_size_k, topk, n_sink, n_local, n_rep,
-                     group_heads=False, scorer=scorer)
+                     group_heads=False, scorer=scorer, estimator=estimator)
     blocks = hip_block_list(sel, kend, block_size_k, n_sink, n_local)
     o = block_sparse_attention(q, k, v, *blocks, block_size_q, block_size_k, causal=causal,
                                scale=scale, out=out)

@@ -1,0 +1,225 @@
+"""Block-sparse core, HiP attention and vertical-slash prefill against their references
+(CPU: Triton interpreter, float32)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / the kernels are imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from retrogram.kernels.block_sparse import block_sparse_attention, block_sparse_attention_naive  # noqa: E402
+from retrogram.kernels.block_sparse_prefill import (block_sparse_prefill, block_sparse_prefill_naive,  # noqa: E402
+                                                    vertical_slash_blocks, vertical_slash_scores,
+                                                    vertical_slash_scores_naive)
+from retrogram.kernels.flash_prefill import flash_prefill_naive  # noqa: E402
+from retrogram.kernels.hip_attention import (bound_rows, bound_score_naive, bound_score_triton,  # noqa: E402
+                                             key_bound_tables, hip_attention_naive, hip_attention_prefill, hip_decode,  # noqa: E402
+                                             hip_decode_naive, hip_decode_select, hip_select, prefill_kend,
+                                             score_naive, score_triton)
+from retrogram.kernels.quality import sparse_quality  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu"
+DTYPE = torch.float32
+TOL = 1e-4
+
+
+def rel(out, ref):
+    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) or NaN output"
+    return ((out.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def rnd(*shape):
+    return torch.randn(*shape, device=DEV, dtype=DTYPE)
+
+
+def poisoned(like):
+    return torch.full(like.shape, float("nan"), device=like.device, dtype=like.dtype)
+
+
+def random_lists(B, HI, nqb, nkb, maxk):
+    """Ascending, unique key-block lists with random counts (0 included)."""
+    idx = torch.rand(B, HI, nqb, nkb).argsort(-1)[..., :maxk].sort(-1).values.to(torch.int32)
+    cnt = torch.randint(0, maxk + 1, (B, HI, nqb), dtype=torch.int32)
+    return idx.to(DEV), cnt.to(DEV)
+
+
+@pytest.mark.parametrize("B,T,S,HQ,HKV,shared,causal,bq,bk", [
+    (2, 70, 90, 4, 2, False, True, 16, 16),   # per query head lists, T < S
+    (1, 45, 45, 6, 2, True, True, 32, 16),    # lists shared by a GQA group; bq != bk
+    (1, 33, 50, 2, 1, False, False, 16, 16),  # non-causal
+])
+def test_block_sparse_core(B, T, S, HQ, HKV, shared, causal, bq, bk):
+    q, k, v = rnd(B, T, HQ, 32), rnd(B, S, HKV, 32), rnd(B, S, HKV, 32)
+    idx, cnt = random_lists(B, HKV if shared else HQ, -(-T // bq), -(-S // bk), 3)
+    o = block_sparse_attention(q, k, v, idx, cnt, bq, bk, causal=causal, out=poisoned(q))
+    ref = block_sparse_attention_naive(q.double(), k.double(), v.double(), idx, cnt, bq, bk, causal=causal)
+    assert rel(o, ref) < TOL
+    # empty lists give zeros, as the reference does
+    assert torch.all(o[:, :bq][:, :, [h for h in range(HQ)]][(cnt[:, :, 0] == 0).repeat_interleave(
+        HQ // cnt.shape[1], 1)[:, None, :].expand(B, bq if T >= bq else T, HQ)] == 0)
+
+
+def test_block_sparse_all_blocks_is_dense():
+    T, bq, bk = 50, 16, 16
+    q, k, v = rnd(1, T, 4, 32), rnd(1, T, 2, 32), rnd(1, T, 2, 32)
+    nqb, nkb = -(-T // bq), -(-T // bk)
+    idx = torch.arange(nkb, dtype=torch.int32, device=DEV).expand(1, 4, nqb, nkb).contiguous()
+    cnt = torch.full((1, 4, nqb), nkb, dtype=torch.int32, device=DEV)
+    o = block_sparse_attention(q, k, v, idx, cnt, bq, bk, out=poisoned(q))
+    ref, _ = flash_prefill_naive(q.double(), k.double(), v.double(), causal=True)
+    assert rel(o, ref) < TOL
+
+
+@pytest.mark.parametrize("group_heads,paged", [(False, False), (True, False), (True, True)])
+def test_hip_score_kernel(group_heads, paged):
+    B, T, S, HQ, HKV, bq = 2, 40, 96, 6, 2, 16
+    q, k = rnd(B, T, HQ, 32), rnd(B, S, HKV, 32)
+    table = None
+    if paged:
+        table = torch.randperm(B * 3, device=DEV).view(B, 3).to(torch.int32)
+        kp = torch.empty(B * 3, 32, HKV, 32, device=DEV, dtype=DTYPE)
+        kp[table.flatten().long()] = k.view(B * 3, 32, HKV, 32)
+        k = kp
+    HS = HKV if group_heads else HQ
+    rep = torch.randint(-1, S, (B, HS, -(-T // bq), 7), device=DEV)
+    got = score_triton(q, k, rep, bq, group_heads, table)
+    ref = score_naive(q, k, rep, bq, group_heads, table)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)) and torch.isinf(got).any()
+    fin = torch.isfinite(ref)
+    assert torch.allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("group_heads", [False, True])
+def test_hip_bound_score_kernel(group_heads):
+    B, T, S, HQ, HKV, bq, bk = 2, 40, 150, 4, 2, 16, 16  # S not a multiple of the key block
+    q, k = rnd(B, T, HQ, 32), rnd(B, S, HKV, 32)
+    nkb = -(-S // bk)
+    HS = HKV if group_heads else HQ
+    cs = torch.randint(0, nkb, (B, HS, -(-T // bq), 9), device=DEV)
+    ce = torch.clamp(cs + torch.randint(0, 7, cs.shape, device=DEV), max=nkb)  # some empty ranges
+    tables = key_bound_tables(k, bk)
+    r1, r2 = bound_rows(cs, ce, B, nkb)
+    got = bound_score_triton(q, tables, r1, r2, bq, group_heads)
+    ref = bound_score_naive(q, k, cs, ce, bq, bk, group_heads)
+    assert torch.equal(torch.isinf(got.cpu()), torch.isinf(ref)) and torch.isinf(ref).any()
+    fin = torch.isfinite(ref)
+    assert torch.allclose(got.cpu()[fin], ref[fin], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ["rep", "bound"])
+def test_hip_select_structure_and_planted_keys(estimator):
+    torch.manual_seed(1)
+    B, T, HQ, HKV, D, bq, bk, topk = 1, 512, 2, 1, 32, 64, 16, 4
+    q = rnd(B, T, HQ, D) * 0.1
+    k = rnd(B, T, HKV, D) * 0.1
+    direction = torch.randn(D, device=DEV)
+    q += direction
+    # "bound": one spiking key inside blocks 5 and 13 must be found (the bound sees every key);
+    # "rep": reads one key per segment, so only smooth structure is guaranteed: plant whole
+    # 4-block regions and require planted blocks to be found
+    if estimator == "bound":
+        for blk in (5, 13):
+            k[0, blk * bk + 7, 0] = 4 * direction
+        regions = [[5], [13]]
+    else:
+        for blk in (4, 12):
+            k[0, blk * bk : (blk + 4) * bk, 0] += 2 * direction
+        regions = [[4, 5, 6, 7, 12, 13, 14, 15]]  # top-4 may all fall in one region
+    kend = prefill_kend(T, T, bq, True, DEV)
+    sel = hip_select(q, k, kend, T, bq, bk, topk, n_sink=1, n_local=2, estimator=estimator)
+    assert sel.shape == (B, HQ, T // bq, topk)
+    nkb = (kend + bk - 1) // bk
+    for h in range(HQ):
+        for qb in range(T // bq):
+            row = sel[0, h, qb]
+            valid = row[row >= 0]
+            middle = int(nkb[qb]) - 2 - 1
+            assert valid.numel() == min(topk, max(middle, 0))
+            assert torch.all(valid[1:] > valid[:-1])  # ascending, unique
+            assert torch.all((valid >= 1) & (valid < nkb[qb] - 2))
+            for reg in regions:
+                if reg[0] + (estimator == "rep") * 3 < nkb[qb] - 2:
+                    assert set(reg) & set(valid.tolist()), (h, qb, valid.tolist())
+
+
+@pytest.mark.parametrize("T,S,HQ,HKV", [(300, 300, 4, 2), (200, 260, 2, 2)])
+def test_hip_prefill_matches_reference(T, S, HQ, HKV):
+    q, k, v = rnd(1, T, HQ, 32), rnd(1, S, HKV, 32), rnd(1, S, HKV, 32)
+    o, (bi, bc) = hip_attention_prefill(q, k, v, block_size_q=32, block_size_k=16, topk=3, n_sink=1, n_local=2,
+                                        dense_below=0, return_blocks=True, out=poisoned(q))
+    assert int(bc.max()) <= 1 + 3 + 2
+    ref = hip_attention_naive(q.double(), k.double(), v.double(), bi, bc, 32, 16)
+    assert rel(o, ref) < TOL
+    dense, _ = flash_prefill_naive(q.double(), k.double(), v.double())
+    assert rel(o, dense) > 1e-2  # sparse for real
+
+
+def test_hip_prefill_dense_fallback():
+    q, k, v = rnd(1, 40, 2, 32), rnd(1, 40, 2, 32), rnd(1, 40, 2, 32)
+    o, blocks = hip_attention_prefill(q, k, v, dense_below=64, return_blocks=True, out=poisoned(q))
+    assert blocks is None
+    assert rel(o, flash_prefill_naive(q.double(), k.double(), v.double())[0]) < TOL
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_hip_decode_matches_reference(paged):
+    B, HQ, HKV, D, S, bk = 2, 4, 2, 32, 256, 16
+    q, k, v = rnd(B, 1, HQ, D), rnd(B, S, HKV, D), rnd(B, S, HKV, D)
+    seqlens = torch.tensor([256, 190], dtype=torch.int32, device=DEV)
+    table = None
+    kc, vc = k, v
+    if paged:
+        table = torch.randperm(B * 8, device=DEV).view(B, 8).to(torch.int32)
+        kc = torch.empty(B * 8, 32, HKV, D, device=DEV, dtype=DTYPE)
+        vc = torch.empty_like(kc)
+        kc[table.flatten().long()] = k.view(B * 8, 32, HKV, D)
+        vc[table.flatten().long()] = v.view(B * 8, 32, HKV, D)
+    sel = hip_decode_select(q, kc, seqlens, S, block_size_k=bk, topk=3, n_sink=1, n_local=2, block_table=table)
+    assert sel.shape == (B, HKV, 3)
+    o = hip_decode(q, kc, vc, sel, seqlens, table, block_size_k=bk, n_sink=1, n_local=2, out=poisoned(q))
+    ref = hip_decode_naive(q.double(), k.double(), v.double(), sel.cpu(), seqlens, block_size_k=bk, n_sink=1, n_local=2)
+    assert rel(o, ref) < TOL
+
+
+def test_vertical_slash_scores_match_loop_reference():
+    q, k = rnd(1, 50, 2, 16), rnd(1, 70, 1, 16)
+    got_v, got_s = vertical_slash_scores(q, k, last_q=6, block_size_k=16)
+    ref_v, ref_s = vertical_slash_scores_naive(q, k, last_q=6, block_size_k=16)
+    assert rel(got_v, ref_v) < TOL and rel(got_s, ref_s) < TOL
+    # each of the 6 queries spreads a mass of 1 over the keys
+    assert torch.allclose(got_v.sum(-1), torch.full_like(got_v.sum(-1), 6.0), atol=1e-4)
+
+
+def test_vertical_slash_blocks_and_attention():
+    torch.manual_seed(2)
+    T, bq, bk = 256, 32, 16
+    q, k, v = rnd(1, T, 2, 32) * 0.1, rnd(1, T, 2, 32) * 0.1, rnd(1, T, 2, 32)
+    direction = torch.randn(32, device=DEV)
+    q += direction
+    k[0, 100, :] = 4 * direction  # a vertical line at key 100 (block 6)
+    o, (bi, bc) = block_sparse_prefill(q, k, v, block_size_q=bq, block_size_k=bk, last_q=8, n_vertical=1, n_slash=1,
+                                       n_sink=1, n_local=2, dense_below=0, return_blocks=True, out=poisoned(q))
+    kend = prefill_kend(T, T, bq, True, DEV)
+    for h in range(2):
+        for qb in range(T // bq):
+            row = bi[0, h, qb, : int(bc[0, h, qb])].tolist()
+            assert row == sorted(set(row)) and 0 in row
+            assert (int(kend[qb]) - 1) // bk in row  # the diagonal block
+            if int(kend[qb]) > 100:
+                assert 6 in row
+    ref = block_sparse_prefill_naive(q.double(), k.double(), v.double(), bi, bc, bq, bk)
+    assert rel(o, ref) < TOL
+
+
+def test_sparse_quality_metrics():
+    T, bq, bk = 128, 32, 32
+    q, k, v = rnd(T, 2, 16), rnd(T, 1, 16), rnd(T, 1, 16)
+    nqb = T // bq
+    full = torch.arange(4, dtype=torch.int32).expand(2, nqb, 4).contiguous()
+    cnt_full = torch.tensor([[1, 2, 3, 4]] * 2, dtype=torch.int32)
+    rec, err = sparse_quality(q, k, v, full, cnt_full, bq, bk)
+    assert torch.allclose(rec, torch.ones(2, dtype=torch.float64), atol=1e-5) and err.max() < 1e-5
+    only_diag = torch.stack([torch.tensor([i, 0, 0, 0]) for i in range(nqb)]).to(torch.int32).expand(2, nqb, 4).contiguous()
+    rec2, err2 = sparse_quality(q, k, v, only_diag, torch.ones(2, nqb, dtype=torch.int32), bq, bk)
+    assert torch.all(rec2 < 1) and torch.all(err2 > 1e-3)
