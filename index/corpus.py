@@ -52,7 +52,8 @@ def _open_binary(path: Path):
     if suffix == ".zst":
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        # BufferedReader adds the line iteration zstandard's reader lacks
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
 
 
@@ -87,61 +88,90 @@ def corpus_fingerprint(files: list[Path]) -> list[dict[str, Any]]:
     return [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
 
 
-def _read_jsonl(path: Path, stats: IngestStats) -> Iterator[Document]:
-    with _open_binary(path) as raw:
-        for lineno, line in enumerate(raw, 1):
-            stats.bytes_read += len(line)
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object with a \"text\" field, got {type(rec).__name__}")
-            text = rec.pop("text", None)
-            if not isinstance(text, str):
-                what = "no \"text\" field" if text is None else f"\"text\" is {type(text).__name__}, expected a string"
-                raise UserError(f"{path}:{lineno}: {what}")
-            if not text.strip():
-                stats.skipped_empty += 1
-                continue
-            ext = rec.pop("id", None)
-            yield Document(text=text, source=str(path), external_id=None if ext is None else str(ext), metadata=rec)
+@dataclass
+class RawBatch:
+    """Undecoded input for one worker task: JSONL lines (from `first_line` on) or one whole text file."""
+
+    path: str
+    kind: str            # "jsonl" or "text"
+    first_line: int
+    items: list[bytes]
 
 
-def _read_text(path: Path, stats: IngestStats) -> Iterator[Document]:
-    with _open_binary(path) as raw:
-        data = raw.read()
-    stats.bytes_read += len(data)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); convert it to UTF-8") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    if not text.strip():
-        stats.skipped_empty += 1
-        return
-    yield Document(text=text, source=str(path), external_id=path.name)
-
-
-def iter_documents(files: list[Path], stats: IngestStats | None = None) -> Iterator[Document]:
-    """Stream the documents of every file in order; never holds more than one text file or line in memory."""
-    stats = stats if stats is not None else IngestStats()
+def iter_raw_batches(files: list[Path], stats: IngestStats, max_bytes: int = 1 << 20,
+                     max_docs: int = 4096) -> Iterator[RawBatch]:
+    """Read the corpus as byte batches without parsing them, so parsing can run in worker processes."""
     for f in files:
         stats.files += 1
-        reader = _read_jsonl if _base_suffix(f) in JSONL_SUFFIXES else _read_text
         try:
-            for doc in reader(f, stats):
-                stats.documents += 1
-                yield doc
+            with _open_binary(f) as raw:
+                if _base_suffix(f) not in JSONL_SUFFIXES:
+                    data = raw.read()
+                    stats.bytes_read += len(data)
+                    yield RawBatch(str(f), "text", 1, [data])
+                    continue
+                lines, size, first = [], 0, 1
+                for lineno, line in enumerate(raw, 1):
+                    stats.bytes_read += len(line)
+                    lines.append(line)
+                    size += len(line)
+                    if size >= max_bytes or len(lines) >= max_docs:
+                        yield RawBatch(str(f), "jsonl", first, lines)
+                        lines, size, first = [], 0, lineno + 1
+                if lines:
+                    yield RawBatch(str(f), "jsonl", first, lines)
         except (OSError, EOFError) as e:
             raise UserError(f"{f}: cannot read ({e})") from None
         except Exception as e:  # zstd/gzip raise their own types for corrupt input
             if type(e).__module__.startswith(("zstandard", "gzip", "zlib")) or isinstance(e, io.UnsupportedOperation):
                 raise UserError(f"{f}: corrupt compressed file ({e})") from None
             raise
+
+
+def _parse_jsonl_line(path: str, lineno: int, line: bytes) -> Document | None:
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise UserError(f"{path}:{lineno}: expected a JSON object with a \"text\" field, got {type(rec).__name__}")
+    text = rec.pop("text", None)
+    if not isinstance(text, str):
+        what = "no \"text\" field" if text is None else f"\"text\" is {type(text).__name__}, expected a string"
+        raise UserError(f"{path}:{lineno}: {what}")
+    ext = rec.pop("id", None)
+    return Document(text=text, source=path, external_id=None if ext is None else str(ext), metadata=rec)
+
+
+def _parse_text_file(path: str, data: bytes) -> Document:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+    return Document(text=text.removeprefix("\ufeff"), source=path, external_id=Path(path).name)
+
+
+def parse_batch(batch: RawBatch) -> tuple[list[Document], int]:
+    """-> (non-empty documents, number of empty ones skipped). Raises UserError naming file and line."""
+    if batch.kind == "text":
+        docs = [_parse_text_file(batch.path, batch.items[0])]
+    else:
+        docs = [_parse_jsonl_line(batch.path, batch.first_line + i, line) for i, line in enumerate(batch.items)]
+        docs = [d for d in docs if d is not None]      # blank lines are not documents
+    kept = [d for d in docs if d.text.strip()]
+    return kept, len(docs) - len(kept)
+
+
+def iter_documents(files: list[Path], stats: IngestStats | None = None) -> Iterator[Document]:
+    """Stream the documents of every file in order, parsed in this process."""
+    stats = stats if stats is not None else IngestStats()
+    for batch in iter_raw_batches(files, stats):
+        docs, skipped = parse_batch(batch)
+        stats.skipped_empty += skipped
+        stats.documents += len(docs)
+        yield from docs

@@ -15,19 +15,18 @@ import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from .build import Stage, StageContext, StageOutput
-from .corpus import IngestStats, iter_documents
+from .corpus import IngestStats, RawBatch, iter_raw_batches, parse_batch
 from .errors import IndexFormatError, UserError
 from .manifest import Manifest
 from .store import STORE, create_store, insert_documents
 
 TOKENS_BIN = "tokens/tokens.bin"
 DOC_OFFSETS = "tokens/doc_offsets.bin"
-BATCH_CHARS = 1 << 20      # ~1 MB of text per worker task
-BATCH_DOCS = 4096
 
 
 @dataclass
@@ -58,100 +57,90 @@ class TokenStream:
         return self.tokens[int(self.doc_offsets[i]): int(self.doc_offsets[i + 1])]
 
 
-# -- worker side ---------------------------------------------------------------------------------------
+# -- worker side: parse a raw batch and tokenize it ----------------------------------------------------
 _worker_tok = None
 
 
-def _init_worker(tok_dir: str) -> None:
+def _init_worker(index_dir: str) -> None:
     global _worker_tok
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one process per core already
     from .tokenizer import load_index_tokenizer
 
-    _worker_tok = load_index_tokenizer(Path(tok_dir).parent)
+    _worker_tok = load_index_tokenizer(index_dir)
 
 
-def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """-> (lengths [n] i64, ids [sum(lengths)] i64): two arrays pickle far faster than n lists."""
-    arrays = _worker_tok.encode_batch(texts)
+@dataclass
+class EncodedBatch:
+    lengths: np.ndarray        # [n_docs] i64
+    ids: np.ndarray            # [sum(lengths)] i64: two arrays pickle far faster than n lists
+    rows: list[tuple]          # (source, external_id, metadata JSON or None) per document
+    skipped_empty: int
+
+
+def _encode_raw(batch: RawBatch) -> EncodedBatch:
+    docs, skipped = parse_batch(batch)
+    arrays = _worker_tok.encode_batch([d.text for d in docs])
     lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
     ids = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
-    return lengths, ids
-
-
-def _batches(docs, stats: IngestStats):
-    batch, chars = [], 0
-    for d in docs:
-        batch.append(d)
-        chars += len(d.text)
-        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
+    rows = [(d.source, d.external_id, json.dumps(d.metadata, ensure_ascii=False) if d.metadata else None)
+            for d in docs]
+    return EncodedBatch(lengths, ids, rows, skipped)
 
 
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def _encoded_batches(ctx: StageContext, stats: IngestStats, workers: int) -> Iterator[EncodedBatch]:
+    """Encoded batches in corpus order; at most 2 x workers batches in flight, so memory stays bounded."""
+    raw = iter_raw_batches(ctx.corpus_files, stats)
+    if workers <= 1:
+        _init_worker(str(ctx.index_dir))
+        yield from map(_encode_raw, raw)
+        return
+    with mp.get_context("spawn").Pool(workers, _init_worker, (str(ctx.index_dir),)) as pool:
+        in_flight: deque = deque()
+        for batch in raw:
+            in_flight.append(pool.apply_async(_encode_raw, (batch,)))
+            if len(in_flight) >= 2 * workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
 def run_tokenize(ctx: StageContext) -> StageOutput:
     dtype = ctx.manifest.token_dtype
-    sep = np.iinfo(dtype).max
+    sep = int(np.iinfo(dtype).max)
     workers = int(ctx.options.get("workers") or default_workers())
     (ctx.tmp_dir / "tokens").mkdir(parents=True, exist_ok=True)
     stats = IngestStats()
-    total_bytes = sum(f.stat().st_size for f in ctx.corpus_files)
-    task = ctx.track("tokenize", total=total_bytes)
+    task = ctx.track("tokenize", total=sum(f.stat().st_size for f in ctx.corpus_files))
     db = create_store(ctx.tmp_dir / STORE)
-    n_docs = n_tokens = 0
-    last_bytes = 0
+    n_docs = n_tokens = skipped = reported = 0
     with open(ctx.tmp_dir / TOKENS_BIN, "wb") as tok_f, open(ctx.tmp_dir / DOC_OFFSETS, "wb") as off_f:
         off_f.write(np.zeros(1, np.uint64).tobytes())
-
-        def write(batch, lengths: np.ndarray, ids: np.ndarray) -> None:
-            nonlocal n_docs, n_tokens, last_bytes
-            if len(ids) and (int(ids.max()) >= sep or int(ids.min()) < 0):
-                raise UserError(f"tokenizer {ctx.tokenizer.name}: produced id {int(ids.max())}, "
-                                f"which collides with the separator {sep} of a u{8 * np.dtype(dtype).itemsize} stream")
-            tok_f.write(ids.astype(dtype).tobytes())
-            offsets = n_tokens + np.cumsum(lengths, dtype=np.uint64)
-            off_f.write(offsets.astype(np.uint64).tobytes())
-            rows = []
-            start = n_tokens
-            for i, (doc, n) in enumerate(zip(batch, lengths.tolist())):
-                rows.append({"id": n_docs + i, "source": doc.source, "external_id": doc.external_id,
-                             "token_offset": start, "token_len": n,
-                             "metadata": json.dumps(doc.metadata, ensure_ascii=False) if doc.metadata else None})
-                start += n
-            insert_documents(db, rows)
-            n_docs += len(batch)
-            n_tokens += int(lengths.sum())
-            task.advance(stats.bytes_read - last_bytes)
-            last_bytes = stats.bytes_read
-
-        batches = _batches(iter_documents(ctx.corpus_files, stats), stats)
-        if workers <= 1:
-            _init_worker(str(ctx.index_dir / "tokenizer"))
-            for batch in batches:
-                write(batch, *_encode_batch([d.text for d in batch]))
-        else:
-            with mp.get_context("spawn").Pool(workers, _init_worker, (str(ctx.index_dir / "tokenizer"),)) as pool:
-                in_flight: deque = deque()
-                for batch in batches:
-                    in_flight.append((batch, pool.apply_async(_encode_batch, ([d.text for d in batch],))))
-                    if len(in_flight) >= 2 * workers:
-                        b, r = in_flight.popleft()
-                        write(b, *r.get())
-                while in_flight:
-                    b, r = in_flight.popleft()
-                    write(b, *r.get())
+        for enc in _encoded_batches(ctx, stats, workers):
+            if len(enc.ids) and (int(enc.ids.max()) >= sep or int(enc.ids.min()) < 0):
+                raise UserError(f"tokenizer {ctx.tokenizer.name}: produced id {int(enc.ids.max())}, which collides "
+                                f"with the document separator {sep} of a u{8 * np.dtype(dtype).itemsize} stream")
+            tok_f.write(enc.ids.astype(dtype).tobytes())
+            ends = n_tokens + np.cumsum(enc.lengths, dtype=np.uint64)
+            off_f.write(ends.astype(np.uint64).tobytes())
+            starts = (ends - enc.lengths.astype(np.uint64)).tolist()
+            insert_documents(db, [(n_docs + i, src, ext, start, n, meta) for i, ((src, ext, meta), start, n)
+                                  in enumerate(zip(enc.rows, starts, enc.lengths.tolist()))])
+            n_docs += len(enc.rows)
+            n_tokens += int(enc.lengths.sum())
+            skipped += enc.skipped_empty
+            task.advance(stats.bytes_read - reported)
+            reported = stats.bytes_read
     db.conn.commit()
     db.close()
     if n_docs == 0:
         raise UserError(f"--corpus: no documents found in {len(ctx.corpus_files)} file(s) "
-                        f"({stats.skipped_empty} empty documents skipped)")
+                        f"({skipped} empty documents skipped)")
     return StageOutput(counts={"documents": n_docs, "tokens": n_tokens, "files": stats.files,
-                               "skipped_empty": stats.skipped_empty, "bytes": stats.bytes_read},
+                               "skipped_empty": skipped, "bytes": stats.bytes_read},
                        tables={"documents": n_docs})
 
 

@@ -23,7 +23,7 @@ def print_json(obj: Any) -> None:
 
 def make_progress(enabled: bool = True) -> Progress:
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                    TimeElapsedColumn(), console=console, disable=not enabled, transient=False)
+                    TimeElapsedColumn(), console=console, disable=not enabled or not console.is_terminal, transient=True)
 
 
 def human_bytes(n: float) -> str:

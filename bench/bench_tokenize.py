@@ -1,0 +1,104 @@
+"""Tokenize + store throughput (issue 2) against a single-process `tokenizer(batch)` loop, and peak memory
+of the build on the corpus and on the corpus concatenated N times.
+
+    python bench/bench_tokenize.py --corpus /path/to/corpora [--repeat 10] [--out bench/results/tokenize.json]
+
+The baseline reads the same JSONL documents and calls the transformers tokenizer on batches of 1,000
+texts in one process (its Rust backend may use both cores itself); it stores nothing. Ours is the real
+`tokenize` stage: parse, tokenize in worker processes, write the token stream and the SQLite store.
+Peak memory is the whole process tree's RSS, sampled every 20 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+
+def baseline(files: list[Path]) -> dict:
+    from retrogram.index.corpus import iter_documents
+    from retrogram.index.tokenizer import load_tokenizer
+
+    hf = load_tokenizer(None)._hf
+    t0, n_tok, batch = time.perf_counter(), 0, []
+    for doc in iter_documents(files):
+        batch.append(doc.text)
+        if len(batch) == 1000:
+            n_tok += sum(len(x) for x in hf(batch, add_special_tokens=False)["input_ids"])
+            batch = []
+    if batch:
+        n_tok += sum(len(x) for x in hf(batch, add_special_tokens=False)["input_ids"])
+    return {"seconds": time.perf_counter() - t0, "tokens": n_tok}
+
+
+def run_build_measured(corpus: list[Path], out: Path) -> dict:
+    """`retrogram build-index --stages tokenize` in a subprocess; wall time and peak tree RSS."""
+    cmd = [sys.executable, "-m", "retrogram.services.cli", "build-index", "--stages", "tokenize", "--out", str(out),
+           "--json", "--no-progress"] + [a for f in corpus for a in ("--corpus", str(f))]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            rss = root.memory_info().rss + sum(c.memory_info().rss for c in root.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    seconds = time.perf_counter() - t0
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"build failed: {stderr}")
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    return {"seconds": seconds, "peak_rss_mib": peak / 2**20, "tokens": summary["counts"]["tokenize"]["tokens"],
+            "documents": summary["counts"]["tokenize"]["documents"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, required=True, help="directory of *.jsonl (shared/corpora/fetch.sh output)")
+    ap.add_argument("--repeat", type=int, default=10, help="times the corpus is concatenated for the memory check")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/tokenize.json"))
+    args = ap.parse_args()
+    files = sorted(args.corpus.glob("*.jsonl"))
+    size = sum(f.stat().st_size for f in files)
+    work = Path(tempfile.mkdtemp(prefix="bench-tok-"))
+    try:
+        base = baseline(files)
+        ours = run_build_measured(files, work / "idx1")
+        assert ours["tokens"] == base["tokens"], (ours["tokens"], base["tokens"])
+        big = work / "corpus_x.jsonl"
+        with open(big, "wb") as out:
+            for _ in range(args.repeat):
+                for f in files:
+                    with open(f, "rb") as src:
+                        shutil.copyfileobj(src, out)
+        ours_big = run_build_measured([big], work / "idx10")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "corpus_bytes": size, "files": [f.name for f in files],
+        "baseline_single_process_tokenizer_batch": {**base, "mb_per_s": size / 1e6 / base["seconds"]},
+        "ours_tokenize_stage": {**ours, "mb_per_s": size / 1e6 / ours["seconds"]},
+        "speedup": base["seconds"] / ours["seconds"],
+        f"ours_corpus_x{args.repeat}": {**ours_big, "mb_per_s": args.repeat * size / 1e6 / ours_big["seconds"]},
+        "peak_rss_ratio_x{}_vs_x1".format(args.repeat): ours_big["peak_rss_mib"] / ours["peak_rss_mib"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

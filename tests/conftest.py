@@ -1,0 +1,60 @@
+"""Shared fixtures: small real corpora and indexes built through the real pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CORPUS = REPO / "index" / "demo" / "shakespeare.jsonl.gz"
+SHARED_CORPORA = REPO.parent / "shared" / "corpora"
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_corpus() -> Path:
+    """The shipped demo corpus: Shakespeare's 43 works, gzip JSONL (~5 MB of text)."""
+    return DEMO_CORPUS
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A few real documents (a slice of the demo corpus) as plain JSONL, fast to index."""
+    import gzip
+
+    out = tmp_path_factory.mktemp("small_corpus") / "small.jsonl"
+    records = []
+    with gzip.open(DEMO_CORPUS, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            r = json.loads(line)
+            # four documents of ~20k characters each, split at line boundaries
+            text = r["text"][:20000].rsplit("\n", 1)[0]
+            records.append({"id": r["id"], "text": text, "collection": r["collection"]})
+            if i == 3:
+                break
+    return write_jsonl(out, records)
+
+
+@pytest.fixture(scope="session")
+def small_index(tmp_path_factory, small_corpus) -> Path:
+    """`small_corpus` through the `tokenize` stage with the default (SmolLM2) tokenizer."""
+    from retrogram.index.build import run_build
+    from retrogram.services.stages import pipeline_stages
+
+    out = tmp_path_factory.mktemp("idx") / "small"
+    run_build(out, [str(small_corpus)], None, pipeline_stages(), ["tokenize"], options={"workers": 1})
+    return out
