@@ -319,7 +319,7 @@ def hip_attention_prefill(
     dense_below: int = 8192,
     return_blocks: bool = False,
     scorer=None,
-    estimator: str = "bound",
+    estimator: str = "rep",
     out: torch.Tensor | None = None,
 ):
     """HiP prefill. q: [B, T, HQ, D]; k, v: [B, S, HKV, D]. Falls back to dense flash_prefill when
