@@ -27,7 +27,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_corpus() -> Path:
-    """The shipped demo corpus: Shakespeare's 43 works, gzip JSONL (~5 MB of text)."""
+    """The shipped demo corpus: ten of Shakespeare's works, gzip JSONL (~1.2 MB of text)."""
     return DEMO_CORPUS
 
 

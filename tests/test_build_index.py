@@ -228,18 +228,28 @@ def index_fingerprint(out: Path) -> dict:
             "rows": rows}
 
 
+@pytest.fixture
+def larger_corpus(tmp_path, demo_corpus) -> Path:
+    """The demo corpus four times over (~5 MB): long enough to be killed mid-stage."""
+    import gzip
+
+    lines = gzip.open(demo_corpus, "rt", encoding="utf-8").read().splitlines()
+    records = [dict(json.loads(line), id=f"{json.loads(line)['id']}-{k}") for k in range(4) for line in lines]
+    return write_jsonl(tmp_path / "larger.jsonl", records)
+
+
 @pytest.mark.slow
-def test_killed_build_resumes_to_the_same_index(tmp_path, demo_corpus):
+def test_killed_build_resumes_to_the_same_index(tmp_path, larger_corpus):
     stages = "tokenize,ngram"
     ref = tmp_path / "ref"
-    subprocess.run(build_cmd(demo_corpus, ref, stages), check=True, capture_output=True)
+    subprocess.run(build_cmd(larger_corpus, ref, stages), check=True, capture_output=True)
 
     out = tmp_path / "idx"
-    kill_when(build_cmd(demo_corpus, out, stages), out / ".tmp-tokenize" / "tokens" / "tokens.bin")
+    kill_when(build_cmd(larger_corpus, out, stages), out / ".tmp-tokenize" / "tokens" / "tokens.bin")
     assert "tokenize" not in Manifest.load(out).stages            # the killed stage is not recorded
-    kill_when(build_cmd(demo_corpus, out, stages), out / ".tmp-ngram")
+    kill_when(build_cmd(larger_corpus, out, stages), out / ".tmp-ngram")
     assert set(Manifest.load(out).stages) == {"tokenize"}         # the finished one is
-    done = subprocess.run(build_cmd(demo_corpus, out, stages), check=True, capture_output=True, text=True)
+    done = subprocess.run(build_cmd(larger_corpus, out, stages), check=True, capture_output=True, text=True)
     summary = json.loads(done.stdout)
     assert summary["skipped"] == ["tokenize"] and summary["ran"] == ["ngram"]
     assert index_fingerprint(out) == index_fingerprint(ref)
