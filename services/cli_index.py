@@ -10,6 +10,7 @@ from ..index.build import run_build
 from ..index.errors import UserError
 from ..index.manifest import Manifest
 from ..index.store import open_store
+from .cli_retrieve import add_retrieval_build_options, cmd_append, retrieval_build_options
 from .cli_common import add_json_flag, console, human_bytes, make_progress, print_json
 from .stages import pipeline_stages, stage_names
 
@@ -46,6 +47,7 @@ def register(sub) -> None:
                    help="memory budget of the n-gram suffix-array build in GiB (default: half the machine's, at most 8); "
                         "the corpus is cut into shards that fit it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_retrieval_build_options(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_build_index)
 
@@ -63,7 +65,9 @@ def cmd_build_index(args) -> int:
         raise UserError("--stages: expected a comma-separated list of stage names")
     if args.mem is not None and not args.mem > 0:
         raise UserError(f"--mem {args.mem:g}: expected a positive number of GiB")
-    options = {"workers": args.workers, "mem": args.mem}
+    options = {"workers": args.workers, "mem": args.mem, **retrieval_build_options(args)}
+    if args.append:
+        return cmd_append(args, options)
     with make_progress(not args.no_progress and not args.json) as progress:
         summary = run_build(args.out, args.corpus, args.tokenizer, pipeline_stages(), stages, args.force,
                             options, progress)

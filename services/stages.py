@@ -5,10 +5,13 @@ from __future__ import annotations
 from ..index.build import Stage
 from ..index.tokenize import TOKENIZE
 from ..ngram.build import NGRAM
+from ..index.chunks import CHUNKS
+from ..index.embeddings import EMBEDDINGS
+from ..index.faiss_index import FAISS
 
 
 def pipeline_stages() -> list[Stage]:
-    return [TOKENIZE, NGRAM]
+    return [TOKENIZE, NGRAM, CHUNKS, EMBEDDINGS, FAISS]
 
 
 def stage_names() -> list[str]:

@@ -1,0 +1,306 @@
+"""The `faiss` stage and FAISS search over the chunk embeddings (inner product on unit vectors).
+
+IDX/retrieval/faiss.index   the FAISS index, ids = chunk ids
+IDX/retrieval/faiss.json    {factory, metric, n, dim, exact, trained_on, nprobe, ef_search, rerank}
+
+The factory string is `--faiss-factory` (any FAISS factory string) or chosen by size: exact (`Flat`) below
+`EXACT_MAX` chunks, `IVF{nlist},SQ8` above, trained on a sample, its shortlist re-ranked exactly against the
+float16 embeddings (FAISS's IndexRefine idea without a second copy of the vectors).
+
+`FaissSearcher.search` supports per-query exclusion of chunk-id ranges (a document's chunks are one range):
+queries sharing an exclusion are searched together with a FAISS IDSelector; indexes whose search does not
+take selectors fall back to over-fetching and filtering.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .build import Stage, StageContext, StageOutput
+from .embeddings import load_embeddings
+from .errors import IndexFormatError, UserError
+from .manifest import Manifest, write_json_atomic
+
+FAISS_INDEX = "retrieval/faiss.index"
+FAISS_JSON = "retrieval/faiss.json"
+EXACT_MAX = 200_000
+ADD_BATCH = 65_536
+DEFAULT_RERANK = 4       # shortlist = k * rerank for non-exact indexes
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise UserError("the retriever needs FAISS: pip install faiss-cpu (or faiss-gpu-cu12, the [gpu] extra)") from None
+    return faiss
+
+
+def choose_factory(n: int, dim: int) -> str:
+    """Exact below EXACT_MAX vectors; IVF with 8-bit scalar quantisation (re-ranked exactly) above."""
+    if n < EXACT_MAX:
+        return "Flat"
+    nlist = 1 << int(round(math.log2(4 * math.sqrt(n))))
+    return f"IVF{nlist},SQ8"
+
+
+def default_nprobe(nlist: int) -> int:
+    return max(1, min(nlist, nlist // 32))
+
+
+def make_index(factory: str, dim: int):
+    faiss = _faiss()
+    try:
+        return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "invalid"
+        raise UserError(f"--faiss-factory {factory!r}: not a FAISS factory string for dim {dim} ({msg})") from None
+
+
+def is_exact(index) -> bool:
+    faiss = _faiss()
+    return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+
+
+def training_sample(emb: np.ndarray, n_train: int, seed: int = 0) -> np.ndarray:
+    n = len(emb)
+    if n_train >= n:
+        return np.asarray(emb, dtype=np.float32)
+    ids = np.sort(np.random.default_rng(seed).choice(n, size=n_train, replace=False))
+    return np.asarray(emb[ids], dtype=np.float32)
+
+
+def train_and_add(index, emb: np.ndarray, task=None, max_train: int | None = None, start_id: int = 0) -> int:
+    """Train `index` on a sample (when it needs training) and add every row of `emb` as ids start_id.. ."""
+    faiss = _faiss()
+    trained_on = 0
+    if not index.is_trained:
+        ivf = faiss.try_extract_index_ivf(index)
+        nlist = ivf.nlist if ivf is not None else 256
+        n_train = min(len(emb), max_train or max(64 * nlist, 50_000))
+        if ivf is not None and n_train < nlist:
+            raise UserError(f"--faiss-factory: {nlist} IVF lists need at least {nlist} training vectors, "
+                            f"the index has {len(emb)} chunks; use fewer lists or 'Flat'")
+        sample = training_sample(emb, n_train)
+        index.train(sample)
+        trained_on = len(sample)
+    for lo in range(0, len(emb), ADD_BATCH):
+        x = np.ascontiguousarray(emb[lo: lo + ADD_BATCH], dtype=np.float32)
+        index.add(x)
+        if task is not None:
+            task.advance(len(x))
+    return trained_on
+
+
+def run_faiss(ctx: StageContext) -> StageOutput:
+    faiss = _faiss()
+    emb, cfg = load_embeddings(ctx.index_dir)
+    n, dim = emb.shape
+    factory = ctx.options.get("faiss_factory") or choose_factory(n, dim)
+    index = make_index(factory, dim)
+    task = ctx.track("faiss", total=n)
+    trained_on = train_and_add(index, emb, task)
+    out = ctx.tmp_dir / "retrieval"
+    out.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(out / "faiss.index"))
+    ivf = faiss.try_extract_index_ivf(index)
+    meta = {"factory": factory, "metric": "inner_product", "n": int(index.ntotal), "dim": int(dim),
+            "exact": is_exact(index), "trained_on": trained_on,
+            "nprobe": default_nprobe(ivf.nlist) if ivf is not None else None,
+            "ef_search": 64 if "HNSW" in factory else None,
+            "rerank": 1 if is_exact(index) else DEFAULT_RERANK}
+    write_json_atomic(out / "faiss.json", meta)
+    return StageOutput(counts={"vectors": int(index.ntotal), "trained_on": trained_on})
+
+
+FAISS = Stage("faiss", ("embeddings",), run_faiss, option_keys=("faiss_factory",),
+              summary="embeddings -> FAISS index (exact when small, IVF + re-ranking when large)")
+
+
+# -- search --------------------------------------------------------------------------------------------
+Ranges = tuple[tuple[int, int], ...]
+
+
+@dataclass
+class SearchResult:
+    """scores float32 [m, k] (-inf where fewer than k were found) and ids int64 [m, k] (-1 there)."""
+
+    scores: np.ndarray
+    ids: np.ndarray
+
+
+def check_k(k, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise UserError(f"k {k!r}: expected a positive integer")
+    if k <= 0:
+        raise UserError(f"k {k}: expected a positive number of neighbours")
+    if k > n:
+        raise UserError(f"k {k}: larger than the index ({n} chunks)")
+    return int(k)
+
+
+class FaissSearcher:
+    """A loaded faiss.index with its embeddings (for exact re-ranking)."""
+
+    def __init__(self, index, meta: dict, emb: np.ndarray, nprobe: int | None = None, ef_search: int | None = None,
+                 rerank: int | None = None, gpu: bool | str = "auto"):
+        self.index = index
+        self.meta = meta
+        self.emb = emb
+        self.exact = bool(meta.get("exact"))
+        self.nprobe = nprobe if nprobe is not None else meta.get("nprobe")
+        self.ef_search = ef_search if ef_search is not None else meta.get("ef_search")
+        self.rerank = int(rerank if rerank is not None else meta.get("rerank") or 1)
+        for name, v in (("nprobe", self.nprobe), ("ef_search", self.ef_search), ("rerank", self.rerank)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0):
+                raise UserError(f"{name} {v!r}: expected a positive integer")
+        self.on_gpu = False
+        if gpu:
+            self._maybe_to_gpu(gpu == "auto")
+
+    def _maybe_to_gpu(self, quiet: bool) -> None:
+        """faiss-gpu when installed: IVF indexes larger than GPU memory stay on the CPU (or use
+        faiss's `useFloat16` / sharding); Flat and IVF indexes that fit are cloned to all GPUs."""
+        faiss = _faiss()
+        if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+            if not quiet:
+                raise UserError("--gpu: faiss has no GPU support here (install the [gpu] extra: faiss-gpu-cu12)")
+            return
+        co = faiss.GpuMultipleClonerOptions()
+        co.useFloat16 = True
+        self.index = faiss.index_cpu_to_all_gpus(self.index, co)
+        self.on_gpu = True
+
+    @classmethod
+    def open(cls, index_dir: Path | str, **kw) -> "FaissSearcher":
+        faiss = _faiss()
+        index_dir = Path(index_dir)
+        manifest = Manifest.load(index_dir)
+        manifest.require_stage(index_dir, "faiss")
+        emb, _ = load_embeddings(index_dir)
+        meta = json.loads((index_dir / FAISS_JSON).read_text())
+        try:
+            index = faiss.read_index(str(index_dir / FAISS_INDEX), faiss.IO_FLAG_MMAP if meta.get("exact") else 0)
+        except RuntimeError as e:
+            raise IndexFormatError(f"{index_dir / FAISS_INDEX}: unreadable FAISS index ({str(e).strip().splitlines()[-1]})") from None
+        n_chunks = int(manifest.stages["chunks"].counts["chunks"]) if "chunks" in manifest.stages else -1
+        if index.ntotal != len(emb) or index.ntotal != n_chunks or index.d != emb.shape[1]:
+            raise IndexFormatError(f"{index_dir / FAISS_INDEX}: holds {index.ntotal} vectors of dim {index.d}, the "
+                                   f"chunk table has {n_chunks} chunks and the embeddings dim {emb.shape[1]}; "
+                                   "rebuild it with `retrogram build-index --stages faiss --force`")
+        return cls(index, meta, emb, **kw)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def _params(self, sel):
+        faiss = _faiss()
+        if faiss.try_extract_index_ivf(self.index) is not None:
+            p = faiss.SearchParametersIVF()
+            if self.nprobe:
+                p.nprobe = int(self.nprobe)
+        elif "HNSW" in type(faiss.downcast_index(self.index)).__name__:
+            p = faiss.SearchParametersHNSW()
+            if self.ef_search:
+                p.efSearch = int(self.ef_search)
+        else:
+            p = faiss.SearchParameters()
+        if sel is not None:
+            p.sel = sel
+        return p
+
+    def _base_search(self, q: np.ndarray, kk: int, ranges: Ranges):
+        faiss = _faiss()
+        sel = keep = None
+        if ranges:
+            if len(ranges) == 1:
+                keep = faiss.IDSelectorRange(int(ranges[0][0]), int(ranges[0][1]))
+            else:
+                ids = np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in ranges])
+                keep = faiss.IDSelectorBatch(ids)
+            sel = faiss.IDSelectorNot(keep)
+        try:
+            return self.index.search(q, kk, params=self._params(sel))
+        except RuntimeError:
+            if sel is None:
+                raise
+        # no selector support: over-fetch and filter, doubling until k survive or the index is exhausted
+        excluded = sum(hi - lo for lo, hi in ranges)
+        fetch = min(self.ntotal, kk + excluded)
+        D, I = self.index.search(q, fetch, params=self._params(None))
+        mask = np.zeros_like(I, dtype=bool)
+        for lo, hi in ranges:
+            mask |= (I >= lo) & (I < hi)
+        I = np.where(mask, -1, I)
+        D = np.where(mask, -np.inf, D).astype(np.float32)
+        order = np.argsort(I < 0, axis=1, kind="stable")[:, :kk]
+        return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+
+    def search(self, q: np.ndarray, k: int, exclude: Sequence[Ranges] | None = None) -> SearchResult:
+        """Top-k chunk ids by inner product for each query row of `q` (float32 [m, dim]).
+
+        exclude: one tuple of (lo, hi) chunk-id ranges per query, left out of its results."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        m = len(q)
+        k = check_k(k, self.ntotal)
+        kk = k if self.exact else min(self.ntotal, k * self.rerank)
+        scores = np.full((m, k), -np.inf, dtype=np.float32)
+        ids = np.full((m, k), -1, dtype=np.int64)
+        groups: dict[Ranges, list[int]] = {}
+        for i in range(m):
+            groups.setdefault(tuple(exclude[i]) if exclude is not None else (), []).append(i)
+        for ranges, rows in groups.items():
+            rows = np.asarray(rows)
+            D, I = self._base_search(q[rows], kk, ranges)
+            if not self.exact:
+                D, I = self._rerank(q[rows], I, k)
+            n = min(k, I.shape[1])
+            scores[rows, :n] = D[:, :n]
+            ids[rows, :n] = I[:, :n]
+        return SearchResult(scores, ids)
+
+    def _rerank(self, q: np.ndarray, I: np.ndarray, k: int):
+        """Exact inner products of the shortlist against the stored float16 embeddings."""
+        valid = I >= 0
+        safe = np.where(valid, I, 0)
+        flat = np.unique(safe)
+        vecs = np.asarray(self.emb[flat], dtype=np.float32)
+        pos = np.searchsorted(flat, safe)
+        D = np.einsum("md,mkd->mk", q, vecs[pos])
+        D = np.where(valid, D, -np.inf).astype(np.float32)
+        order = np.argsort(-D, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(D, order, 1), np.where(np.take_along_axis(valid, order, 1),
+                                                         np.take_along_axis(I, order, 1), -1)
+
+
+def exact_search(emb: np.ndarray, q: np.ndarray, k: int, exclude: Sequence[Ranges] | None = None,
+                 block: int = 262_144) -> SearchResult:
+    """Brute-force reference (numpy, blocked over the database): exact top-k by inner product."""
+    q = np.asarray(q, dtype=np.float32)
+    m, n = len(q), len(emb)
+    k = check_k(k, n)
+    best_s = np.full((m, k), -np.inf, dtype=np.float32)
+    best_i = np.full((m, k), -1, dtype=np.int64)
+    for lo in range(0, n, block):
+        x = np.asarray(emb[lo: lo + block], dtype=np.float32)
+        s = q @ x.T
+        if exclude is not None:
+            for i, ranges in enumerate(exclude):
+                for a, b in ranges:
+                    a2, b2 = max(a, lo), min(b, lo + len(x))
+                    if a2 < b2:
+                        s[i, a2 - lo: b2 - lo] = -np.inf
+        cand_s = np.concatenate([best_s, s], axis=1)
+        cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(lo, lo + len(x)), s.shape)], axis=1)
+        top = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(cand_s, top, 1)
+        best_i = np.take_along_axis(cand_i, top, 1)
+    best_i = np.where(np.isfinite(best_s), best_i, -1)
+    return SearchResult(best_s, best_i)
