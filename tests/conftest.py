@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels run under the interpreter on machines without CUDA. It must be set before any module
+# defines a @triton.jit function, whichever test module happens to import retrogram.kernels first.
+if not os.path.exists("/dev/nvidia0") and os.environ.get("RETROGRAM_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = REPO / "index" / "demo" / "shakespeare.jsonl.gz"
