@@ -13,8 +13,11 @@ from .cli_common import add_json_flag, console, make_progress, print_json
 from .stages import pipeline_stages
 
 DEMO_CORPUS = Path(__file__).resolve().parents[1] / "index" / "demo" / "shakespeare.jsonl.gz"
-PHRASES = ["to be or not to be", "wherefore art thou", "the quality of mercy", "Friends, Romans, countrymen"]
-CONTEXT = "To be, or not to be, that is the"
+# Queries are token sequences: a phrase that starts a line is tokenized without the leading space that
+# the same words carry mid-line, so " pound of flesh" (with the space) is the mid-line form.
+PHRASES = ["To be, or not to be", "Double, double, toil and trouble", "The quality of mercy", " pound of flesh",
+           "Friends, Romans, countrymen"]
+CONTEXT = "To be, or not to be,--that is the"
 QUESTION = "Who poisoned the king of Denmark?"
 
 
