@@ -100,6 +100,16 @@ class NgramServiceStub:
                 request_serializer=retrogram_dot_protos_dot_ngram__pb2.ScoreSequenceRequest.SerializeToString,
                 response_deserializer=retrogram_dot_protos_dot_ngram__pb2.ScoreSequenceChunk.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/retrogram.v1.NgramService/Tokenize',
+                request_serializer=retrogram_dot_protos_dot_ngram__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=retrogram_dot_protos_dot_common__pb2.PackedQueries.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/retrogram.v1.NgramService/Detokenize',
+                request_serializer=retrogram_dot_protos_dot_common__pb2.PackedQueries.SerializeToString,
+                response_deserializer=retrogram_dot_protos_dot_ngram__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class NgramServiceServicer:
@@ -193,6 +203,19 @@ class NgramServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Texts to token ids and back with the index's tokenizer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NgramServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -260,6 +283,16 @@ def add_NgramServiceServicer_to_server(servicer, server):
                     servicer.ScoreSequence,
                     request_deserializer=retrogram_dot_protos_dot_ngram__pb2.ScoreSequenceRequest.FromString,
                     response_serializer=retrogram_dot_protos_dot_ngram__pb2.ScoreSequenceChunk.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=retrogram_dot_protos_dot_ngram__pb2.TokenizeRequest.FromString,
+                    response_serializer=retrogram_dot_protos_dot_common__pb2.PackedQueries.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=retrogram_dot_protos_dot_common__pb2.PackedQueries.FromString,
+                    response_serializer=retrogram_dot_protos_dot_ngram__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -613,6 +646,60 @@ class NgramService:
             '/retrogram.v1.NgramService/ScoreSequence',
             retrogram_dot_protos_dot_ngram__pb2.ScoreSequenceRequest.SerializeToString,
             retrogram_dot_protos_dot_ngram__pb2.ScoreSequenceChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retrogram.v1.NgramService/Tokenize',
+            retrogram_dot_protos_dot_ngram__pb2.TokenizeRequest.SerializeToString,
+            retrogram_dot_protos_dot_common__pb2.PackedQueries.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retrogram.v1.NgramService/Detokenize',
+            retrogram_dot_protos_dot_common__pb2.PackedQueries.SerializeToString,
+            retrogram_dot_protos_dot_ngram__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

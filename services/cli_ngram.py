@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..index.errors import UserError
 from .cli_common import add_json_flag, console, print_json
+from .cli_serve import add_server_flag
 
 OPS = {
     "count": "the count of a token sequence (or of a CNF with --cnf)",
@@ -71,12 +72,21 @@ def register(sub) -> None:
 
 
 def _common(q) -> None:
-    q.add_argument("--index", required=True, type=Path, action="append", metavar="DIR",
+    q.add_argument("--index", type=Path, action="append", metavar="DIR",
                    help="a retrogram index, or a directory of infini-gram shard files; repeat to query several")
+    add_server_flag(q, "ngram")
     add_json_flag(q)
 
 
 def _open(args):
+    if args.server:   # a running `retrogram serve`: the client has the engine's methods and results
+        if args.index:
+            raise UserError("--index and --server: give one (the server opens the index)")
+        from .client import connect
+
+        return connect(args.server, "ngram")
+    if not args.index:
+        raise UserError("--index DIR is required (or --server HOST:PORT to ask a running server)")
     from ..ngram import Engine
 
     return Engine(args.index if len(args.index) > 1 else args.index[0])

@@ -35,6 +35,16 @@ Each service process prints a JSON line on stdout when it listens and when it se
 """
 
 
+def add_server_flag(parser, service: str = "ngram") -> None:
+    """`--server HOST:PORT` for a query command that can ask a running server instead of opening --index
+    (then `client.connect(args.server, service)` stands in for the engine); repeatable for n-gram shard
+    servers, whose answers the client combines."""
+    more = "; repeat for shard servers, whose counts add" if service == "ngram" else ""
+    parser.add_argument("--server", action="append", default=None, metavar="HOST:PORT",
+                        help=f"ask a running {service} server (`retrogram serve`) instead of opening --index{more}; "
+                             "the API key, if the server wants one, comes from $RETROGRAM_API_KEY")
+
+
 def _add_server_options(p) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; anything beyond loopback needs API keys)")
@@ -56,6 +66,9 @@ def _add_server_options(p) -> None:
                    help="on shutdown, seconds given to calls in flight (default 30)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="P",
                    help="serve Prometheus metrics over HTTP on this port (the stack: P for ngram, P+1 for retriever)")
+    p.add_argument("--no-inline", action="store_true",
+                   help="run every call on the worker threads (default: the smallest calls, a few microseconds "
+                        "of engine work, run on the event loop, saving the hop to a thread)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every call (JSON lines on stderr)")
 
@@ -97,7 +110,8 @@ def _config(args, port: int):
                        insecure_no_auth=args.insecure_no_auth, tls_cert=args.tls_cert, tls_key=args.tls_key,
                        tls_client_ca=args.tls_client_ca, max_message_bytes=int(args.max_message_mb * (1 << 20)),
                        max_concurrent_rpcs=args.max_concurrent_rpcs, threads=args.threads, grace_s=args.grace,
-                       metrics_port=args.metrics_port, access_log=args.access_log)
+                       metrics_port=args.metrics_port, access_log=args.access_log,
+                       inline_small_calls=not args.no_inline)
 
 
 def make_service(name: str, index_dir: Path):
@@ -157,6 +171,8 @@ def _child_args(args, name: str) -> list[str]:
         argv.append("--insecure-no-auth")
     if args.access_log:
         argv.append("--access-log")
+    if args.no_inline:
+        argv.append("--no-inline")
     if args.metrics_port is not None:
         argv += ["--metrics-port", str(args.metrics_port + SERVICES.index(name))]
     return argv

@@ -558,6 +558,18 @@ class NgramClient(_SyncBase):
         req = npb.ScoreSequenceRequest(query=query_msg(input_ids), block_size=block_size)
         return _merge_score([self._stream(k, "ScoreSequence", req, timeout) for k in range(len(self.stubs))])
 
+    def tokenize(self, text: str, timeout=None) -> list[int]:
+        """The token ids of a text with the index's tokenizer (asked of the first server)."""
+        if not isinstance(text, str):
+            raise UserError(f"text: expected a string, got {type(text).__name__}")
+        r = self._call(0, "Tokenize", npb.TokenizeRequest(texts=[text]), timeout)
+        return list(r.ids)
+
+    def decode(self, ids, timeout=None) -> str:
+        ids = [int(t) for t in ids]
+        r = self._call(0, "Detokenize", cpb.PackedQueries(ids=ids, lengths=[len(ids)]), timeout)
+        return r.texts[0]
+
     def iter_score_sequence(self, input_ids, block_size: int = 0, timeout=None):
         """The blocks of ScoreSequence as they arrive (one server only), each a dict with 'offset'."""
         if len(self.stubs) != 1:
@@ -635,6 +647,15 @@ class AsyncNgramClient(_AsyncBase):
         req = npb.GetDocByIxRequest(doc_ix=local, **_opt(max_disp_len=max_disp_len))
         return doc_dict(await self._call(k, "GetDocByIx", req, timeout), lay.doc_offsets[k] if lay else 0)
 
+    async def tokenize(self, text: str, timeout=None) -> list[int]:
+        if not isinstance(text, str):
+            raise UserError(f"text: expected a string, got {type(text).__name__}")
+        return list((await self._call(0, "Tokenize", npb.TokenizeRequest(texts=[text]), timeout)).ids)
+
+    async def decode(self, ids, timeout=None) -> str:
+        ids = [int(t) for t in ids]
+        return (await self._call(0, "Detokenize", cpb.PackedQueries(ids=ids, lengths=[len(ids)]), timeout)).texts[0]
+
     async def score_sequence(self, input_ids, block_size: int = 0, timeout=None) -> dict:
         req = npb.ScoreSequenceRequest(query=query_msg(input_ids), block_size=block_size)
         parts = await asyncio.gather(*(self._stream(k, "ScoreSequence", req, timeout) for k in range(len(self.stubs))))
@@ -687,6 +708,17 @@ class RetrieverClient(_SyncBase):
         out = [[_neighbour(n) for n in ns.neighbours] for ns in r.results]
         return out[0] if single else out
 
+    def search(self, queries, k: int = 2, exclude_doc=None, exclude_docs=None, timeout=None) -> list:
+        """`Retriever.search` over gRPC: one list of `retrogram.index.retriever.Neighbour` per query text."""
+        from ..index.retriever import Neighbour
+
+        qs = [queries] if isinstance(queries, str) else list(queries)
+        if any(not isinstance(q, str) for q in qs):
+            raise UserError("queries: expected texts")
+        res = self.retrieve([("text", q) for q in qs], k=k, exclude_doc=exclude_doc, exclude_docs=exclude_docs,
+                            timeout=timeout)
+        return [[Neighbour(**n) for n in ns] for ns in res]
+
 
 class AsyncRetrieverClient(_AsyncBase):
     def __init__(self, targets: str | Sequence[str], **kw):
@@ -705,14 +737,6 @@ class AsyncRetrieverClient(_AsyncBase):
 
 # ------------------------------------------------------------------------------------------- CLI hook
 
-def add_server_flag(parser, service: str = "ngram") -> None:
-    """`--server HOST:PORT` (repeatable for n-gram shard servers) and `--api-key-env`, for a CLI command
-    that can ask a running server instead of opening the index."""
-    parser.add_argument("--server", action="append", default=None, metavar="HOST:PORT",
-                        help=f"ask a running {service} server (`retrogram serve`) instead of opening --index"
-                             + ("; repeat for shard servers, whose counts add" if service == "ngram" else ""))
-
-
 def connect(servers: str | Sequence[str], service: str = "ngram", **kw):
     """The client object the CLI uses in place of the engine for `--server`: NgramClient (same methods and
     result dicts as retrogram.ngram.Engine) or RetrieverClient. The API key comes from
@@ -723,5 +747,7 @@ def connect(servers: str | Sequence[str], service: str = "ngram", **kw):
     if service == "ngram":
         return NgramClient(servers, **kw)
     if service == "retriever":
+        if not isinstance(servers, str) and len(servers) != 1:
+            raise UserError("--server: the retriever is asked of one server")
         return RetrieverClient(servers if isinstance(servers, str) else servers[0], **kw)
     raise ValueError(f"unknown service {service!r}")

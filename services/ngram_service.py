@@ -25,9 +25,28 @@ DEFAULT_BLOCK = 4096                # ScoreSequence positions per streamed messa
 BATCH_STEP = 65536                  # CountMany works in steps of this many queries, checking for cancellation
 
 
+INLINE_MAX_TOKENS = 64             # Count/Prob/InfgramProb on at most this many ids run on the event loop
+
+
+def _small_query(q: cpb.Query) -> bool:
+    return not q.HasField("text") and len(q.ids) <= INLINE_MAX_TOKENS
+
+
+def _small_doc(req) -> bool:
+    return not req.HasField("max_disp_len") or req.max_disp_len <= 1000
+
+
 class NgramServicer(Service):
     name = "ngram"
     descriptor = pb.DESCRIPTOR.services_by_name["NgramService"]
+    # a count over <= 64 ids takes a few microseconds in the compiled engine (bench/results/services.json:
+    # the hop to a worker thread alone costs 50-250 µs here), so those run on the event loop
+    inline = {"Info": lambda req: True,
+              "Count": lambda req: _small_query(req.query),
+              "Prob": lambda req: _small_query(req.prompt),
+              "InfgramProb": lambda req: _small_query(req.prompt),
+              "GetDocByIx": _small_doc,
+              "GetDocByRank": _small_doc}
 
     def __init__(self, index_dir: Path | str):
         super().__init__(index_dir)
@@ -240,6 +259,31 @@ class NgramServicer(Service):
         r = _ok(self.engine.get_doc_by_ix(request.doc_ix,
                                           **_kw(max_disp_len=self._opt(request, "max_disp_len", MAX_DISP_LEN))))
         return _doc(r)
+
+    def Tokenize(self, request: pb.TokenizeRequest, ctx: CallContext):
+        if len(request.texts) > MAX_BATCH_QUERIES:
+            raise too_large(f"texts: {len(request.texts):,}; the limit is {MAX_BATCH_QUERIES:,}")
+        out = cpb.PackedQueries()
+        for i, t in enumerate(request.texts):
+            ids = self._ids(cpb.Query(text=t), f"texts[{i}]", MAX_SCORE_TOKENS)
+            out.ids.extend(ids)
+            out.lengths.append(len(ids))
+        return out
+
+    def Detokenize(self, request: cpb.PackedQueries, ctx: CallContext):
+        lengths = list(request.lengths)
+        if sum(lengths) != len(request.ids):
+            raise invalid(f"the lengths add up to {sum(lengths):,} but there are {len(request.ids):,} ids")
+        ids = list(request.ids)
+        bad = next((t for t in ids if t >= self._info.vocab_size), None)
+        if bad is not None:
+            raise invalid(f"token id {bad} is outside the vocabulary [0, {self._info.vocab_size})")
+        out = pb.DetokenizeResponse()
+        pos = 0
+        for n in lengths:
+            out.texts.append(self.engine.decode(ids[pos:pos + n]))
+            pos += n
+        return out
 
     def ScoreSequence(self, request: pb.ScoreSequenceRequest, ctx: CallContext):
         ids = self._ids(request.query, "query", MAX_SCORE_TOKENS)

@@ -26,6 +26,7 @@ MAX_EXCLUDE = 1 << 16
 class RetrieverServicer(Service):
     name = "retriever"
     descriptor = pb.DESCRIPTOR.services_by_name["RetrieverService"]
+    inline = {"Info": lambda req: True}
 
     def __init__(self, index_dir: Path | str, embedder: str | None = None, device: str | None = None):
         super().__init__(index_dir)

@@ -139,6 +139,10 @@ class Service:
 
     name: str = ""
     descriptor: Any = None   # google.protobuf.descriptor.ServiceDescriptor
+    # method -> predicate on the request: true when the call is so small (a few microseconds of compiled
+    # engine work) that handing it to a worker thread would cost more than the work; such calls run on the
+    # event loop. Everything else runs on the worker threads.
+    inline: dict[str, Callable[[Any], bool]] = {}
 
     def __init__(self, index_dir: Path | str):
         self.index_dir = Path(index_dir)
@@ -236,6 +240,7 @@ class ServeConfig:
     grace_s: float = 30.0
     metrics_port: int | None = None
     access_log: bool = False
+    inline_small_calls: bool = True         # see Service.inline
     extra: dict = field(default_factory=dict)
 
     @property
@@ -418,6 +423,7 @@ class Server:
 
     def _unary(self, svc: Service, method: str, fn: Callable, req_cls):
         loop_run = None
+        small = svc.inline.get(method) if self.config.inline_small_calls else None
         executor = self._executor
         in_flight = self._metrics.in_flight.labels(svc.name)
         access_log = self.config.access_log
@@ -439,6 +445,8 @@ class Server:
                 req = _parse(req_cls, raw)
                 if loop_run is None:
                     loop_run = asyncio.get_running_loop().run_in_executor
+                if small is not None and small(req):
+                    return call(req, ctx)   # microseconds of engine work: less than a hop to a thread
                 return await loop_run(executor, call, req, ctx)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -466,8 +474,16 @@ class Server:
             return iter(fn(req, ctx))
 
         def step(it):
-            item = _next_or_end(it)
-            return item if item is _END else item.SerializeToString()
+            """The next few messages, serialized (one hop to the thread for up to 16 of them / 256 KiB)."""
+            out, size = [], 0
+            while len(out) < 16 and size < (256 << 10):
+                item = _next_or_end(it)
+                if item is _END:
+                    return out, True
+                b = item.SerializeToString()
+                out.append(b)
+                size += len(b)
+            return out, False
 
         async def handler(raw: bytes, context: grpc.aio.ServicerContext):
             t0 = time.perf_counter()
@@ -482,13 +498,13 @@ class Server:
                 ctx = self._begin(svc, method, context)
                 req = _parse(req_cls, raw)
                 it = await loop.run_in_executor(executor, start, req, ctx)
-                while True:
+                done = False
+                while not done:
                     ctx.check()
-                    item = await loop.run_in_executor(executor, step, it)
-                    if item is _END:
-                        break
-                    yield item
-            except asyncio.CancelledError:
+                    items, done = await loop.run_in_executor(executor, step, it)
+                    for item in items:
+                        yield item
+            except (asyncio.CancelledError, GeneratorExit):   # the client went away (or the deadline passed)
                 code = grpc.StatusCode.CANCELLED
                 if ctx is not None:
                     ctx.cancelled = True

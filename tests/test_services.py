@@ -219,13 +219,13 @@ def test_message_size_limit(ngram_index):
 
 
 def test_deadline_and_cancellation(client, server, engine):
-    ids = engine.tokenize("the king " * 20000)
+    ids = engine.tokenize("the king " * 100000)
     with pytest.raises(ServiceError) as e:
         client.score_sequence(ids, timeout=0.001)
     assert _code(e) == grpc.StatusCode.DEADLINE_EXCEEDED
     # a stream the client abandons after one block is cancelled on the server
     stub = ngrpc.NgramServiceStub(client.channels[0])
-    call = stub.ScoreSequence(npb.ScoreSequenceRequest(query=cpb.Query(ids=ids), block_size=16))
+    call = stub.ScoreSequence(npb.ScoreSequenceRequest(query=cpb.Query(ids=ids), block_size=2))   # ~100k messages
     next(call)
     call.cancel()
     assert client.count([1])["count"] >= 0
@@ -252,12 +252,12 @@ def test_concurrency_limit(ngram_index, engine):
     from retrogram.services.ngram_service import NgramServicer
     from retrogram.services.serving import ServeConfig
 
-    ids = engine.tokenize("the king " * 20000)
+    ids = engine.tokenize("the king " * 100000)
     with ThreadServer([NgramServicer(ngram_index)], ServeConfig(max_concurrent_rpcs=1)).load() as srv:
         ch = grpc.insecure_channel(srv.address)
         stub = ngrpc.NgramServiceStub(ch)
         # a stream the client does not read stays in flight (flow control holds the server's writes)
-        held = stub.ScoreSequence(npb.ScoreSequenceRequest(query=cpb.Query(ids=ids), block_size=64))
+        held = stub.ScoreSequence(npb.ScoreSequenceRequest(query=cpb.Query(ids=ids), block_size=2))
         next(held)
         with pytest.raises(grpc.RpcError) as e:
             stub.Count(npb.CountRequest(query=cpb.Query(ids=[1])), timeout=10)
@@ -515,3 +515,31 @@ def test_sigterm_under_load_loses_no_accepted_call(ngram_index, queries):
     # gRPC for a call that arrived as the server closed; the server never started those (checked above)
     assert set(outcomes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, details   # the rest were refused, never started
     assert any(ev["event"] == "stopped" for ev in logs)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+def _cli(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "retrogram.services.cli", *map(str, argv)], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv", [
+    ["count", "--json", "my lord"], ["count", "--ids", "1,2", "--json"], ["prob", "--json", "my lord"],
+    ["infgram-ntd", "--json", "the king"], ["count", "--cnf", "king AND lord OR queen", "--json"],
+    ["doc", "2", "--json", "--max-disp-len", "20"],
+])
+def test_cli_server_flag_answers_like_the_index(server, ngram_index, argv):
+    local = _cli("ngram", *argv, "--index", ngram_index)
+    remote = _cli("ngram", *argv, "--server", server.address)
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout) == json.loads(local.stdout)
+
+
+def test_cli_server_flag_errors(server, ngram_index):
+    r = _cli("ngram", "count", "--ids", "49152", "--server", server.address)
+    assert r.returncode == 2 and "vocabulary" in r.stderr and "INVALID_ARGUMENT" in r.stderr
+    r = _cli("ngram", "count", "x", "--server", f"127.0.0.1:{_free_port()}")
+    assert r.returncode == 2 and "no server answering" in r.stderr
+    r = _cli("ngram", "count", "x", "--server", server.address, "--index", ngram_index)
+    assert r.returncode == 2 and "--index and --server" in r.stderr

@@ -1,0 +1,251 @@
+"""Load and latency of the gRPC services, on loopback only, bounded in time.
+
+    python bench/bench_services.py --index IDX [--retriever-index IDX2] [--duration 60] [--clients 64]
+
+Phases (each against a server started here in its own process, `retrogram serve SERVICE`):
+  engine      the in-process engine's single-core rate: `count` one call per query, and `count_many`
+              in batches (one thread, same queries)
+  latency     one client, one Count at a time: p50/p99 round trip; gRPC overhead = round trip minus the
+              engine's own time for the same query (its in-process p50)
+  count       CLIENTS concurrent clients (each its own channel), unary Count, for DURATION seconds
+  count_many  CLIENTS concurrent clients, CountMany of BATCH packed queries a call, for DURATION seconds:
+              counts/s against the engine's single-core rate
+  retrieve    CLIENTS concurrent clients, Retrieve (one text query, k=2), for DURATION seconds
+Clients run in CLIENT_PROCS worker processes (asyncio, grpc.aio), so the client side is not one GIL.
+Every call's outcome is counted: the target is zero failed calls. Results: bench/results/services.json
+(or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def pct(xs, q):
+    if not len(xs):
+        return None
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def sample_queries(engine, n: int, seed: int = 0) -> list[list[int]]:
+    """n-grams of 1..8 tokens taken from the corpus (so most occur), from random positions."""
+    rng = np.random.default_rng(seed)
+    out = []
+    shard = engine.shards[0]
+    toks = shard.tokens
+    sep = engine.sep
+    while len(out) < n:
+        L = int(rng.integers(1, 9))
+        p = int(rng.integers(0, len(toks) - L))
+        q = toks[p:p + L].tolist()
+        if sep in q:
+            continue
+        out.append(q)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+def _worker(kind: str, address: str, payload: bytes, tasks: int, duration: float, start_at: float, q):
+    """One client process: `tasks` concurrent clients, each on its own channel, calling until the end."""
+    import grpc
+
+    method = {"count": "/retrogram.v1.NgramService/Count", "count_many": "/retrogram.v1.NgramService/CountMany",
+              "retrieve": "/retrogram.v1.RetrieverService/Retrieve"}[kind]
+
+    async def client(lat, errors):
+        async with grpc.aio.insecure_channel(address) as ch:
+            call = ch.unary_unary(method)
+            await ch.channel_ready()
+            while time.time() < start_at:
+                await asyncio.sleep(0.001)
+            end = start_at + duration
+            while time.time() < end:
+                t0 = time.perf_counter()
+                try:
+                    await call(payload, timeout=30)
+                    lat.append(time.perf_counter() - t0)
+                except grpc.RpcError as e:
+                    errors.append(f"{e.code().name}: {e.details()}")
+
+    async def main():
+        lat, errors = [], []
+        await asyncio.gather(*(client(lat, errors) for _ in range(tasks)))
+        return lat, errors
+
+    lat, errors = asyncio.run(main())
+    q.put((lat, errors[:20], len(errors)))
+
+
+def run_load(kind: str, address: str, payload: bytes, clients: int, procs: int, duration: float) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    start_at = time.time() + 3.0   # every client connected before the clock starts
+    ps = [ctx.Process(target=_worker, args=(kind, address, payload, n, duration, start_at, q)) for n in per if n]
+    for p in ps:
+        p.start()
+    lat, samples, failed = [], [], 0
+    for _ in ps:
+        a, s, f = q.get(timeout=duration + 120)
+        lat += a
+        samples += s
+        failed += f
+    for p in ps:
+        p.join()
+    return {"clients": clients, "client_processes": len(ps), "duration_s": duration, "calls": len(lat) + failed,
+            "failed": failed, "error_samples": samples[:5], "calls_per_s": len(lat) / duration,
+            "p50_us": pct(lat, 50) * 1e6 if lat else None, "p99_us": pct(lat, 99) * 1e6 if lat else None}
+
+
+# ------------------------------------------------------------------------------------------- phases
+
+def engine_rates(engine, queries, batch: int, seconds: float = 3.0) -> dict:
+    """Single-core (one thread) in-process rates: count per call, count_many in batches."""
+    for q in queries[:1000]:
+        engine.count(q)
+    lat = []
+    n = 0
+    t_end = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    while time.perf_counter() < t_end:
+        for q in queries[:2000]:
+            t = time.perf_counter()
+            engine.count(q)
+            lat.append(time.perf_counter() - t)
+        n += 2000
+    count_rate = n / (time.perf_counter() - t0)
+    batches = [queries[i:i + batch] for i in range(0, len(queries) - batch + 1, batch)]
+    engine.count_many(batches[0])
+    n = 0
+    t0 = time.perf_counter()
+    t_end = t0 + seconds
+    while time.perf_counter() < t_end:
+        for b in batches:
+            engine.count_many(b)
+            n += len(b)
+    many_rate = n / (time.perf_counter() - t0)
+    return {"count_per_s": count_rate, "count_p50_us": pct(lat, 50) * 1e6, "count_many_per_s": many_rate,
+            "count_many_batch": batch, "single_core_rate": max(count_rate, many_rate)}
+
+
+def latency(address: str, queries, engine_p50_us: float, n: int = 3000) -> dict:
+    """Sequential Count round trips through NgramClient, and, for scale, the same server's standard health
+    Check (grpcio's own servicer: the floor of a Python gRPC round trip on this machine right now)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from retrogram.services.client import NgramClient
+
+    with NgramClient(address) as c, grpc.insecure_channel(address) as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        hreq = health_pb2.HealthCheckRequest()
+        for q in queries[:300]:
+            c.count(q)
+            h.Check(hreq)
+        lat, hlat = [], []
+        for i in range(n):
+            q = queries[i % len(queries)]
+            t = time.perf_counter()
+            c.count(q)
+            t1 = time.perf_counter()
+            h.Check(hreq)
+            t2 = time.perf_counter()
+            lat.append(t1 - t)
+            hlat.append(t2 - t1)
+    p50 = pct(lat, 50) * 1e6
+    return {"calls": n, "rtt_p50_us": p50, "rtt_p99_us": pct(lat, 99) * 1e6, "engine_p50_us": engine_p50_us,
+            "overhead_p50_us": p50 - engine_p50_us, "target_overhead_p50_us": 300,
+            "health_check_rtt_p50_us": pct(hlat, 50) * 1e6, "load_avg": os.getloadavg()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", type=Path, required=True, help="an index with the ngram stage")
+    ap.add_argument("--retriever-index", type=Path, default=None, help="an index with the faiss stage (default --index "
+                    "if it has one; else the retrieve phase is skipped)")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds per load phase (default 60)")
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--client-procs", type=int, default=2, help="worker processes the clients run in")
+    ap.add_argument("--batch", type=int, default=1000, help="queries per CountMany (default 1000)")
+    ap.add_argument("--phases", default="engine,latency,count,count_many,retrieve")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "services.json")
+    args = ap.parse_args(argv)
+    if args.duration <= 0 or args.duration > 600:
+        ap.error("--duration: 0 < seconds <= 600")
+    phases = set(args.phases.split(","))
+
+    from retrogram.index.manifest import Manifest
+    from retrogram.ngram import Engine
+    from retrogram.protos import common_pb2 as cpb
+    from retrogram.protos import ngram_pb2 as npb
+    from retrogram.protos import retriever_pb2 as rpb
+    from retrogram.services.launch import ServerProcess
+
+    engine = Engine(args.index)
+    queries = sample_queries(engine, 20000)
+    res: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                             "load_avg_at_start": os.getloadavg()},
+                 "index": {"path": str(args.index), "tokens": engine.get_total_tok_cnt(),
+                           "documents": engine.get_total_doc_cnt()},
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    print(f"index: {res['index']}", file=sys.stderr)
+    eng = engine_rates(engine, queries, args.batch)
+    res["engine"] = eng
+    print(f"engine: {json.dumps(eng)}", file=sys.stderr)
+
+    if "latency" in phases:   # small calls on the event loop (the default), then every call on a thread
+        for key, extra in (("latency", []), ("latency_no_inline", ["--no-inline"])):
+            with ServerProcess("ngram", args.index, extra_args=extra).wait_serving() as srv:
+                res[key] = latency(srv.address, queries, eng["count_p50_us"])
+                print(f"{key}: {json.dumps(res[key])}", file=sys.stderr)
+    if phases & {"count", "count_many"}:
+        with ServerProcess("ngram", args.index).wait_serving() as srv:
+            if "count" in phases:
+                payload = npb.CountRequest(query=cpb.Query(ids=queries[0])).SerializeToString()
+                res["count"] = run_load("count", srv.address, payload, args.clients, args.client_procs, args.duration)
+                res["count"]["counts_per_s"] = res["count"]["calls_per_s"]
+                print(f"count: {json.dumps(res['count'])}", file=sys.stderr)
+            if "count_many" in phases:
+                batch = queries[:args.batch]
+                payload = npb.CountManyRequest(packed=cpb.PackedQueries(
+                    ids=[t for q in batch for t in q], lengths=[len(q) for q in batch])).SerializeToString()
+                r = run_load("count_many", srv.address, payload, args.clients, args.client_procs, args.duration)
+                r["batch"] = args.batch
+                r["counts_per_s"] = r["calls_per_s"] * args.batch
+                r["vs_engine_single_core"] = r["counts_per_s"] / eng["single_core_rate"]
+                r["target_vs_engine_single_core"] = 0.5
+                res["count_many"] = r
+                print(f"count_many: {json.dumps(r)}", file=sys.stderr)
+
+    ridx = args.retriever_index or args.index
+    if "retrieve" in phases and "faiss" in Manifest.load(ridx).stages:
+        with ServerProcess("retriever", ridx).wait_serving(timeout=600) as srv:
+            payload = rpb.RetrieveRequest(queries=[rpb.RetrieveQuery(text="who killed the king?")],
+                                          k=2).SerializeToString()
+            r = run_load("retrieve", srv.address, payload, args.clients, args.client_procs, args.duration)
+            r["index"] = str(ridx)
+            res["retrieve"] = r
+            print(f"retrieve: {json.dumps(r)}", file=sys.stderr)
+    res["load_avg_at_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
