@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..index.errors import UserError
 from .cli_common import add_json_flag, console, make_progress, print_json
+from .cli_serve import add_server_flag
 
 
 def add_retrieval_build_options(p) -> None:
@@ -55,7 +56,8 @@ def register(sub) -> None:
     p = sub.add_parser("retrieve", help="nearest chunks (RETRO neighbours: chunk + continuation) of a text",
                        description="Embed TEXT with the index's embedder and print its k nearest chunks with score, "
                                    "chunk and document ids, metadata, and the chunk's and continuation's text.")
-    p.add_argument("--index", required=True, type=Path, metavar="DIR", help="the index directory")
+    p.add_argument("--index", type=Path, metavar="DIR", help="the index directory")
+    add_server_flag(p, "retriever")
     p.add_argument("--k", type=int, default=2, help="neighbours per query (default 2)")
     p.add_argument("--exclude-doc", type=int, action="append", default=None, metavar="ID",
                    help="leave out this document's chunks (repeatable)")
@@ -83,7 +85,16 @@ def register(sub) -> None:
 def cmd_retrieve(args) -> int:
     from ..index.retriever import Retriever
 
-    r = Retriever.open(args.index, nprobe=args.nprobe, ef_search=args.ef_search, device=args.device)
+    if args.server:   # a running `retrogram serve`: the client's search() gives the same Neighbours
+        if args.index:
+            raise UserError("--index and --server: give one (the server opens the index)")
+        from .client import connect
+
+        r = connect(args.server, "retriever")
+    elif not args.index:
+        raise UserError("--index DIR is required (or --server HOST:PORT to ask a running server)")
+    else:
+        r = Retriever.open(args.index, nprobe=args.nprobe, ef_search=args.ef_search, device=args.device)
     results = r.search(args.text, k=args.k, exclude_docs=args.exclude_doc)
     if args.json:
         print_json([{"query": q, "neighbours": [n.to_dict() for n in ns]} for q, ns in zip(args.text, results)])

@@ -675,6 +675,8 @@ def _is_single(q) -> bool:
 
 
 def _retrieve_req(queries, k, exclude_doc, exclude_docs, omit_text) -> tuple[rpb.RetrieveRequest, bool]:
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise UserError(f"k {k!r}: expected a positive number of neighbours")
     single = _is_single(queries)
     qs = [queries] if single else list(queries)
     if exclude_doc is None or isinstance(exclude_doc, int):

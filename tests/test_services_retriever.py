@@ -161,3 +161,18 @@ def test_stack_on_an_index_without_retrieval(tmp_path, full_index):
     (part / "manifest.json").write_text(json.dumps(m))
     names, why = stack_services(part)
     assert names == ["ngram"] and "faiss" in why["retriever"]
+
+
+def test_cli_retrieve_server_flag(server, full_index):
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "retrogram.services.cli", "retrieve", *map(str, argv)],
+                              capture_output=True, text=True, timeout=300)
+
+    local = cli("--index", full_index, "--json", "--k", "2", QUESTION, "my lord")
+    remote = cli("--server", server.address, "--json", "--k", "2", QUESTION, "my lord")
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout) == json.loads(local.stdout)
+    bad = cli("--server", server.address, "--k", "0", QUESTION)
+    assert bad.returncode == 2 and "k 0" in bad.stderr
+    bad = cli("--server", server.address, "--k", "5000", QUESTION)
+    assert bad.returncode == 2 and "RESOURCE_EXHAUSTED" in bad.stderr
