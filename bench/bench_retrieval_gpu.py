@@ -155,6 +155,10 @@ def main() -> int:
     res["correctness"] = correctness(topk_scan, topk_scan_naive)
     print(json.dumps(res["correctness"], indent=1), flush=True)
     res["timing"] = timing(topk_scan, args.n, args.d, args.batch, args.k)
+    from retrogram.kernels.topk_scan import topk_scan_fwd_kernel
+
+    best = getattr(topk_scan_fwd_kernel, "best_config", None)
+    res["best_config"] = str(best) if best is not None else None
     print(json.dumps(res["timing"], indent=1), flush=True)
     if args.model and args.texts:
         try:
