@@ -1,6 +1,7 @@
-"""Malformed requests (hypothesis) against a real n-gram server and a real retriever server: empty, huge,
-wrong wire types, invalid ids, out-of-range numbers, unknown fields, random bytes. Every one is answered
-with an error status that is not INTERNAL/UNKNOWN, and the servers stay healthy."""
+"""Malformed requests (hypothesis) against a real n-gram server and a real retriever server (in this
+process, on a loopback port): empty, huge, wrong wire types, invalid ids, out-of-range numbers, unknown
+fields, random bytes. Every one is answered with an error status that is not INTERNAL/UNKNOWN, and the
+servers stay healthy."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from retrogram.protos import common_pb2 as cpb
 from retrogram.protos import ngram_pb2 as npb
 from retrogram.protos import retriever_pb2 as rpb
 from retrogram.services.cli_serve import check_health
-from retrogram.services.launch import ServerProcess
+from retrogram.services.launch import ThreadServer
+from retrogram.services.serving import ServeConfig
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -51,12 +53,14 @@ def _field(num: int, wire: int, payload: bytes | int) -> bytes:
 def ngram_server(tmp_path_factory, small_corpus):
     from test_services import build_ngram_index
 
+    from retrogram.services.ngram_service import NgramServicer
+
     idx = build_ngram_index(tmp_path_factory.mktemp("fuzz") / "idx", small_corpus)
-    p = ServerProcess("ngram", idx, extra_args=["--max-message-mb", "1"]).wait_serving()
-    ch = grpc.insecure_channel(p.address)
-    yield p, ch
+    srv = ThreadServer([NgramServicer(idx)], ServeConfig(max_message_bytes=1 << 20)).load()
+    ch = grpc.insecure_channel(srv.address)
+    yield srv, ch
     ch.close()
-    p.stop()
+    srv.stop(5)
 
 
 def _call(ch, service: str, method: str, payload: bytes, stream: bool = False):
@@ -146,7 +150,6 @@ def test_ngram_huge_message_and_still_healthy(ngram_server):
     big = npb.CountManyRequest(packed=cpb.PackedQueries(ids=[1] * 700000, lengths=[1] * 700000)).SerializeToString()
     assert _call(ch, "NgramService", "CountMany", big) == grpc.StatusCode.RESOURCE_EXHAUSTED   # > 1 MiB
     assert check_health(p.address, "retrogram.v1.NgramService") == "SERVING"
-    assert p.proc.poll() is None
     # the server answers real queries after all that
     r = npb.CountResponse.FromString(ch.unary_unary("/retrogram.v1.NgramService/Count")(
         npb.CountRequest(query=cpb.Query(text=" the")).SerializeToString(), timeout=10))
@@ -159,12 +162,14 @@ def test_ngram_huge_message_and_still_healthy(ngram_server):
 def retriever_server(tmp_path_factory, small_corpus):
     from test_services_retriever import build_full_index
 
+    from retrogram.services.retriever_service import RetrieverServicer
+
     idx = build_full_index(tmp_path_factory, small_corpus)
-    p = ServerProcess("retriever", idx, extra_args=["--max-message-mb", "1"]).wait_serving(timeout=300)
-    ch = grpc.insecure_channel(p.address)
-    yield p, ch
+    srv = ThreadServer([RetrieverServicer(idx)], ServeConfig(max_message_bytes=1 << 20)).load()
+    ch = grpc.insecure_channel(srv.address)
+    yield srv, ch
     ch.close()
-    p.stop()
+    srv.stop(5)
 
 
 def _bad_retrieve_requests():
