@@ -250,7 +250,7 @@ class FaissSearcher:
         q = np.ascontiguousarray(q, dtype=np.float32)
         m = len(q)
         k = check_k(k, self.ntotal)
-        kk = k if self.exact else min(self.ntotal, k * self.rerank)
+        kk = k if self.exact else min(self.ntotal, k * self.rerank)   # rerank 1: the index's own scores
         scores = np.full((m, k), -np.inf, dtype=np.float32)
         ids = np.full((m, k), -1, dtype=np.int64)
         groups: dict[Ranges, list[int]] = {}
@@ -259,7 +259,7 @@ class FaissSearcher:
         for ranges, rows in groups.items():
             rows = np.asarray(rows)
             D, I = self._base_search(q[rows], kk, ranges)
-            if not self.exact:
+            if not self.exact and self.rerank > 1:
                 D, I = self._rerank(q[rows], I, k)
             n = min(k, I.shape[1])
             scores[rows, :n] = D[:, :n]
@@ -270,10 +270,8 @@ class FaissSearcher:
         """Exact inner products of the shortlist against the stored float16 embeddings."""
         valid = I >= 0
         safe = np.where(valid, I, 0)
-        flat = np.unique(safe)
-        vecs = np.asarray(self.emb[flat], dtype=np.float32)
-        pos = np.searchsorted(flat, safe)
-        D = np.einsum("md,mkd->mk", q, vecs[pos])
+        vecs = np.asarray(self.emb[safe.ravel()], dtype=np.float32).reshape(*safe.shape, -1)
+        D = np.matmul(vecs, q[:, :, None])[:, :, 0]
         D = np.where(valid, D, -np.inf).astype(np.float32)
         order = np.argsort(-D, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(D, order, 1), np.where(np.take_along_axis(valid, order, 1),

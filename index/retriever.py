@@ -272,8 +272,9 @@ class Retriever:
 
     # -- RETRO training data ---------------------------------------------------------------------------
     def precompute_neighbours(self, out: Path | str, k: int = 2, batch: int = 4096, progress=None) -> dict:
-        """The k neighbours of every chunk, its own document excluded, saved to `out` (.npz with
-        ids int64 [n, k] and scores float32 [n, k]; -1 / -inf where fewer exist). Written atomically."""
+        """The k neighbours of every chunk, its own document excluded, saved to `out`: a .npz holds
+        ids int64 [n, k] and scores float32 [n, k], a .npy the ids alone (-1 / -inf where fewer exist).
+        Written to a temp name and renamed."""
         import os
 
         k = check_k(k, self.n_chunks)
@@ -281,8 +282,8 @@ class Retriever:
         if batch <= 0:
             raise UserError(f"batch {batch}: expected a positive number of chunks")
         out = Path(out)
-        if out.suffix != ".npz":
-            raise UserError(f"--out {out}: expected a .npz file name")
+        if out.suffix not in (".npz", ".npy"):
+            raise UserError(f"--out {out}: expected a .npz (ids and scores) or .npy (ids) file name")
         n = self.n_chunks
         ids = np.full((n, k), -1, dtype=np.int64)
         scores = np.full((n, k), -np.inf, dtype=np.float32)
@@ -302,8 +303,11 @@ class Retriever:
             if progress is not None:
                 progress.advance(task_id, hi - lo)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp.npz")
-        np.savez(tmp, ids=ids, scores=scores)
+        tmp = out.with_name(out.name + ".tmp" + out.suffix)
+        if out.suffix == ".npz":
+            np.savez(tmp, ids=ids, scores=scores)
+        else:
+            np.save(tmp, ids)
         os.replace(tmp, out)
         return {"out": str(out), "chunks": n, "k": k, "missing": int((ids < 0).sum())}
 

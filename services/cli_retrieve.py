@@ -72,7 +72,7 @@ def register(sub) -> None:
                                           "as RETRO training needs")
     p.add_argument("--index", required=True, type=Path, metavar="DIR", help="the index directory")
     p.add_argument("--out", required=True, type=Path, metavar="F",
-                   help="output .npz: ids int64 [n_chunks, k], scores float32 [n_chunks, k]")
+                   help="output .npz (ids int64 [n_chunks, k] and scores float32 [n_chunks, k]) or .npy (ids only)")
     p.add_argument("--k", type=int, default=2, help="neighbours per chunk (default 2)")
     p.add_argument("--batch", type=int, default=4096, help="chunks per search batch")
     p.add_argument("--nprobe", type=int, default=None)

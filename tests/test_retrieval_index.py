@@ -186,3 +186,7 @@ def test_cli_retrieve_and_neighbours(ridx, tmp_path, capsys):
     assert "k 0" in capsys.readouterr().err
     assert main(["neighbours", "--index", str(ridx), "--out", str(tmp_path / "n.npz"), "--k", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["k"] == 2
+    assert main(["neighbours", "--index", str(ridx), "--out", str(tmp_path / "n.npy"), "--k", "2", "--json"]) == 0
+    capsys.readouterr()
+    assert np.array_equal(np.load(tmp_path / "n.npy"), np.load(tmp_path / "n.npz")["ids"])
+    assert main(["neighbours", "--index", str(ridx), "--out", str(tmp_path / "n.txt")]) == 2
