@@ -341,6 +341,63 @@ def decode(lens, batches=(1, 8), H=32, D=128, hkv_list=(32, 8), hip_cfg=None, re
                 torch.cuda.empty_cache()
 
 
+@guarded("decode_sweep")
+def decode_sweep(shapes=((8, 32768, 32, True), (8, 131072, 32, True), (1, 32768, 8, False), (1, 32768, 8, True),
+                         (1, 131072, 8, False), (8, 32768, 8, True), (1, 32768, 32, False)),
+                 H=32, D=128, grid=None, apply=True):
+    """Tune flash_decode's launch per shape class (paged, GQA, batch x KV heads >= 64): CUDA-graph time of
+    every (num_warps, num_stages, waves, block_n) in a small grid; the best config of each class (summed
+    time over its shapes) is installed in DECODE_CONFIGS for the rest of the run (apply=True)."""
+    from retrogram.kernels.flash_decode import ops as fd
+
+    grid = grid or [(w, st, wv, bn) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4) for wv in (2, 4, 8)]
+    times: dict = {}
+    for B, S, HKV, paged in shapes:
+        q = rnd(B, 1, H, D)
+        k, v = rnd(B, S, HKV, D), rnd(B, S, HKV, D)
+        nbytes = 2 * k.numel() * k.element_size()
+        seqlens = torch.full((B,), S, device=DEV, dtype=torch.int32)
+        table = None
+        if paged:
+            k, v, table = to_paged(k, v, 256)
+        o = torch.empty_like(q)
+        ref = flash_decode(q, k, v, seqlens=seqlens, block_table=table, max_seqlen=S).float()
+        cls = (paged, H // HKV > 1, B * HKV >= 64)
+        row = {"B": B, "S": S, "HKV": HKV, "paged": paged, "class": list(cls), "kv_bytes": nbytes, "configs": []}
+        for cfg in grid:
+            w, st, wv, bn = cfg
+            fn = lambda: flash_decode(q, k, v, seqlens=seqlens, block_table=table, max_seqlen=S, out=o,  # noqa: E731
+                                      num_warps=w, num_stages=st, waves=wv, block_n=bn)
+            try:
+                ms = bench_graph_ms(fn)
+                err = ((o.float() - ref).norm() / ref.norm()).item()
+            except Exception as e:  # e.g. out of shared memory for a large tile
+                log(f"   sweep {cfg} failed: {e!r}"[:200])
+                continue
+            ok = err < 1e-2
+            row["configs"].append({"cfg": list(cfg), "ms": ms, "TBps": nbytes / ms / 1e9, "rel_diff": err, "ok": ok})
+        best = min((c for c in row["configs"] if c["ok"]), key=lambda c: c["ms"])
+        row["best"] = best
+        for c in row["configs"]:
+            if c["ok"]:
+                times.setdefault(cls, {}).setdefault(tuple(c["cfg"]), []).append(c["ms"] / best["ms"])
+        RESULTS.setdefault("decode_sweep", []).append(row)
+        log(f"sweep decode B={B} S={S:>6} HKV={HKV:>2} paged={paged}: best {best['cfg']} {best['TBps']:.2f} TB/s"
+            f" ({best['ms'] * 1e3:.0f} us); default {fd.decode_config(paged, H // HKV, B * HKV)}")
+        del q, k, v, o
+        torch.cuda.empty_cache()
+    chosen = {}
+    for cls, d in times.items():
+        n = max(len(x) for x in d.values())
+        # relative time summed over the class's shapes (each normalised by its best)
+        cfg = min((c for c, x in d.items() if len(x) == n), key=lambda c: sum(d[c]))
+        chosen[cls] = cfg
+    RESULTS["decode_configs_chosen"] = {str(k): list(v) for k, v in chosen.items()}
+    log(f"decode configs chosen: {chosen}")
+    if apply:
+        fd.DECODE_CONFIGS.update(chosen)
+
+
 @guarded("cca")
 def cca(B=4, T=4096, C=64, N=256, H=32, D=128):
     L = T // C

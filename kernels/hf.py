@@ -28,8 +28,10 @@ NAMES = ("triton_dense", "triton_hip", "triton_vs")
 # query tokens at or below which a call is treated as a decoding step
 DECODE_MAX_TOKENS = 16
 
+# prefill: adaptive "mass" selection (top-p of the sampled attention mass, see hip_attention_prefill);
+# decode: hierarchical top-k ("rep") with topk blocks, refreshed every refresh_every steps
 HIP_DEFAULTS = dict(block_size_q=64, block_size_k=64, topk=32, n_sink=1, n_local=4, n_rep=1, dense_below=8192,
-                    refresh_every=8)
+                    refresh_every=8, estimator="mass", top_p=0.95, sample_rows=4, max_blocks=None)
 VS_DEFAULTS = dict(block_size_q=64, block_size_k=64, last_q=64, n_vertical=32, n_slash=16, n_sink=1, n_local=2,
                    dense_below=8192)
 _config = {"hip": dict(HIP_DEFAULTS), "vs": dict(VS_DEFAULTS)}
@@ -92,7 +94,9 @@ def hip_attention_forward(module, query, key, value, attention_mask, scaling=Non
         module._retrogram_hip = None  # a new prompt: the decode selection starts over
         o = hip_attention_prefill(q, k, v, causal=causal, scale=scaling, block_size_q=cfg["block_size_q"],
                                   block_size_k=cfg["block_size_k"], topk=cfg["topk"], n_sink=cfg["n_sink"],
-                                  n_local=cfg["n_local"], n_rep=cfg["n_rep"], dense_below=cfg["dense_below"])
+                                  n_local=cfg["n_local"], n_rep=cfg["n_rep"], dense_below=cfg["dense_below"],
+                                  estimator=cfg["estimator"], top_p=cfg["top_p"], sample_rows=cfg["sample_rows"],
+                                  max_blocks=cfg["max_blocks"])
         return _finish(o, query)
     if S < cfg["dense_below"]:
         return _finish(flash_decode(q, k, v, scale=scaling), query)

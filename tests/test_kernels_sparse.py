@@ -8,7 +8,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / the kernels ar
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from retrogram.kernels.block_sparse import block_sparse_attention, block_sparse_attention_naive  # noqa: E402
+from retrogram.kernels.block_sparse import (block_sparse_attention, block_sparse_attention_naive,  # noqa: E402
+                                            sampled_block_mass, sampled_block_mass_naive, topp_block_list)
 from retrogram.kernels.block_sparse_prefill import (block_sparse_prefill, block_sparse_prefill_naive,  # noqa: E402
                                                     vertical_slash_blocks, vertical_slash_scores,
                                                     vertical_slash_scores_naive)
@@ -153,6 +154,66 @@ def test_hip_prefill_matches_reference(T, S, HQ, HKV):
     assert rel(o, ref) < TOL
     dense, _ = flash_prefill_naive(q.double(), k.double(), v.double())
     assert rel(o, dense) > 1e-2  # sparse for real
+
+
+@pytest.mark.parametrize("B,T,S,HQ,HKV,bq,bk,rows,causal", [
+    (2, 150, 170, 4, 2, 32, 16, 4, True),   # GQA, T < S, partial last blocks, bq != bk
+    (1, 100, 100, 3, 1, 16, 32, 2, True),   # bk > bq
+    (1, 40, 90, 2, 2, 16, 16, 8, False),    # non-causal
+])
+def test_sampled_block_mass_kernel(B, T, S, HQ, HKV, bq, bk, rows, causal):
+    q, k = rnd(B, T, HQ, 32), 2 * rnd(B, S, HKV, 32)
+    m = sampled_block_mass(q, k, bq, bk, rows, causal)
+    ref = sampled_block_mass_naive(q, k, bq, bk, rows, causal)
+    assert not torch.isnan(m).any()
+    assert (m.double().cpu() - ref).abs().max().item() < 1e-5
+    assert torch.allclose(m.sum(-1).double().cpu(), torch.ones(()).double(), atol=1e-5)
+
+
+def test_topp_block_list_minimal_and_covering():
+    B, H, NQB, NKB, bk = 2, 3, 6, 12, 16
+    mass = torch.softmax(3 * torch.randn(B, H, NQB, NKB), -1)
+    kend = torch.tensor([40, 70, 100, 130, 160, 192])  # visible keys per query block
+    nkb_q = (kend + bk - 1) // bk
+    vis = torch.arange(NKB)[None] < nkb_q[:, None]  # [NQB, NKB]
+    mass = mass * vis
+    mass = mass / mass.sum(-1, keepdim=True)
+    for top_p, max_blocks in ((0.9, None), (0.5, None), (0.99, 2)):
+        bi, bc = topp_block_list(mass, kend, bk, top_p, n_sink=1, n_local=1, max_blocks=max_blocks)
+        for b in range(B):
+            for h in range(H):
+                for qb in range(NQB):
+                    blocks = bi[b, h, qb, : bc[b, h, qb]].tolist()
+                    assert blocks == sorted(set(blocks)) and all(0 <= x < nkb_q[qb] for x in blocks)
+                    base = {0, int(nkb_q[qb]) - 1}
+                    assert base <= set(blocks)
+                    extra = [x for x in blocks if x not in base]
+                    got = mass[b, h, qb, blocks].sum().item()
+                    if max_blocks is not None and len(extra) == max_blocks:
+                        continue
+                    assert got >= top_p - 1e-6
+                    # minimal: the smallest extra block is not needed... but dropping it falls short
+                    if extra:
+                        smallest = min(mass[b, h, qb, x].item() for x in extra)
+                        assert got - smallest < top_p + 1e-6
+                    # the extra blocks are the heaviest of the rest
+                    rest = [mass[b, h, qb, x].item() for x in range(int(nkb_q[qb])) if x not in blocks]
+                    if extra and rest:
+                        assert min(mass[b, h, qb, x].item() for x in extra) >= max(rest) - 1e-7
+
+
+@pytest.mark.parametrize("T,S,HQ,HKV", [(260, 260, 2, 1)])
+def test_hip_prefill_mass_estimator(T, S, HQ, HKV):
+    q, k, v = rnd(1, T, HQ, 32), 3 * rnd(1, S, HKV, 32), rnd(1, S, HKV, 32)
+    o, (bi, bc) = hip_attention_prefill(q, k, v, block_size_q=16, block_size_k=16, n_sink=1, n_local=1,
+                                        dense_below=0, return_blocks=True, out=poisoned(q), estimator="mass",
+                                        top_p=0.8, sample_rows=4)
+    ref = hip_attention_naive(q.double(), k.double(), v.double(), bi, bc, 16, 16)
+    assert rel(o, ref) < TOL
+    # the kept blocks hold about top_p of the real attention mass (sampled rows: an estimate)
+    rec, _ = sparse_quality(q[0], k[0], v[0], bi[0], bc[0], 16, 16)
+    assert rec.mean() > 0.7
+    assert bc.float().mean() < -(-S // 16) / 2 + 2  # and it is sparse
 
 
 def test_hip_prefill_dense_fallback():

@@ -16,6 +16,8 @@ from ..flash_prefill.ops import attn_block_step
 from ..utils import (LOG2E, check_gqa, check_head_dim, check_last_dim_contiguous, default_scale,
                      is_interpret)
 
+_BIG = 1 << 30
+
 
 @triton.jit
 def block_sparse_fwd_kernel(
@@ -112,3 +114,141 @@ def block_sparse_attention(
         BLOCK_M=block_size_q, BLOCK_N=block_size_k, num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Adaptive block selection from sampled query rows (per head and query block, top-p of the mass)
+@triton.jit
+def block_mass_fwd_kernel(
+    q, k, blk_lse, row_lse,
+    T_q, T_k, NQB, NKB, qk_scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, QB_PER_PROG: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """Exact attention of R sampled rows of each query block over every key block.
+
+    A program takes QB_PER_PROG query blocks of one query head (BLOCK_M = QB_PER_PROG * R rows, so each
+    key tile read serves them all); row r is query block qb0 + r // R, token
+    qb * BLOCK_Q + BLOCK_Q - 1 - (r % R) * (BLOCK_Q // R) (clamped to the last token). Writes, in base 2,
+    blk_lse[b, h, qb * R + i, kb] = log2 sum_{keys of block kb} 2^(s * log2 e) (-inf where no key is
+    visible) and row_lse[b, h, qb * R + i] = the same over all keys."""
+    i_p = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HQ
+    i_h = i_bh % HQ
+    i_hk = i_h // G
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    qb = i_p * QB_PER_PROG + offs_r // R
+    t = qb * BLOCK_Q + BLOCK_Q - 1 - (offs_r % R) * (BLOCK_Q // R)
+    t = tl.minimum(t, T_q - 1)
+    row_ok = qb < NQB
+    qt = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    pos = t + (T_k - T_q)
+    k_base = k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
+    out_rows = (i_bh.to(tl.int64) * NQB * R + i_p * BLOCK_M + offs_r)
+    if IS_CAUSAL:
+        last = tl.minimum(tl.max(tl.where(row_ok, pos, 0), 0) + 1, T_k)
+    else:
+        last = T_k
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for kb in range(0, tl.cdiv(last, BLOCK_N)):
+        offs_k = kb * BLOCK_N + offs_n
+        kk = tl.load(k_base + offs_k[:, None] * stride_kt + offs_d[None, :], mask=(offs_k < T_k)[:, None], other=0.0)
+        s = tl.dot(qt, tl.trans(kk)) * qk_scale
+        ok = (offs_k < T_k)[None, :]
+        if IS_CAUSAL:
+            ok = ok & (offs_k[None, :] <= pos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_t = tl.max(s, 1)
+        m_ts = tl.where(m_t == float("-inf"), 0.0, m_t)
+        l_t = tl.sum(tl.math.exp2(s - m_ts[:, None]), 1)
+        blk = tl.where(l_t > 0.0, m_ts + tl.math.log2(tl.where(l_t > 0.0, l_t, 1.0)), float("-inf"))
+        tl.store(blk_lse + out_rows * NKB + kb, blk, mask=row_ok)
+        m_new = tl.maximum(m_i, m_t)
+        m_ns = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_ns) + l_t * tl.math.exp2(m_ts - m_ns)
+        m_i = m_new
+    lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    tl.store(row_lse + out_rows, lse, mask=row_ok)
+
+
+def sampled_block_mass(q, k, block_size_q=64, block_size_k=64, rows=4, causal=True, scale=None,
+                       qb_per_prog=None):
+    """Attention mass per (query block, key block), from `rows` sampled query rows of each query
+    block (exact over all keys, averaged over the rows). q: [B, T, HQ, D]; k: [B, S, HKV, D].
+    Returns [B, HQ, cdiv(T, block_size_q), cdiv(S, block_size_k)] float32, each row summing to 1
+    (bottom-right causal). Cost: rows / block_size_q of the dense QK^T product."""
+    B, T, HQ, D = q.shape
+    S, HKV = k.shape[1], k.shape[2]
+    check_head_dim(D)
+    G = check_gqa(HQ, HKV)
+    check_last_dim_contiguous(q, k)
+    if block_size_q % rows:
+        raise ValueError(f"rows ({rows}) must divide block_size_q ({block_size_q})")
+    scale = default_scale(D, scale)
+    nqb, nkb = triton.cdiv(T, block_size_q), triton.cdiv(S, block_size_k)
+    if qb_per_prog is None:
+        qb_per_prog = max(1, (16 if is_interpret() else 64) // rows)
+    block_m = max(16, qb_per_prog * rows)
+    qb_per_prog = block_m // rows
+    n_prog = triton.cdiv(nqb, qb_per_prog)
+    blk = torch.full((B, HQ, n_prog * qb_per_prog * rows, nkb), float("-inf"), device=q.device, dtype=torch.float32)
+    row = torch.full((B, HQ, n_prog * qb_per_prog * rows), float("-inf"), device=q.device, dtype=torch.float32)
+    if B and T and S:
+        block_mass_fwd_kernel[(n_prog, B * HQ)](
+            q, k, blk, row, T, S, n_prog * qb_per_prog, nkb, scale * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            HQ=HQ, G=G, D=D, R=rows, QB_PER_PROG=qb_per_prog, BLOCK_Q=block_size_q, BLOCK_M=block_m,
+            BLOCK_N=block_size_k, IS_CAUSAL=bool(causal),
+            num_warps=4, num_stages=1 if is_interpret() else 3,
+        )
+    blk = blk[:, :, : nqb * rows].view(B, HQ, nqb, rows, nkb)
+    row = row[:, :, : nqb * rows].view(B, HQ, nqb, rows, 1)
+    row = torch.where(torch.isfinite(row), row, 0.0)
+    return torch.exp2(blk - row).mean(3)
+
+
+def topp_block_list(mass, kend, block_size_k, top_p=0.95, n_sink=1, n_local=2, max_blocks=None, min_blocks=0):
+    """Per (head, query block): the sink and local blocks, plus the fewest other visible key blocks, by
+    decreasing mass, whose mass brings the total to top_p (at least min_blocks and at most max_blocks
+    of them). mass: [B, H, NQB, NKB] (rows summing to 1); kend: [NQB] or [B, NQB] keys visible to each
+    query block. Returns block_idx [B, H, NQB, MAXK] int32 (ascending, packed) and block_cnt [B, H, NQB]."""
+    B, H, NQB, NKB = mass.shape
+    dev = mass.device
+    if kend.dim() == 1:
+        kend = kend[None].expand(B, -1)
+    nkb_q = ((kend + block_size_k - 1) // block_size_k)[:, None, :, None]  # [B, 1, NQB, 1]
+    kb = torch.arange(NKB, device=dev).view(1, 1, 1, -1)
+    vis = kb < nkb_q
+    base = vis & ((kb < n_sink) | (kb >= nkb_q - n_local))
+    covered = (mass * base).sum(-1, keepdim=True)
+    rest = torch.where(vis & ~base, mass, -1.0)
+    vals, order = rest.sort(-1, descending=True)
+    w = vals.clamp(min=0)
+    before = covered + w.cumsum(-1) - w  # mass kept before taking each candidate
+    n = ((before < top_p) & (vals >= 0)).sum(-1, keepdim=True)  # the one that crosses top_p included
+    n = n.clamp(min=min_blocks)
+    if max_blocks is not None:
+        n = n.clamp(max=max_blocks)
+    n = torch.minimum(n, (vals >= 0).sum(-1, keepdim=True))
+    width = max(1, int(n.max().item()))
+    rank = torch.arange(width, device=dev).view(1, 1, 1, -1)
+    chosen = torch.where(rank < n, order[..., :width], _BIG)
+    n_base = n_sink + n_local
+    bidx = torch.cat([torch.arange(n_sink, device=dev), -1 - torch.arange(n_local, device=dev)]).view(1, 1, 1, -1)
+    bidx = torch.where(bidx >= 0, bidx, nkb_q + bidx).expand(B, H, NQB, n_base)
+    bok = torch.gather(base.expand(B, H, NQB, NKB), -1, bidx.clamp(0, NKB - 1)) & (bidx >= 0)
+    # a block that is both sink and local appears once
+    dup = torch.zeros_like(bok)
+    dup[..., n_sink:] = (bidx[..., n_sink:, None] == bidx[..., None, :n_sink]).any(-1) if n_sink else False
+    bidx = torch.where(bok & ~dup, bidx, _BIG)
+    idx = torch.cat([bidx, chosen], -1).sort(-1).values
+    cnt = (idx < _BIG).sum(-1).to(torch.int32)
+    idx = idx[..., : max(1, int(cnt.max().item()))]
+    return torch.where(idx >= _BIG, 0, idx).to(torch.int32), cnt

@@ -143,8 +143,24 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+# Launch configurations per shape class, from the sweep in bench/bench_kernels.py (decode_sweep, H200):
+# (paged, GQA group > 1, batch * KV heads >= 64) -> (num_warps, num_stages, waves of programs per SM, block_n)
+DECODE_CONFIGS = {
+    (True, False, True): (8, 4, 4, 128),   # paged MHA batch 8: 3.47 -> 4.41 TB/s at 32k (128-token tiles)
+    (True, True, False): (4, 2, 4, 64),
+    (False, True, False): (4, 2, 4, 64),   # GQA batch 1: 2.59 -> 2.74 TB/s at 32k
+    (False, False, False): (4, 2, 4, 64),
+}
+_DEFAULT_DECODE_CONFIG = (4, 4, 4, 64)
+
+
+def decode_config(paged: bool, G: int, n_bh: int):
+    """(num_warps, num_stages, waves, block_n) for a dense decode launch of this shape class."""
+    return DECODE_CONFIGS.get((bool(paged), G > 1, n_bh >= 64), _DEFAULT_DECODE_CONFIG)
+
+
 def _decode_launch(q, k, v, seqlens, block_table, sel, n_sink, n_local, n_logical_max, block_n,
-                   scale, num_splits, out):
+                   scale, num_splits, out, num_warps=None, num_stages=None, waves=None):
     B, TQ, HQ, D = q.shape
     HKV = k.shape[2]
     G = check_gqa(HQ, HKV)
@@ -156,9 +172,13 @@ def _decode_launch(q, k, v, seqlens, block_table, sel, n_sink, n_local, n_logica
         out.zero_()
         return out
     BLOCK_H = max(16, next_pow2(TQ * G))
+    cw, cs, cv, _ = decode_config(block_table is not None, G, B * HKV) if sel is None else _DEFAULT_DECODE_CONFIG
+    num_warps = num_warps or cw
+    num_stages = num_stages or cs
+    waves = waves or cv
     if num_splits is None:
-        # enough programs for ~4 waves over the SMs, each split keeping at least 4 key blocks
-        target = 4 * _num_sms(q.device)
+        # enough programs for `waves` waves over the SMs, each split keeping at least 4 key blocks
+        target = waves * _num_sms(q.device)
         num_splits = max(1, min(triton.cdiv(target, B * HKV), triton.cdiv(n_logical_max, 4)))
     blocks_per_split = triton.cdiv(n_logical_max, num_splits)
     num_splits = triton.cdiv(n_logical_max, blocks_per_split)
@@ -172,7 +192,6 @@ def _decode_launch(q, k, v, seqlens, block_table, sel, n_sink, n_local, n_logica
         raise ValueError(f"page size {page_size} must be a multiple of the key block {block_n}")
     n_sel = sel.shape[-1] if sparse else 0
     sel_t = sel.reshape(B * HKV, n_sel) if sparse else dummy
-    num_warps = 4
     flash_decode_fwd_kernel[(B * HKV, num_splits)](
         q, k, v, o_part, lse_part, seqlens, block_table if paged else dummy, sel_t,
         scale * LOG2E, blocks_per_split, page_size, n_sel, n_sink, n_local,
@@ -181,7 +200,7 @@ def _decode_launch(q, k, v, seqlens, block_table, sel, n_sink, n_local, n_logica
         v.stride(0), v.stride(1), v.stride(2),
         block_table.stride(0) if paged else 0, sel_t.stride(0) if sparse else 0,
         T_Q=TQ, G=G, HKV=HKV, D=D, BLOCK_H=BLOCK_H, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        PAGED=paged, SPARSE=sparse, num_warps=num_warps, num_stages=1 if is_interpret() else 4,
+        PAGED=paged, SPARSE=sparse, num_warps=num_warps, num_stages=1 if is_interpret() else num_stages,
     )
     flash_decode_combine_kernel[(B * HKV, TQ * G)](
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2),
@@ -209,6 +228,9 @@ def flash_decode(
     num_splits: int | None = None,
     block_n: int | None = None,
     out: torch.Tensor | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    waves: int | None = None,
 ) -> torch.Tensor:
     """Attention of a few new query tokens over a KV cache that already holds them.
 
@@ -219,6 +241,8 @@ def flash_decode(
     int32 (page ids of each sequence, in order).
     seqlens: [B] int32 valid cache length per sequence, new tokens included (default: S).
     max_seqlen: an upper bound of seqlens (avoids a device sync when given).
+    num_warps / num_stages / waves (programs per SM, sets the split count) / block_n: launch
+    configuration; default: DECODE_CONFIGS for the shape class (tuned on an H200).
     Returns o [B, TQ, HQ, D].
     """
     B = q.shape[0]
@@ -235,9 +259,17 @@ def flash_decode(
         max_seqlen = int(seqlens.max().item()) if B > 0 else 0
     if paged:
         block_table = block_table.to(torch.int32)
-    block_n = block_n or default_block_n(k_cache.shape[1] if paged else None)
+    if block_n is None:
+        if is_interpret():
+            block_n = default_block_n(k_cache.shape[1] if paged else None)
+        else:
+            G = q.shape[2] // k_cache.shape[2]
+            block_n = decode_config(paged, G, B * k_cache.shape[2])[3]
+            if paged:
+                block_n = min(block_n, k_cache.shape[1])
     return _decode_launch(q, k_cache, v_cache, seqlens, block_table, None, 0, 0,
-                          triton.cdiv(max_seqlen, block_n), block_n, scale, num_splits, out)
+                          triton.cdiv(max_seqlen, block_n), block_n, scale, num_splits, out,
+                          num_warps=num_warps, num_stages=num_stages, waves=waves)
 
 
 def sparse_decode(

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_sparse.ops import block_sparse_attention
+from ..block_sparse.ops import block_sparse_attention, sampled_block_mass, topp_block_list
 from ..flash_decode.ops import sparse_decode
 from ..flash_prefill.ops import flash_prefill
 from ..utils import check_gqa, check_last_dim_contiguous, is_interpret, next_pow2
@@ -321,10 +321,20 @@ def hip_attention_prefill(
     scorer=None,
     estimator: str = "rep",
     out: torch.Tensor | None = None,
+    top_p: float = 0.95,
+    sample_rows: int = 4,
+    max_blocks: int | None = None,
 ):
     """HiP prefill. q: [B, T, HQ, D]; k, v: [B, S, HKV, D]. Falls back to dense flash_prefill when
     S < dense_below. Returns o [B, T, HQ, D]
-    (and (block_idx, block_cnt) with return_blocks; None for the dense fallback)."""
+    (and (block_idx, block_cnt) with return_blocks; None for the dense fallback).
+
+    estimator "rep" / "bound": hierarchical top-`topk` selection (hip_select), a fixed budget.
+    estimator "mass": adaptive budget per head and query block: the exact attention of `sample_rows`
+    rows of each query block over all keys (sampled_block_mass, sample_rows/block_size_q of the QK^T
+    work) gives each key block's mass; the sink and local blocks plus the fewest blocks reaching
+    `top_p` of it are kept (at most `max_blocks` besides sink/local when given: caps the time, and
+    then the recall)."""
     B, T, HQ, D = q.shape
     S = k.shape[1]
     nkb = triton.cdiv(S, block_size_k)
@@ -333,9 +343,14 @@ def hip_attention_prefill(
         o = flash_prefill(q, k, v, causal=causal, scale=scale, out=out)
         return (o, None) if return_blocks else o
     kend = prefill_kend(T, S, block_size_q, causal, q.device)
-    sel = hip_select(q, k, kend, S, block_size_q, block_size_k, topk, n_sink, n_local, n_rep,
-                     group_heads=False, scorer=scorer, estimator=estimator)
-    blocks = hip_block_list(sel, kend, block_size_k, n_sink, n_local)
+    if estimator == "mass":
+        mass = sampled_block_mass(q, k, block_size_q, block_size_k, sample_rows, causal, scale)
+        blocks = topp_block_list(mass, kend, block_size_k, top_p, n_sink, n_local, max_blocks=max_blocks)
+        del mass
+    else:
+        sel = hip_select(q, k, kend, S, block_size_q, block_size_k, topk, n_sink, n_local, n_rep,
+                         group_heads=False, scorer=scorer, estimator=estimator)
+        blocks = hip_block_list(sel, kend, block_size_k, n_sink, n_local)
     o = block_sparse_attention(q, k, v, *blocks, block_size_q, block_size_k, causal=causal,
                                scale=scale, out=out)
     return (o, blocks) if return_blocks else o
