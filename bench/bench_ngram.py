@@ -105,7 +105,9 @@ def main() -> None:
               f"infini-gram Rust indexer {rust_s:.2f}s (table only); tables identical: {same}")
         shutil.rmtree(rust_dir)
 
+    t0 = time.perf_counter()
     ours = Engine(args.index)
+    open_s = time.perf_counter() - t0   # includes loading the compiled kernels and the prefix buckets
     eos = ours.eos_token_id
     ig = open_infinigram(args.index / "ngram", ours.width, eos, ours.vocab_size)
     stream = TokenStream.open(args.index)
@@ -143,13 +145,17 @@ def main() -> None:
     rows["count_cnf"] = side_by_side("count_cnf", cnfs, lambda c: ours.count_cnf(c, 50000, 100),
                                      lambda c: ig.count_cnf(c, 50000, 100),
                                      lambda c: same(ours.count_cnf(c, 50000, 100), ig.count_cnf(c, 50000, 100)))
-    # count_many: one call for every query
+    # count_many: one call for every query (the median of 5 calls)
     batch = queries * 5
-    t0 = time.thread_time_ns()
-    counts = ours.count_many(batch)
-    per = (time.thread_time_ns() - t0) / len(batch) / 1000
+    pers = []
+    for _ in range(5):
+        t0 = time.thread_time_ns()
+        counts = ours.count_many(batch)
+        pers.append((time.thread_time_ns() - t0) / len(batch) / 1000)
+    per = statistics.median(pers)
     assert [int(c) for c in counts[:n]] == [ig.count(q)["count"] for q in queries]
-    rows["count_many"] = {"queries": len(batch), "ours_cpu_us_per_query": per, "target_us": 2.0, "met": per <= 2.0}
+    rows["count_many"] = {"queries": len(batch), "ours_cpu_us_per_query": per, "calls_us_per_query": pers,
+                          "target_us": 2.0, "met": per <= 2.0}
     print(f"count_many     ours {per:.3f} us per query ({len(batch)} queries in one call)   target <= 2 us: "
           f"{'met' if per <= 2.0 else 'NOT met'}")
     # score_sequence over held-out text vs infgram_prob once per position
@@ -175,7 +181,7 @@ def main() -> None:
           f"speedup {ig_per / ours_per:.1f}x   target >= 20x: {'met' if ig_per / ours_per >= 20 else 'NOT met'}")
     results["queries"] = rows
     results["index"] = {"tokens": ours.get_total_tok_cnt(), "documents": ours.get_total_doc_cnt(),
-                        "shards": ours.get_num_shards(), "token_width": ours.width}
+                        "shards": ours.get_num_shards(), "token_width": ours.width, "engine_open_seconds": open_s}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

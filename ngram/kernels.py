@@ -21,10 +21,12 @@ import numba
 import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
+from llvmlite import ir
 
-# Columns of the shard table.
-DS_ADDR, DS_SIZE, SA_ADDR, PTR_SIZE, TOK_CNT, OD_ADDR, DOC_CNT, MT_ADDR, MT_SIZE, OM_ADDR = range(10)
-TABLE_COLUMNS = 10
+# Columns of the shard table. BK_ADDR / BK_BYTES: the shard's prefix buckets (see prefix_buckets; 0 when none).
+DS_ADDR, DS_SIZE, SA_ADDR, PTR_SIZE, TOK_CNT, OD_ADDR, DOC_CNT, MT_ADDR, MT_SIZE, OM_ADDR, BK_ADDR, BK_BYTES = range(12)
+TABLE_COLUMNS = 12
+LOCKSTEP = 32        # count_many: binary searches advanced together, so that their cache misses overlap
 
 NO_TOKEN = -1        # "the suffix ends here" (the end of tokenized.K) when reading the token after a match
 UNKNOWN = -2         # in ntd's divide and conquer: the boundary token is not known yet
@@ -42,9 +44,40 @@ def _u8_pointer(typingctx, address):
     return sig, codegen
 
 
+@intrinsic
+def _i64_pointer(typingctx, address):
+    """An int64 address as an int64 pointer."""
+    sig = types.CPointer(types.int64)(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
+
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch(typingctx, address):
+    """Ask the CPU to start loading the cache line at an int64 address (llvm.prefetch, read, keep)."""
+    sig = types.void(types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty)
+        builder.call(fn, [builder.inttoptr(args[0], i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(inline="always")
 def _bytes_at(address, size):
     return numba.carray(_u8_pointer(address), size)
+
+
+@njit(inline="always")
+def _i64s_at(address, size):
+    return numba.carray(_i64_pointer(address), size)
 
 
 @njit(inline="always")
@@ -96,17 +129,14 @@ def _compare(ds, p, q, lo_byte, hi_byte, known):
 
 
 @njit(inline="always")
-def _find_in_shard(ds, sa, ptr_size, q, lo_byte, hi_byte, lo, hi, known):
-    """The range [start, end) within ranks [lo, hi) of the suffixes that begin with q[lo_byte:hi_byte].
-    All suffixes in [lo, hi) are known to share the first `known` bytes with the query."""
-    m = hi_byte - lo_byte
-    if m == 0:
-        return lo, hi
-    llcp = known   # lcp of the query with the suffix just left of lo (virtual when none)
-    rlcp = known   # lcp of the query with the suffix at hi
+def _any_match(ds, sa, ptr_size, q, lo_byte, hi_byte, lo, hi, known):
+    """Three-way binary search for any suffix in [lo, hi) that begins with q[lo_byte:hi_byte]:
+    (found, lo, mid, hi, llcp, rlcp) with mid a match when found, else lo == hi the insertion point.
+    llcp / rlcp: the query's lcp with the suffix left of lo (virtual when none) / at hi."""
+    llcp = known
+    rlcp = known
     mid = 0
-    found = False
-    while lo < hi:   # three-way search for any match
+    while lo < hi:
         mid = (lo + hi) >> 1
         c, l = _compare(ds, _ptr(sa, ptr_size, mid), q, lo_byte, hi_byte, min(llcp, rlcp))
         if c < 0:
@@ -116,8 +146,30 @@ def _find_in_shard(ds, sa, ptr_size, q, lo_byte, hi_byte, lo, hi, known):
             hi = mid
             rlcp = l
         else:
-            found = True
-            break
+            return True, lo, mid, hi, llcp, rlcp
+    return False, lo, mid, hi, llcp, rlcp
+
+
+@njit(inline="always")
+def _occurs(table, q, lo_byte, hi_byte):
+    """Whether q[lo_byte:hi_byte] occurs in any shard: the search stops at the first match it meets,
+    without finding the ends of the range (a third of a count's work, or less)."""
+    for s in range(table.shape[0]):
+        ds, sa, ps, n = _shard(table, s)
+        lo, hi, kn = _start_range(table, s, q, lo_byte, hi_byte, 0, n, 0)
+        if hi_byte == lo_byte or _any_match(ds, sa, ps, q, lo_byte, hi_byte, lo, hi, kn)[0]:
+            return True
+    return False
+
+
+@njit(inline="always")
+def _find_in_shard(ds, sa, ptr_size, q, lo_byte, hi_byte, lo, hi, known):
+    """The range [start, end) within ranks [lo, hi) of the suffixes that begin with q[lo_byte:hi_byte].
+    All suffixes in [lo, hi) are known to share the first `known` bytes with the query."""
+    m = hi_byte - lo_byte
+    if m == 0:
+        return lo, hi
+    found, lo, mid, hi, llcp, rlcp = _any_match(ds, sa, ptr_size, q, lo_byte, hi_byte, lo, hi, known)
     if not found:
         return lo, lo
     # first match in [lo, mid]
@@ -146,6 +198,65 @@ def _find_in_shard(ds, sa, ptr_size, q, lo_byte, hi_byte, lo, hi, known):
     return start, a
 
 
+# -- prefix buckets --------------------------------------------------------------------------------------
+# Every suffix is at least one token long, so its first kb bytes exist (kb = 1 for u8 tokens, else 2), and
+# the suffixes that start with one kb-byte key are a run of consecutive ranks. A shard's buckets are the
+# first rank of every key's run: 65,537 int64 (512 KiB, 2 KiB for u8), small enough to stay in cache. A
+# search over the whole shard starts in its query's bucket instead, skipping the first ~10 levels of the
+# binary search (the entropy of the first token, in bits), each of which costs two cache misses.
+
+def bucket_bytes(width: int) -> int:
+    return 1 if width == 1 else 2
+
+
+@njit(inline="always")
+def _key_at(ds, p, kb):
+    """The first kb bytes at byte p as a big-endian number (their order as bytes)."""
+    if kb == 1:
+        return np.int64(ds[p])
+    return (np.int64(ds[p]) << 8) | np.int64(ds[p + 1])
+
+
+@njit(nogil=True, cache=True)
+def prefix_buckets(ds, sa, ptr_size, tok_cnt, kb):
+    """buckets[key] = the first rank whose suffix's first kb bytes are >= key; buckets[256**kb] = tok_cnt.
+    Found by galloping from the previous key's rank: O(keys * log(tok_cnt / keys)) reads, not a scan."""
+    n_keys = 1 << (8 * kb)
+    out = np.empty(n_keys + 1, np.int64)
+    r = 0
+    for k in range(n_keys):
+        if r < tok_cnt and _key_at(ds, _ptr(sa, ptr_size, r), kb) < k:
+            lo, step = r, 1          # key(lo) < k
+            hi = lo + step
+            while hi < tok_cnt and _key_at(ds, _ptr(sa, ptr_size, hi), kb) < k:
+                lo = hi
+                step <<= 1
+                hi = lo + step
+            hi = min(hi, tok_cnt)    # key(hi) >= k, or hi is the end
+            while hi - lo > 1:
+                mid = (lo + hi) >> 1
+                if _key_at(ds, _ptr(sa, ptr_size, mid), kb) < k:
+                    lo = mid
+                else:
+                    hi = mid
+            r = hi
+        out[k] = r
+    out[n_keys] = tok_cnt
+    return out
+
+
+@njit(inline="always")
+def _start_range(table, s, q, lo_byte, hi_byte, lo, hi, known):
+    """(lo, hi, known) to search q[lo_byte:hi_byte] in shard s: a search over the whole shard is narrowed
+    to the query's bucket, whose suffixes all share its first kb bytes; any other range is kept."""
+    kb = table[s, BK_BYTES]
+    if kb == 0 or known != 0 or lo != 0 or hi != table[s, TOK_CNT] or hi_byte - lo_byte < kb:
+        return lo, hi, known
+    key = _key_at(q, lo_byte, kb)
+    buckets = _i64s_at(table[s, BK_ADDR], (1 << (8 * kb)) + 1)
+    return buckets[key], buckets[key + 1], kb
+
+
 @njit(inline="always")
 def _find_all(table, q, lo_byte, hi_byte, seg, known, out):
     """Search every shard within the ranges `seg` (rows [start, end)); write the new ranges to `out`
@@ -153,7 +264,8 @@ def _find_all(table, q, lo_byte, hi_byte, seg, known, out):
     total = 0
     for s in range(table.shape[0]):
         ds, sa, ps, n = _shard(table, s)
-        a, b = _find_in_shard(ds, sa, ps, q, lo_byte, hi_byte, seg[s, 0], seg[s, 1], known)
+        lo, hi, kn = _start_range(table, s, q, lo_byte, hi_byte, seg[s, 0], seg[s, 1], known)
+        a, b = _find_in_shard(ds, sa, ps, q, lo_byte, hi_byte, lo, hi, kn)
         out[s, 0] = a
         out[s, 1] = b
         total += b - a
@@ -188,14 +300,60 @@ def count(table, q):
 
 @njit(nogil=True, cache=True)
 def count_many(table, q, offsets):
-    """Counts of the queries q[offsets[i]:offsets[i+1]] (bytes), one call for all of them."""
+    """Counts of the queries q[offsets[i]:offsets[i+1]] (bytes), one call for all of them.
+
+    A count is the difference of two plain binary searches in the query's bucket: the first suffix
+    >= the query (lower) and the first suffix past its matches (upper). LOCKSTEP queries go together,
+    2 * LOCKSTEP searches advanced one level per round: prefetch every live search's middle pointer, then
+    the suffix bytes each points at, then compare. The cache misses of independent searches overlap
+    instead of following one another, which is what bounds a single search."""
     n = offsets.shape[0] - 1
-    out = np.empty(n, np.int64)
-    full = _full_ranges(table)
-    seg = np.empty_like(full)
-    for i in range(n):
-        out[i] = _find_all(table, q, offsets[i], offsets[i + 1], full, 0, seg)
+    out = np.zeros(n, np.int64)
+    g = 2 * LOCKSTEP
+    lo, hi = np.empty(g, np.int64), np.empty(g, np.int64)
+    llcp, rlcp = np.empty(g, np.int64), np.empty(g, np.int64)
+    ptr = np.empty(g, np.int64)
+    for s in range(table.shape[0]):
+        ds, sa, ps, tok_cnt = _shard(table, s)
+        for i0 in range(0, n, LOCKSTEP):
+            m = 2 * (min(n, i0 + LOCKSTEP) - i0)
+            for j in range(m):
+                i = i0 + (j >> 1)
+                lo[j], hi[j], llcp[j] = _start_range(table, s, q, offsets[i], offsets[i + 1], 0, tok_cnt, 0)
+                rlcp[j] = llcp[j]
+            _lockstep_bounds(ds, sa, ps, q, offsets, i0, m, lo, hi, llcp, rlcp, ptr)
+            for j in range(0, m, 2):
+                out[i0 + (j >> 1)] += lo[j + 1] - lo[j]
     return out
+
+
+@njit(inline="always")
+def _lockstep_bounds(ds, sa, ps, q, offsets, i0, m, lo, hi, llcp, rlcp, ptr):
+    """Run searches j < m to the end: search j is the lower (j even) or upper (j odd) bound of query
+    i0 + j // 2 within [lo[j], hi[j]); each ends with lo[j] == hi[j] at its bound."""
+    sa_addr, ds_addr = sa.ctypes.data, ds.ctypes.data
+    live = m
+    while live:
+        for j in range(m):
+            if lo[j] < hi[j]:
+                _prefetch(sa_addr + ((lo[j] + hi[j]) >> 1) * ps)
+        for j in range(m):
+            if lo[j] < hi[j]:
+                ptr[j] = _ptr(sa, ps, (lo[j] + hi[j]) >> 1)
+                _prefetch(ds_addr + ptr[j] + min(llcp[j], rlcp[j]))
+        live = 0
+        for j in range(m):
+            if lo[j] < hi[j]:
+                i = i0 + (j >> 1)
+                c, l = _compare(ds, ptr[j], q, offsets[i], offsets[i + 1], min(llcp[j], rlcp[j]))
+                if c < 0 or (c == 0 and (j & 1)):
+                    lo[j] = ((lo[j] + hi[j]) >> 1) + 1
+                    llcp[j] = l
+                else:
+                    hi[j] = (lo[j] + hi[j]) >> 1
+                    rlcp[j] = l
+                if lo[j] < hi[j]:
+                    live += 1
 
 
 @njit(nogil=True, cache=True)
@@ -317,7 +475,8 @@ def ntd(table, q, w, max_support, eos, sep):
 @njit(inline="always")
 def _longest_suffix(table, q, end_byte, w, seg):
     """The largest L such that the last L tokens of q[:end_byte] occur (all of it when L = its length),
-    found as infini-gram does: doubling, then binary search. Leaves that suffix's ranges in seg."""
+    found as infini-gram does: doubling, then binary search, but each probe only asks whether the suffix
+    occurs (_occurs); the ranges are found once, for L. Leaves that suffix's ranges in seg."""
     n_tok = end_byte // w
     full = _full_ranges(table)
     lo, hi = 0, 1
@@ -325,13 +484,13 @@ def _longest_suffix(table, q, end_byte, w, seg):
         if hi > n_tok:
             hi = n_tok + 1
             break
-        if _find_all(table, q, end_byte - hi * w, end_byte, full, 0, seg) == 0:
+        if not _occurs(table, q, end_byte - hi * w, end_byte):
             break
         lo = hi
         hi <<= 1
     while hi - lo > 1:
         mid = (lo + hi) >> 1
-        if _find_all(table, q, end_byte - mid * w, end_byte, full, 0, seg) == 0:
+        if not _occurs(table, q, end_byte - mid * w, end_byte):
             hi = mid
         else:
             lo = mid
@@ -485,6 +644,143 @@ def _ptrs_of(table, s, seg, t0, t1):
     return out
 
 
+RADIX_BITS = 11
+COVER_BITS = 1 << 17
+SMALL_SORT = 64
+
+
+@njit(inline="always")
+def _radix_sort(x, bound):
+    """x (int64 values in [0, bound)) sorted ascending, in O(len(x)) per 11 bits of bound: LSD radix
+    sort (x is reused as scratch). Clause pointers are bounded by the shard's size, so three passes sort
+    a 2^33-byte shard's worth; a comparison sort would spend log2(len(x)) passes."""
+    n = x.shape[0]
+    if n <= SMALL_SORT:
+        return np.sort(x)
+    radix = 1 << RADIX_BITS
+    buf = np.empty_like(x)
+    cnt = np.empty(radix + 1, np.int64)
+    shift = 0
+    while shift == 0 or (bound - 1) >> shift:
+        cnt[:] = 0
+        for i in range(n):
+            cnt[((x[i] >> shift) & (radix - 1)) + 1] += 1
+        for dgt in range(radix):
+            cnt[dgt + 1] += cnt[dgt]
+        for i in range(n):
+            dgt = (x[i] >> shift) & (radix - 1)
+            buf[cnt[dgt]] = x[i]
+            cnt[dgt] += 1
+        x, buf = buf, x
+        shift += RADIX_BITS
+    return x
+
+
+@njit(inline="always")
+def _directory(ptrs, bound):
+    """(cells, shift) over sorted values in [0, bound): cells[c] = the first index i with
+    ptrs[i] >> shift >= c, with about one value per cell, so a lookup needs no binary search."""
+    m = ptrs.shape[0]
+    shift = 0
+    while (bound >> shift) > max(m, 1):
+        shift += 1
+    n_cells = (bound >> shift) + 1
+    cells = np.empty(n_cells + 1, np.int64)
+    i = 0
+    for c in range(n_cells + 1):
+        while i < m and (ptrs[i] >> shift) < c:
+            i += 1
+        cells[c] = i
+    return cells, shift
+
+
+@njit(inline="always")
+def _first_at_least(ptrs, cells, shift, v):
+    """np.searchsorted(ptrs, v) (the first index with ptrs[i] >= v) through the directory."""
+    i = cells[min(v >> shift, cells.shape[0] - 1)]
+    while i < ptrs.shape[0] and ptrs[i] < v:
+        i += 1
+    return i
+
+
+# Merging a clause into the candidates (ranges [l, r] of byte offsets, one per partial match), as
+# infini-gram does: with `lo` the clause's last match < r and `hi` its first match >= l, a candidate
+# extends to the left when lo >= l - span and to the right when hi <= r + span (both: one candidate
+# spanning both; either: one candidate each). Only matches within [l - span, r + span] can count, so
+# each of the two ways below returns, per candidate, near_l = lo when it qualifies (else -1) and near_r =
+# hi when it qualifies (else -1). Both give the same answers; the caller picks the one that sorts fewer.
+
+@njit(inline="always")
+def _nearest_by_sorting_matches(table, s, seg, t0, t1, ls, rs, span, ds_size):
+    """Radix-sort the clause's matches, then look each candidate's neighbours up (directory, no search)."""
+    ptrs = _radix_sort(_ptrs_of(table, s, seg, t0, t1), ds_size)
+    cells, shift = _directory(ptrs, ds_size)
+    n = ls.shape[0]
+    near_l = np.full(n, -1, np.int64)
+    near_r = np.full(n, -1, np.int64)
+    for i in range(n):
+        lo = _first_at_least(ptrs, cells, shift, rs[i]) - 1
+        hi = _first_at_least(ptrs, cells, shift, ls[i])
+        if lo >= 0 and ptrs[lo] >= ls[i] - span:
+            near_l[i] = ptrs[lo]
+        if hi < ptrs.shape[0] and ptrs[hi] <= rs[i] + span:
+            near_r[i] = ptrs[hi]
+    return near_l, near_r
+
+
+@njit(inline="always")
+def _nearest_by_indexing_candidates(table, s, seg, t0, t1, ls, rs, span, ds_size):
+    """Group the candidates by position (a counting sort into cells of about one candidate each), then
+    stream the clause's matches straight from the suffix array, each updating the few candidates whose
+    window [l - span, r + span] holds it: the largest match in [l - span, r), the smallest in [l, r + span].
+    A match that no window covers (most of them) costs one read of a bitmap that stays in L1."""
+    n = ls.shape[0]
+    shift = 0
+    while (ds_size >> shift) > max(n, 1):
+        shift += 1
+    n_cells = (ds_size >> shift) + 1
+    start = np.zeros(n_cells + 1, np.int64)
+    widest = 0
+    for i in range(n):
+        start[(ls[i] >> shift) + 1] += 1
+        widest = max(widest, rs[i] - ls[i])
+    for c in range(n_cells):
+        start[c + 1] += start[c]
+    fill = start[:-1].copy()
+    by_cell = np.empty(n, np.int64)
+    for i in range(n):
+        c = ls[i] >> shift
+        by_cell[fill[c]] = i
+        fill[c] += 1
+    fine = 0   # a bitmap of the bytes some candidate's window covers, in at most 2^17 bits (fits in L1)
+    while (ds_size >> fine) > COVER_BITS:
+        fine += 1
+    covered = np.zeros(((ds_size >> fine) >> 6) + 1, np.uint64)
+    for i in range(n):
+        for c in range(max(0, ls[i] - span) >> fine, (min(ds_size - 1, rs[i] + span) >> fine) + 1):
+            covered[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+    near_l = np.full(n, -1, np.int64)
+    near_r = np.full(n, -1, np.int64)
+    ds, sa, ps, tok_cnt = _shard(table, s)
+    for t in range(t0, t1):
+        for rank in range(seg[t, s, 0], seg[t, s, 1]):
+            p = _ptr(sa, ps, rank)
+            b = p >> fine
+            if not (covered[b >> 6] >> np.uint64(b & 63)) & np.uint64(1):
+                continue
+            c_lo = max(0, p - span - widest) >> shift   # l >= p - span - (r - l) for r + span >= p
+            c_hi = min(n_cells - 1, (p + span) >> shift)  # l - span <= p
+            for c in range(c_lo, c_hi + 1):
+                for k in range(start[c], start[c + 1]):
+                    i = by_cell[k]
+                    l, r = ls[i], rs[i]
+                    if l - span <= p < r and p > near_l[i]:
+                        near_l[i] = p
+                    if l <= p <= r + span and (near_r[i] < 0 or p < near_r[i]):
+                        near_r[i] = p
+    return near_l, near_r
+
+
 @njit(nogil=True, cache=True)
 def find_cnf(table, q, term_off, clause_off, w, sep, max_clause_freq, max_diff_tokens):
     """A CNF query: clause c is the OR of terms clause_off[c]..clause_off[c+1]-1; term t is the query
@@ -538,28 +834,31 @@ def find_cnf(table, q, term_off, clause_off, w, sep, max_clause_freq, max_diff_t
         ls = _ptrs_of(table, s, seg, clause_off[c0], clause_off[c0 + 1])
         rs = ls.copy()
         f = factor[c0, s]
+        ds_size = table[s, DS_SIZE]
         for j in range(1, C):
             c = order[j]
-            ptrs = np.sort(_ptrs_of(table, s, seg, clause_off[c], clause_off[c + 1]))
-            m = ptrs.shape[0]
+            t0, t1 = clause_off[c], clause_off[c + 1]
+            m = 0
+            for t in range(t0, t1):
+                m += seg[t, s, 1] - seg[t, s, 0]
+            if ls.shape[0] <= m:   # index the fewer: the candidates, and stream the clause's matches past them
+                near_l, near_r = _nearest_by_indexing_candidates(table, s, seg, t0, t1, ls, rs, span, ds_size)
+            else:                  # or sort the clause's matches and look each candidate up
+                near_l, near_r = _nearest_by_sorting_matches(table, s, seg, t0, t1, ls, rs, span, ds_size)
             new_ls = np.empty(2 * ls.shape[0], np.int64)
             new_rs = np.empty(2 * ls.shape[0], np.int64)
             k = 0
             for i in range(ls.shape[0]):
                 l, r = ls[i], rs[i]
-                lo = np.searchsorted(ptrs, r) - 1       # the last match < r
-                hi = np.searchsorted(ptrs, l)           # the first match >= l
-                ok_l = lo >= 0 and min(l, ptrs[lo]) + span >= l
-                ok_r = hi < m and max(r, ptrs[hi]) <= r + span
-                if ok_l and ok_r:
-                    new_ls[k], new_rs[k] = min(l, ptrs[lo]), max(r, ptrs[hi])
+                if near_l[i] >= 0 and near_r[i] >= 0:
+                    new_ls[k], new_rs[k] = min(l, near_l[i]), max(r, near_r[i])
                     k += 1
                 else:
-                    if ok_l:
-                        new_ls[k], new_rs[k] = min(l, ptrs[lo]), r
+                    if near_l[i] >= 0:
+                        new_ls[k], new_rs[k] = min(l, near_l[i]), r
                         k += 1
-                    if ok_r:
-                        new_ls[k], new_rs[k] = l, max(r, ptrs[hi])
+                    if near_r[i] >= 0:
+                        new_ls[k], new_rs[k] = l, max(r, near_r[i])
                         k += 1
             ls, rs = new_ls[:k], new_rs[:k]
             f *= factor[c, s]

@@ -66,6 +66,7 @@ class Shard:
     om: np.ndarray | None = None   # metaoff.K bytes
     tokens: np.ndarray = field(init=False)    # tokenized.K as token ids
     offsets: np.ndarray = field(init=False)   # offset.K as u64
+    buckets: np.ndarray | None = field(init=False, default=None)   # kernels.prefix_buckets, on first use
 
     def __post_init__(self):
         self.tokens = self.ds.view(DTYPES[self.width])
@@ -90,6 +91,10 @@ class Shard:
         row[kernels.OD_ADDR], row[kernels.DOC_CNT] = self.od.ctypes.data, self.doc_cnt
         if self.mt is not None and len(self.mt):
             row[kernels.MT_ADDR], row[kernels.MT_SIZE], row[kernels.OM_ADDR] = self.mt.ctypes.data, len(self.mt), self.om.ctypes.data
+        if self.buckets is None:
+            kb = kernels.bucket_bytes(self.width)
+            self.buckets = kernels.prefix_buckets(self.ds, self.sa, self.ptr_size, self.tok_cnt, kb)
+        row[kernels.BK_ADDR], row[kernels.BK_BYTES] = self.buckets.ctypes.data, kernels.bucket_bytes(self.width)
         return row
 
 

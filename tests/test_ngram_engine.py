@@ -317,3 +317,113 @@ def test_threads_query_in_parallel_with_identical_results():
         assert got == want
     finally:
         c.close()
+
+
+@settings(**SETTINGS)
+@given(corpora, st.sampled_from([1, 2, 4]), st.lists(st.lists(token, min_size=1, max_size=8), min_size=0, max_size=80),
+       st.data())
+def test_count_many_matches_brute_force(shards, width, queries, data):
+    """count_many's lockstep searches (more queries than one lockstep group, absent and present ones, every
+    token width) give each query's brute-force count; the prefix buckets are each key's first rank."""
+    c = Corpus(shards, width)
+    try:
+        e = c.engine
+        for s, ts in enumerate(c.streams):   # buckets: how many suffixes have a smaller first-bytes key
+            raw = ts.astype(e.token_dtype).view(np.uint8)
+            kb = 1 if width == 1 else 2
+            keys = raw.reshape(-1, width)[:, 0].astype(np.int64)
+            if kb == 2:
+                keys = (keys << 8) | raw.reshape(-1, width)[:, 1]
+            want = np.searchsorted(np.sort(keys), np.arange((1 << (8 * kb)) + 1))
+            assert np.array_equal(e.shards[s].buckets, want)
+        present = []
+        for _ in range(data.draw(st.integers(0, 40))):
+            ts = c.streams[data.draw(st.integers(0, len(c.streams) - 1))]
+            a = data.draw(st.integers(0, len(ts) - 1))
+            present.append([int(t) for t in ts[a:a + data.draw(st.integers(1, 6))] if t != c.sep] or [0])
+        qs = queries + present
+        got = e.count_many(qs)
+        assert got.dtype == np.int64 and list(got) == [c.count(q) for q in qs]
+        assert list(e.count_many(tuple(np.array(q) for q in qs))) == list(got)   # the slow path agrees
+    finally:
+        c.close()
+
+
+def test_count_many_names_the_bad_query():
+    c = Corpus([[[1, 2, 3], [2, 3]]])
+    try:
+        e = Engine(c.dir, eos_token_id=EOS, vocab_size=10)
+        assert list(e.count_many([])) == []
+        for qs, message in (([[1], [2, 10]], "list_of_ids[1]: token id 10 is outside the vocabulary"),
+                            ([[1], [], [2]], "list_of_ids[1]: empty query"),
+                            ([[1], [-1]], "list_of_ids[1]: token id -1"),
+                            ([[1], [1.5]], "list_of_ids[1]: expected a list of integer token ids"),
+                            ([[1], "ab"], "list_of_ids[1]: expected a list of token ids")):
+            with pytest.raises(QueryError) as ei:
+                e.count_many(qs)
+            assert message in str(ei.value), (message, str(ei.value))
+        with pytest.raises(QueryError, match="list_of_ids: expected a list"):
+            e.count_many(np.zeros((2, 2), np.int64))
+    finally:
+        c.close()
+
+
+@settings(**SETTINGS)
+@given(st.integers(0, 2000), st.sampled_from([1, 100, 1 << 20, 1 << 33, 1 << 45]), st.integers(0, 2**32))
+def test_radix_sort_and_directory_lookups(n, bound, seed):
+    from retrogram.ngram.kernels import _directory, _first_at_least, _radix_sort
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, bound, n) if rng.random() < 0.5 else rng.integers(0, min(bound, 7), n)
+    got = _radix_sort(x.copy(), bound)
+    assert np.array_equal(got, np.sort(x))
+    cells, shift = _directory(got, bound)
+    for v in list(rng.integers(0, bound, 50)) + [0, bound - 1] + list(got[:20]):
+        assert _first_at_least(got, cells, shift, int(v)) == np.searchsorted(got, v)
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_cnf_with_large_clauses_identical_to_infinigram(width):
+    """Clauses of thousands of matches (the radix-sorted merge), subsampled or not, several shards."""
+    rng = np.random.default_rng(width)
+    shards = [[list(map(int, rng.integers(0, 6, rng.integers(50, 400)))) for _ in range(30)] for _ in range(2)]
+    c = Corpus(shards, width)
+    try:
+        e, ig = c.engine, c.infinigram()
+        cnfs = [[[[0]], [[1]]], [[[2, 3]], [[4], [5, 0]]], [[[1]], [[2]], [[3], [4]]], [[[0, 0]], [[5]]]]
+        for cnf in cnfs:
+            for mcf, mdt in ((50000, 100), (50000, 3), (700, 10), (90, 40), (3, 1)):
+                assert e.find_cnf(cnf, mcf, mdt) == ig.find_cnf(cnf, mcf, mdt), (cnf, mcf, mdt)
+                assert e.count_cnf(cnf, mcf, mdt) == ig.count_cnf(cnf, mcf, mdt)
+    finally:
+        c.close()
+
+
+@settings(**SETTINGS)
+@given(st.integers(0, 2**32), st.integers(1, 300), st.integers(1, 12), st.integers(1, 4))
+def test_both_cnf_merges_find_the_same_neighbours(seed, n, max_diff, n_terms):
+    """The two ways of merging a clause into the candidates (sort the clause's matches / index the
+    candidates) agree with each other and with a direct scan, whichever set is the larger."""
+    from retrogram.ngram.kernels import _nearest_by_indexing_candidates, _nearest_by_sorting_matches
+
+    rng = np.random.default_rng(seed)
+    c = Corpus([[list(map(int, rng.integers(0, 4, rng.integers(20, 200)))) for _ in range(8)] for _ in range(2)])
+    try:
+        e, w = c.engine, c.width
+        terms = [list(map(int, rng.integers(0, 4, rng.integers(1, 3)))) for _ in range(n_terms)]
+        seg = np.array([e.find(t)["segment_by_shard"] for t in terms], np.int64)   # [term, shard, 2]
+        span = max_diff * w
+        for s in range(len(c.streams)):
+            size = len(c.streams[s]) * w
+            ls = rng.integers(0, len(c.streams[s]), n) * w
+            rs = np.minimum(ls + rng.integers(0, 3 * span + 1, n) // w * w, size - w)
+            ls = np.minimum(ls, rs)
+            a = _nearest_by_sorting_matches(e._table, s, seg, 0, len(terms), ls, rs, span, size)
+            b = _nearest_by_indexing_candidates(e._table, s, seg, 0, len(terms), ls, rs, span, size)
+            matches = np.array(sorted(p * w for t in terms for _, p in c.positions(t) if _ == s) or [-10**9])
+            want_l = [max([p for p in matches if l - span <= p < r], default=-1) for l, r in zip(ls, rs)]
+            want_r = [min([p for p in matches if l <= p <= r + span], default=-1) for l, r in zip(ls, rs)]
+            assert list(a[0]) == list(b[0]) == want_l
+            assert list(a[1]) == list(b[1]) == want_r
+    finally:
+        c.close()
