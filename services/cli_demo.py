@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..index.build import run_build
 from ..index.errors import UserError
 from .cli_common import add_json_flag, console, make_progress, print_json
@@ -27,6 +29,8 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("--out", type=Path, default=Path("data/demo-index"), metavar="DIR",
                    help="where the demo index goes (default: data/demo-index; reused when up to date)")
+    p.add_argument("--corpus", type=Path, default=DEMO_CORPUS, metavar="PATH",
+                   help="another corpus to run the demo on (default: the shipped Shakespeare plays)")
     p.add_argument("--no-serve", action="store_true", help="skip starting the gRPC stack")
     add_json_flag(p)
     p.set_defaults(func=cmd_demo)
@@ -38,20 +42,21 @@ def ngram_queries(engine) -> dict:
     ctx = tok.encode(CONTEXT).tolist()
     ntd = engine.ntd(ctx, max_support=10)
     top = sorted(ntd["result_by_token_id"].items(), key=lambda kv: -kv[1]["cont_cnt"])[:5]
-    scored = engine.score_sequence(tok.encode(CONTEXT + " question").tolist())
+    scored = engine.score_sequence(tok.encode(CONTEXT + " question").tolist())   # numpy arrays per token
     return {"counts": counts,
             "next_tokens": {"context": CONTEXT, "prompt_cnt": ntd["prompt_cnt"],
                             "top": [(tok.decode([t]), r["prob"]) for t, r in top]},
-            "infgram_logprob_per_token": scored}
+            "infgram_prob_per_token": {"text": CONTEXT + " question",
+                                       **{k: np.asarray(v).tolist() for k, v in scored.items()}}}
 
 
 def cmd_demo(args) -> int:
-    if not DEMO_CORPUS.is_file():
+    if args.corpus == DEMO_CORPUS and not DEMO_CORPUS.is_file():
         raise UserError(f"{DEMO_CORPUS}: the demo corpus is missing from this installation")
     report: dict = {}
     t0 = time.perf_counter()
     with make_progress(not args.json) as progress:
-        summary = run_build(args.out, [str(DEMO_CORPUS)], None, pipeline_stages(), None, False, {}, progress)
+        summary = run_build(args.out, [str(args.corpus)], None, pipeline_stages(), None, False, {}, progress)
     report["build"] = {"index": str(args.out), "ran": summary.ran, "skipped": summary.skipped,
                        "counts": summary.counts, "seconds": round(time.perf_counter() - t0, 1)}
     _say(args, f"[bold green]index[/] {args.out}: built {summary.ran or 'nothing'}, up to date {summary.skipped}")
