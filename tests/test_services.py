@@ -412,7 +412,7 @@ def test_shard_servers_add_up(tmp_path_factory, small_corpus, ngram_index, engin
 def test_server_killed_mid_stream(ngram_index, engine):
     ids = engine.tokenize("the king " * 200000)
     with ServerProcess("ngram", ngram_index).wait_serving() as p, NgramClient(p.address, retries=False) as c:
-        stream = c.iter_score_sequence(ids, block_size=256)
+        stream = c.iter_score_sequence(ids, block_size=16)   # many small messages: still streaming when killed
         first = next(stream)
         assert first["offset"] == 0
         p.stop(kill=True)
