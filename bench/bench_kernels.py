@@ -187,7 +187,7 @@ def checks(f=1):
     block_sparse_attention(q, k, v, bi, bc, 64, 64, out=o)
     ref = block_sparse_attention_naive(q.double(), k.double(), v.double(), bi, bc, 64, 64)
     check("hip_prefill (block-sparse)", rel(o, ref), shape=[B, T, HQ, HKV, D], blocks_mean=bc.float().mean().item())
-    bi, bc = vertical_slash_blocks(q, k, n_vertical=8, n_slash=8)
+    bi, bc = vertical_slash_blocks(q, k, n_vertical=8, n_slash=8, top_p=0.9)
     o = poisoned(q.shape)
     block_sparse_attention(q, k, v, bi, bc, 64, 64, out=o)
     ref = block_sparse_attention_naive(q.double(), k.double(), v.double(), bi, bc, 64, 64)
@@ -252,10 +252,19 @@ def prefill(lens, H=32, D=128):
         torch.cuda.empty_cache()
 
 
+SPARSE_CONFIGS = (
+    # (result list, label, kwargs): fixed budgets (no recall bound) and the current defaults (top-p 0.95 of
+    # the sampled attention mass: on random data attention is flat, so they keep most blocks)
+    ("hip_prefill", "rep top-32", dict(estimator="rep", topk=32, n_sink=1, n_local=4)),
+    ("hip_prefill", "mass p0.95 (default)", dict(estimator="mass", top_p=0.95, n_sink=1, n_local=4)),
+    ("vs_prefill", "last_q 32v/16s", dict(estimator="last_q", n_vertical=32, n_slash=16, n_sink=1, n_local=2)),
+    ("vs_prefill", "mass p0.95 (default)", dict(estimator="mass", top_p=0.95, n_vertical=32, n_slash=16, n_sink=1,
+                                                n_local=2)),
+)
+
+
 @guarded("sparse_prefill")
-def sparse_prefill(lens, H=32, D=128, hip_cfg=None, vs_cfg=None):
-    hip_cfg = hip_cfg or dict(topk=32, n_sink=1, n_local=4)
-    vs_cfg = vs_cfg or dict(n_vertical=32, n_slash=16, n_sink=1, n_local=2)
+def sparse_prefill(lens, H=32, D=128, configs=SPARSE_CONFIGS):
     sdpa_ms = {r["T"]: r["sdpa_ms"] for r in RESULTS["prefill"]}
     for T in lens:
         q, k, v = rnd(1, T, H, D), rnd(1, T, H, D), rnd(1, T, H, D)
@@ -265,31 +274,22 @@ def sparse_prefill(lens, H=32, D=128, hip_cfg=None, vs_cfg=None):
             del qs, ks, vs
         o = torch.empty_like(q)
         kend = prefill_kend(T, T, 64, True, DEV)
-        row = {"T": T, "H": H, "D": D, "sdpa_ms": sdpa_ms[T], **hip_cfg}
-        row["total_ms"] = bench_ms(lambda: hip_attention_prefill(q, k, v, dense_below=0, out=o, **hip_cfg))
-        row["select_ms"] = bench_ms(lambda: hip_select(q, k, kend, T, **hip_cfg))
-        sel = hip_select(q, k, kend, T, **hip_cfg)
-        blocks = hip_block_list(sel, kend, 64, hip_cfg["n_sink"], hip_cfg["n_local"])
-        row["attn_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, *blocks, 64, 64, out=o))
-        row["blocks_mean"] = blocks[1].float().mean().item()
-        row["density"] = row["blocks_mean"] * 64 / (T / 2)
-        row["speedup_vs_sdpa"] = sdpa_ms[T] / row["total_ms"]
-        RESULTS["hip_prefill"].append(row)
-        log(f"hip prefill T={T:>6}: {row['total_ms']:7.2f} ms (select {row['select_ms']:.2f} + attn {row['attn_ms']:.2f})"
-            f" vs sdpa {sdpa_ms[T]:.2f} -> {row['speedup_vs_sdpa']:.1f}x, density {row['density']:.3f}")
-        row = {"T": T, "H": H, "D": D, "sdpa_ms": sdpa_ms[T], **vs_cfg}
-        row["total_ms"] = bench_ms(lambda: block_sparse_prefill(q, k, v, dense_below=0, out=o, **vs_cfg))
-        row["select_ms"] = bench_ms(lambda: vertical_slash_blocks(q, k, **vs_cfg))
-        blocks = vertical_slash_blocks(q, k, **vs_cfg)
-        row["attn_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, *blocks, 64, 64, out=o))
-        row["blocks_mean"] = blocks[1].float().mean().item()
-        row["density"] = row["blocks_mean"] * 64 / (T / 2)
-        row["speedup_vs_sdpa"] = sdpa_ms[T] / row["total_ms"]
-        RESULTS["vs_prefill"].append(row)
-        log(f"vs  prefill T={T:>6}: {row['total_ms']:7.2f} ms (select {row['select_ms']:.2f} + attn {row['attn_ms']:.2f})"
-            f" vs sdpa {sdpa_ms[T]:.2f} -> {row['speedup_vs_sdpa']:.1f}x, density {row['density']:.3f}")
+        nvis = ((kend + 63) // 64).float().sum().item() * H
+        for key, label, cfg in configs:
+            fn = hip_attention_prefill if key == "hip_prefill" else block_sparse_prefill
+            row = {"T": T, "H": H, "D": D, "sdpa_ms": sdpa_ms[T], "label": label, **cfg}
+            row["total_ms"] = bench_ms(lambda: fn(q, k, v, dense_below=0, out=o, **cfg))
+            _, blocks = fn(q, k, v, dense_below=0, out=o, return_blocks=True, **cfg)
+            row["blocks_mean"] = blocks[1].float().mean().item()
+            row["density"] = blocks[1].float().sum().item() / nvis  # kept / visible key blocks
+            row["attn_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, *blocks, 64, 64, out=o))
+            row["speedup_vs_sdpa"] = sdpa_ms[T] / row["total_ms"]
+            RESULTS[key].append(row)
+            log(f"{key[:3]} prefill T={T:>6} {label:<22}: {row['total_ms']:7.2f} ms (attn {row['attn_ms']:.2f}) vs sdpa "
+                f"{sdpa_ms[T]:.2f} -> {row['speedup_vs_sdpa']:.1f}x, density {row['density']:.3f}")
+            del blocks
         del q, k, v, o
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
 @guarded("decode")
@@ -422,10 +422,11 @@ def table():
     log("prefill causal bf16 H=32 D=128       T | SDPA TF/s | flash TF/s | flash/SDPA")
     for r in RESULTS["prefill"]:
         log(f"{'':>32}{r['T']:>7} | {r['sdpa_tflops']:9.0f} | {r['flash_tflops']:10.0f} | {r['flash_vs_sdpa']:.2f}")
-    log("sparse prefill           T | SDPA ms | HiP ms (x)      | VS ms (x)")
-    for h, s in zip(RESULTS["hip_prefill"], RESULTS["vs_prefill"]):
-        log(f"{'':>18}{h['T']:>7} | {h['sdpa_ms']:7.1f} | {h['total_ms']:6.1f} ({h['speedup_vs_sdpa']:4.1f}x) | "
-            f"{s['total_ms']:6.1f} ({s['speedup_vs_sdpa']:4.1f}x)")
+    log("sparse prefill (random data)                   T | SDPA ms | ms (x SDPA)     | density")
+    for key in ("hip_prefill", "vs_prefill"):
+        for r in RESULTS[key]:
+            log(f"{key.split('_')[0] + ' ' + r.get('label', ''):>40}{r['T']:>8} | {r['sdpa_ms']:7.1f} | {r['total_ms']:6.1f} "
+                f"({r['speedup_vs_sdpa']:4.1f}x) | {r['density']:.3f}")
     log("decode (CUDA graph)  B      S HKV | SDPA TB/s | flash TB/s | paged TB/s | HiP us/step (x paged dense)")
     for r in RESULTS["decode"]:
         log(f"{r['B']:>21} {r['S']:>6} {r['HKV']:>3} | {r.get('sdpa_graph_TBps', float('nan')):9.2f} | "
@@ -443,8 +444,10 @@ def smoke(args):
     RESULTS["env"] = {"device": DEV}
     checks(f=16)
     prefill([256], H=2, D=32)
-    sparse_prefill([512], H=2, D=32, hip_cfg=dict(topk=2, n_sink=1, n_local=2),
-                   vs_cfg=dict(n_vertical=2, n_slash=2, n_sink=1, n_local=2))
+    sparse_prefill([512], H=2, D=32, configs=[("hip_prefill", "rep", dict(estimator="rep", topk=2, n_sink=1, n_local=2)),
+                                              ("hip_prefill", "mass", dict(estimator="mass", top_p=0.9, n_local=2)),
+                                              ("vs_prefill", "last_q", dict(estimator="last_q", n_vertical=2, n_slash=2)),
+                                              ("vs_prefill", "mass", dict(estimator="mass", n_vertical=2, n_slash=2))])
     decode([1024], batches=(1,), H=4, D=32, hkv_list=(4, 2), hip_cfg=dict(topk=2, n_sink=1, n_local=2))
     cca(B=1, T=128, C=64, N=32, H=2, D=32)
     table()

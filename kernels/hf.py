@@ -32,8 +32,9 @@ DECODE_MAX_TOKENS = 16
 # decode: hierarchical top-k ("rep") with topk blocks, refreshed every refresh_every steps
 HIP_DEFAULTS = dict(block_size_q=64, block_size_k=64, topk=32, n_sink=1, n_local=4, n_rep=1, dense_below=8192,
                     refresh_every=8, estimator="mass", top_p=0.95, sample_rows=4, max_blocks=None)
+# vertical-slash prefill: the pattern from sampled attention mass, completed to top_p (see block_sparse_prefill)
 VS_DEFAULTS = dict(block_size_q=64, block_size_k=64, last_q=64, n_vertical=32, n_slash=16, n_sink=1, n_local=2,
-                   dense_below=8192)
+                   dense_below=8192, estimator="mass", top_p=0.95, sample_rows=4, max_blocks=None)
 _config = {"hip": dict(HIP_DEFAULTS), "vs": dict(VS_DEFAULTS)}
 
 

@@ -11,8 +11,9 @@ import torch  # noqa: E402
 from retrogram.kernels.block_sparse import (block_sparse_attention, block_sparse_attention_naive,  # noqa: E402
                                             sampled_block_mass, sampled_block_mass_naive, topp_block_list)
 from retrogram.kernels.block_sparse_prefill import (block_sparse_prefill, block_sparse_prefill_naive,  # noqa: E402
+                                                    mass_vertical_slash_scores, mass_vertical_slash_scores_naive,
                                                     vertical_slash_blocks, vertical_slash_scores,
-                                                    vertical_slash_scores_naive)
+                                                    vertical_slash_scores_naive, vs_pattern)
 from retrogram.kernels.flash_prefill import flash_prefill_naive  # noqa: E402
 from retrogram.kernels.hip_attention import (bound_rows, bound_score_naive, bound_score_triton,  # noqa: E402
                                              key_bound_tables, hip_attention_naive, hip_attention_prefill, hip_decode,  # noqa: E402
@@ -84,6 +85,7 @@ def test_hip_score_kernel(group_heads, paged):
         k = kp
     HS = HKV if group_heads else HQ
     rep = torch.randint(-1, S, (B, HS, -(-T // bq), 7), device=DEV)
+    rep[0, 0, 0, 0] = -1  # at least one empty slot (random draws miss -1 about 7% of the time)
     got = score_triton(q, k, rep, bq, group_heads, table)
     ref = score_naive(q, k, rep, bq, group_heads, table)
     assert torch.equal(torch.isinf(got), torch.isinf(ref)) and torch.isinf(got).any()
@@ -252,7 +254,8 @@ def test_vertical_slash_scores_match_loop_reference():
     assert torch.allclose(got_v.sum(-1), torch.full_like(got_v.sum(-1), 6.0), atol=1e-4)
 
 
-def test_vertical_slash_blocks_and_attention():
+@pytest.mark.parametrize("estimator", ["last_q", "mass"])
+def test_vertical_slash_blocks_and_attention(estimator):
     torch.manual_seed(2)
     T, bq, bk = 256, 32, 16
     q, k, v = rnd(1, T, 2, 32) * 0.1, rnd(1, T, 2, 32) * 0.1, rnd(1, T, 2, 32)
@@ -260,7 +263,8 @@ def test_vertical_slash_blocks_and_attention():
     q += direction
     k[0, 100, :] = 4 * direction  # a vertical line at key 100 (block 6)
     o, (bi, bc) = block_sparse_prefill(q, k, v, block_size_q=bq, block_size_k=bk, last_q=8, n_vertical=1, n_slash=1,
-                                       n_sink=1, n_local=2, dense_below=0, return_blocks=True, out=poisoned(q))
+                                       n_sink=1, n_local=2, dense_below=0, return_blocks=True, out=poisoned(q),
+                                       estimator=estimator, top_p=0.5)
     kend = prefill_kend(T, T, bq, True, DEV)
     for h in range(2):
         for qb in range(T // bq):
@@ -271,6 +275,41 @@ def test_vertical_slash_blocks_and_attention():
                 assert 6 in row
     ref = block_sparse_prefill_naive(q.double(), k.double(), v.double(), bi, bc, bq, bk)
     assert rel(o, ref) < TOL
+
+
+@pytest.mark.parametrize("T,S,bq,bk,causal", [(100, 100, 16, 16, True), (70, 130, 32, 16, True), (50, 90, 16, 32, False)])
+def test_mass_vertical_slash_scores_match_loop_reference(T, S, bq, bk, causal):
+    q, k = rnd(2, T, 3, 16), 2 * rnd(2, S, 1, 16)
+    mass = sampled_block_mass(q, k, bq, bk, 2, causal)
+    vert, slash = mass_vertical_slash_scores(mass, T, S, bq, bk, causal)
+    ref_v, ref_s = mass_vertical_slash_scores_naive(mass, T, S, bq, bk, causal)
+    assert rel(vert, ref_v) < TOL and rel(slash, ref_s) < TOL
+
+
+@pytest.mark.parametrize("T,S,HQ,HKV,bq,bk,top_p", [(240, 240, 4, 2, 16, 16, 0.9), (150, 200, 2, 1, 32, 16, 0.7)])
+def test_vertical_slash_mass_recall_bound(T, S, HQ, HKV, bq, bk, top_p):
+    """estimator "mass": the pattern ∪ the top-p completion; the kept blocks hold >= top_p of the
+    estimated mass in every head and query block, the pattern's blocks are all kept, and the
+    attention over them matches the reference."""
+    q, k, v = rnd(1, T, HQ, 32), 3 * rnd(1, S, HKV, 32), rnd(1, S, HKV, 32)
+    kw = dict(block_size_q=bq, block_size_k=bk, n_vertical=2, n_slash=1, n_sink=1, n_local=1)
+    o, (bi, bc) = block_sparse_prefill(q, k, v, dense_below=0, return_blocks=True, out=poisoned(q), top_p=top_p,
+                                       sample_rows=4, **kw)
+    assert rel(o, block_sparse_prefill_naive(q.double(), k.double(), v.double(), bi, bc, bq, bk)) < TOL
+    est = sampled_block_mass_naive(q, k, bq, bk, 4)
+    vert, slash = mass_vertical_slash_scores(sampled_block_mass(q, k, bq, bk, 4), T, S, bq, bk)
+    cand = vs_pattern(vert, slash, T, S, bq, bk, 2, 1, 1, 1)
+    kend = prefill_kend(T, S, bq, True, DEV)
+    for h in range(HQ):
+        for qb in range(bi.shape[2]):
+            row = bi[0, h, qb, : int(bc[0, h, qb])].tolist()
+            assert row == sorted(set(row)) and all(0 <= x < -(-int(kend[qb]) // bk) for x in row)
+            assert {x for x in cand[0, h, qb].tolist() if x >= 0} <= set(row)
+            assert est[0, h, qb, row].sum().item() >= top_p - 1e-4
+    # sparser than dense, and the real recall is about top_p
+    assert bc.float().sum() < (-(-kend // bk)).float().sum() * HQ
+    rec, _ = sparse_quality(q[0], k[0], v[0], bi[0], bc[0], bq, bk)
+    assert rec.mean() > top_p - 0.15
 
 
 def test_sparse_quality_metrics():

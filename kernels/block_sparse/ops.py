@@ -214,11 +214,14 @@ def sampled_block_mass(q, k, block_size_q=64, block_size_k=64, rows=4, causal=Tr
     return torch.exp2(blk - row).mean(3)
 
 
-def topp_block_list(mass, kend, block_size_k, top_p=0.95, n_sink=1, n_local=2, max_blocks=None, min_blocks=0):
-    """Per (head, query block): the sink and local blocks, plus the fewest other visible key blocks, by
-    decreasing mass, whose mass brings the total to top_p (at least min_blocks and at most max_blocks
-    of them). mass: [B, H, NQB, NKB] (rows summing to 1); kend: [NQB] or [B, NQB] keys visible to each
-    query block. Returns block_idx [B, H, NQB, MAXK] int32 (ascending, packed) and block_cnt [B, H, NQB]."""
+def topp_block_list(mass, kend, block_size_k, top_p=0.95, n_sink=1, n_local=2, max_blocks=None, min_blocks=0,
+                    extra_idx=None):
+    """Per (head, query block): the sink and local blocks (and the blocks of extra_idx), plus the fewest
+    other visible key blocks, by decreasing mass, whose mass brings the total to top_p (at least
+    min_blocks and at most max_blocks of them). mass: [B, H, NQB, NKB] (rows summing to 1); kend: [NQB]
+    or [B, NQB] keys visible to each query block; extra_idx: None or [B, H, NQB, E] int key blocks always
+    kept (entries < 0 or not visible are ignored; duplicates allowed), e.g. a vertical-slash pattern.
+    Returns block_idx [B, H, NQB, MAXK] int32 (ascending, packed) and block_cnt [B, H, NQB]."""
     B, H, NQB, NKB = mass.shape
     dev = mass.device
     if kend.dim() == 1:
@@ -227,6 +230,13 @@ def topp_block_list(mass, kend, block_size_k, top_p=0.95, n_sink=1, n_local=2, m
     kb = torch.arange(NKB, device=dev).view(1, 1, 1, -1)
     vis = kb < nkb_q
     base = vis & ((kb < n_sink) | (kb >= nkb_q - n_local))
+    if extra_idx is not None:
+        extra_idx = extra_idx.long()
+        e_ok = (extra_idx >= 0) & (extra_idx < nkb_q)
+        extra_idx = torch.where(e_ok, extra_idx, _BIG)
+        hit = torch.zeros(B, H, NQB, NKB + 1, dtype=torch.bool, device=dev)
+        hit.scatter_(-1, extra_idx.clamp(max=NKB), True)
+        base = base | hit[..., :NKB]
     covered = (mass * base).sum(-1, keepdim=True)
     rest = torch.where(vis & ~base, mass, -1.0)
     vals, order = rest.sort(-1, descending=True)
@@ -248,7 +258,15 @@ def topp_block_list(mass, kend, block_size_k, top_p=0.95, n_sink=1, n_local=2, m
     dup = torch.zeros_like(bok)
     dup[..., n_sink:] = (bidx[..., n_sink:, None] == bidx[..., None, :n_sink]).any(-1) if n_sink else False
     bidx = torch.where(bok & ~dup, bidx, _BIG)
-    idx = torch.cat([bidx, chosen], -1).sort(-1).values
+    parts = [bidx, chosen]
+    if extra_idx is not None:
+        # extra blocks that are not sink/local blocks, each once (the chosen ones exclude all of base)
+        ex = extra_idx.sort(-1).values
+        ex_dup = torch.zeros_like(ex, dtype=torch.bool)
+        ex_dup[..., 1:] = ex[..., 1:] == ex[..., :-1]
+        ex_base = (ex < n_sink) | (ex >= nkb_q - n_local)
+        parts.append(torch.where(ex_dup | ex_base, _BIG, ex))
+    idx = torch.cat(parts, -1).sort(-1).values
     cnt = (idx < _BIG).sum(-1).to(torch.int32)
     idx = idx[..., : max(1, int(cnt.max().item()))]
     return torch.where(idx >= _BIG, 0, idx).to(torch.int32), cnt

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..block_sparse.naive import block_sparse_attention_naive
@@ -38,3 +40,28 @@ def vertical_slash_scores_naive(q, k, last_q=64, scale=None, causal=True, block_
                     if 0 <= o < S:
                         slash[b, h, o // block_size_k] += p[j]
     return vert, slash
+
+
+def mass_vertical_slash_scores_naive(mass, T, S, block_size_q=64, block_size_k=64, causal=True):
+    """Loop-form reference of ops.mass_vertical_slash_scores (float64): per key block the mean mass over
+    the query blocks that see it; per block-diagonal the mean mass over the (query block, key block)
+    pairs whose centres lie on it."""
+    B, H, NQB, NKB = mass.shape
+    vert = torch.zeros(B, H, NKB, dtype=torch.float64)
+    slash = torch.zeros(B, H, NKB, dtype=torch.float64)
+    nv = torch.zeros(NKB)
+    ns = torch.zeros(NKB)
+    delta = S - T if causal else 0
+    for qb in range(NQB):
+        t0, t1 = qb * block_size_q, min(T, (qb + 1) * block_size_q) - 1
+        kend = min(S, t1 + 1 + delta) if causal else S
+        for kb in range(-(-kend // block_size_k)):
+            k0, k1 = kb * block_size_k, min(S, (kb + 1) * block_size_k) - 1
+            m = mass[:, :, qb, kb].double().cpu()
+            vert[:, :, kb] += m
+            nv[kb] += 1
+            d = math.floor(((t0 + t1) / 2 + delta - (k0 + k1) / 2) / block_size_k)
+            if 0 <= d < NKB:
+                slash[:, :, d] += m
+                ns[d] += 1
+    return vert / nv.clamp(min=1), slash / ns.clamp(min=1)

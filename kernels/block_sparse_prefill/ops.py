@@ -1,10 +1,20 @@
 """MInference-style vertical-slash sparse prefill on the block-sparse core.
 
-The last `last_q` queries are scored against every key (one small dense product); the attention
-they put on each key (vertical lines: keys every query looks at) and on each query-key offset
-(slash lines: diagonals, e.g. the local window or periodic structure) is summed per key block and per
-block-diagonal. The best `n_vertical` key blocks and `n_slash` block-diagonals, plus the sink
-blocks and the first `n_local` diagonals, become per-query-block lists for block_sparse_attention.
+A vertical-slash pattern is the union of key blocks every query looks at (vertical lines) and of
+query-key offsets (slash lines: diagonals, e.g. the local window or periodic structure). The best
+`n_vertical` key blocks and `n_slash` block-diagonals, plus the sink blocks and the first `n_local`
+diagonals, become per-query-block lists for block_sparse_attention. Two estimators score them:
+
+- "mass" (default): the sampled exact attention of `sample_rows` rows of every query block
+  (block_sparse.sampled_block_mass, the estimator of HiP's "mass" prefill) gives each (query block,
+  key block) its attention mass; vertical scores are the mean mass of each key block and slash scores
+  the mean mass of each block-diagonal, over the query blocks that see them. The pattern is then
+  completed per head and query block with the fewest further blocks, by decreasing mass, that bring
+  the kept mass to `top_p` (block_sparse.topp_block_list): the recall bound of HiP's "mass" prefill,
+  with the vertical-slash blocks counted towards it.
+- "last_q" (MInference): the last `last_q` queries are scored against every key (one small dense
+  product); their attention is summed per key block and per block-diagonal. A fixed budget with no
+  recall bound (the pattern of the last queries is assumed for all).
 """
 
 from __future__ import annotations
@@ -12,8 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..block_sparse.ops import block_sparse_attention
+from ..block_sparse.ops import block_sparse_attention, sampled_block_mass, topp_block_list
 from ..flash_prefill.ops import flash_prefill
+from ..hip_attention.ops import prefill_kend
 from ..utils import check_gqa, default_scale
 
 _BIG = 1 << 30
@@ -52,17 +63,41 @@ def vertical_slash_scores(q, k, last_q=64, scale=None, causal=True, head_chunk=8
     return vert.view(B, HQ, nkb, block_size_k).sum(-1), slash.view(B, HQ, nkb, block_size_k).sum(-1)
 
 
-def vertical_slash_blocks(q, k, block_size_q=64, block_size_k=64, last_q=64, n_vertical=32, n_slash=16,
-                          n_sink=1, n_local=2, causal=True, scale=None):
-    """Per-query-block key-block lists from vertical-slash estimation.
+def mass_vertical_slash_scores(mass, T, S, block_size_q=64, block_size_k=64, causal=True):
+    """Vertical and slash scores from block masses mass [B, H, NQB, NKB] (rows summing to 1, e.g. from
+    sampled_block_mass): vertical[kb] = mean mass of key block kb over the query blocks that see it;
+    slash[d] = mean mass of block-diagonal d over the query blocks that have it, where (query block qb,
+    key block kb) lies on d = floor((centre of qb - centre of kb) / block_size_k) on the key axis
+    (bottom-right aligned). Returns two [B, H, NKB] float32."""
+    B, H, NQB, NKB = mass.shape
+    dev = mass.device
+    kend = prefill_kend(T, S, block_size_q, causal, dev)  # [NQB]
+    kb = torch.arange(NKB, device=dev)
+    vis = kb[None, :] < ((kend + block_size_k - 1) // block_size_k)[:, None]  # [NQB, NKB]
+    m = mass.float() * vis
+    vert = m.sum(2) / vis.sum(0).clamp(min=1)
+    delta = S - T if causal else 0
+    m0 = torch.arange(NQB, device=dev) * block_size_q
+    qc = (m0 + torch.clamp(m0 + block_size_q, max=T) - 1 + 2 * delta).double() / 2  # query-block centres
+    kc = (kb * block_size_k + torch.clamp(kb * block_size_k + block_size_k, max=S) - 1).double() / 2
+    d = torch.floor((qc[:, None] - kc[None, :]) / block_size_k).long()
+    d = torch.where(vis & (d >= 0) & (d < NKB), d, NKB).view(-1)  # spare slot NKB dropped below
+    num = torch.zeros(B, H, NKB + 1, device=dev, dtype=torch.float32)
+    num.scatter_add_(-1, d.view(1, 1, -1).expand(B, H, -1), m.view(B, H, -1))
+    den = torch.zeros(NKB + 1, device=dev, dtype=torch.float32).scatter_add_(0, d, vis.view(-1).float())
+    return vert, num[..., :NKB] / den[:NKB].clamp(min=1)
 
-    Returns block_idx [B, HQ, NQB, MAXK] int32 (ascending, packed) and block_cnt [B, HQ, NQB]."""
-    B, T, HQ, D = q.shape
-    S = k.shape[1]
-    dev = q.device
-    nkb = triton.cdiv(S, block_size_k)
+
+def vs_pattern(vert, slash, T, S, block_size_q=64, block_size_k=64, n_vertical=32, n_slash=16, n_sink=1,
+               n_local=2, causal=True):
+    """Key-block candidates of a vertical-slash pattern: the sink blocks, the `n_vertical` best key
+    blocks by vert and the blocks crossed by the first `n_local` and the `n_slash` best further
+    block-diagonals by slash ([B, H, NKB] each). Returns cand [B, H, NQB, E] int64, unsorted, with
+    duplicates, blocks not visible to the query block set to -1."""
+    B, HQ, nkb = vert.shape
+    dev = vert.device
     nqb = triton.cdiv(T, block_size_q)
-    vert, slash = vertical_slash_scores(q, k, last_q, scale, causal, block_size_k=block_size_k)
+    vert, slash = vert.clone(), slash.clone()
     # always-kept parts are excluded from the competition
     vert[..., :n_sink] = float("-inf")
     slash[..., :n_local] = float("-inf")
@@ -87,12 +122,41 @@ def vertical_slash_blocks(q, k, block_size_q=64, block_size_k=64, last_q=64, n_v
     sl = torch.where(sl >= lo[..., None], sl, -1).flatten(-2)
     cand = torch.cat([sink[:, :, None, :].expand(B, HQ, nqb, -1), v_sel[:, :, None, :].expand(B, HQ, nqb, -1), sl], -1)
     ok = (cand >= 0) & (cand * block_size_k < kend[None, None, :, None])
-    cand = torch.where(ok, cand, _BIG).sort(-1).values
-    dup = torch.zeros_like(ok)
+    return torch.where(ok, cand, -1)
+
+
+def _pack(cand):
+    """Candidates [..., E] (-1 = none, duplicates allowed) -> ascending unique lists and counts."""
+    cand = torch.where(cand >= 0, cand, _BIG).sort(-1).values
+    dup = torch.zeros_like(cand, dtype=torch.bool)
     dup[..., 1:] = cand[..., 1:] == cand[..., :-1]
     cand = torch.where(dup, _BIG, cand).sort(-1).values
     cnt = (cand < _BIG).sum(-1).to(torch.int32)
+    cand = cand[..., : max(1, int(cnt.max().item()))] if cand.numel() else cand
     return torch.where(cand == _BIG, 0, cand).to(torch.int32), cnt
+
+
+def vertical_slash_blocks(q, k, block_size_q=64, block_size_k=64, last_q=64, n_vertical=32, n_slash=16,
+                          n_sink=1, n_local=2, causal=True, scale=None, estimator="mass", top_p=0.95,
+                          sample_rows=4, max_blocks=None):
+    """Per-query-block key-block lists from vertical-slash estimation (see the module docstring for the
+    estimators; top_p, sample_rows and max_blocks, a cap on the top-p completion, apply to "mass").
+
+    Returns block_idx [B, HQ, NQB, MAXK] int32 (ascending, packed) and block_cnt [B, HQ, NQB]."""
+    T, S = q.shape[1], k.shape[1]
+    if estimator == "last_q":
+        vert, slash = vertical_slash_scores(q, k, last_q, scale, causal, block_size_k=block_size_k)
+        return _pack(vs_pattern(vert, slash, T, S, block_size_q, block_size_k, n_vertical, n_slash, n_sink, n_local,
+                                causal))
+    if estimator != "mass":
+        raise ValueError(f"unknown estimator {estimator!r} (expected 'mass' or 'last_q')")
+    mass = sampled_block_mass(q, k, block_size_q, block_size_k, sample_rows, causal, scale)
+    vert, slash = mass_vertical_slash_scores(mass, T, S, block_size_q, block_size_k, causal)
+    cand = vs_pattern(vert, slash, T, S, block_size_q, block_size_k, n_vertical, n_slash, n_sink, n_local, causal)
+    kend = prefill_kend(T, S, block_size_q, causal, q.device)
+    # the local diagonals of the pattern may reach one block further back than topp_block_list's
+    # n_local last blocks: they are all in extra_idx, so the kept set is pattern ∪ top-p completion
+    return topp_block_list(mass, kend, block_size_k, top_p, n_sink, n_local, max_blocks=max_blocks, extra_idx=cand)
 
 
 def block_sparse_prefill(
@@ -111,14 +175,21 @@ def block_sparse_prefill(
     dense_below: int = 8192,
     return_blocks: bool = False,
     out: torch.Tensor | None = None,
+    estimator: str = "mass",
+    top_p: float = 0.95,
+    sample_rows: int = 4,
+    max_blocks: int | None = None,
 ):
     """Vertical-slash sparse prefill. q: [B, T, HQ, D]; k, v: [B, S, HKV, D]; dense flash_prefill
-    below dense_below keys. Returns o [B, T, HQ, D] (and (block_idx, block_cnt) with return_blocks)."""
+    below dense_below keys. estimator "mass" (default): the pattern estimated from sampled exact rows
+    of every query block, completed per head and query block to `top_p` of the estimated attention
+    mass (at most `max_blocks` blocks added when given); "last_q": MInference's fixed-budget pattern of
+    the last `last_q` queries. Returns o [B, T, HQ, D] (and (block_idx, block_cnt) with return_blocks)."""
     S = k.shape[1]
     if S < dense_below:
         o = flash_prefill(q, k, v, causal=causal, scale=scale, out=out)
         return (o, None) if return_blocks else o
     blocks = vertical_slash_blocks(q, k, block_size_q, block_size_k, last_q, n_vertical, n_slash, n_sink,
-                                   n_local, causal, scale)
+                                   n_local, causal, scale, estimator, top_p, sample_rows, max_blocks)
     o = block_sparse_attention(q, k, v, *blocks, block_size_q, block_size_k, causal=causal, scale=scale, out=out)
     return (o, blocks) if return_blocks else o
