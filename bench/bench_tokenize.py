@@ -3,7 +3,7 @@ of the build on the corpus and on the corpus concatenated N times.
 
     python bench/bench_tokenize.py --corpus /path/to/corpora [--repeat 10] [--out bench/results/tokenize.json]
 
-The baseline reads the same JSONL documents and calls the transformers tokenizer on batches of 1,000
+Baseline and ours run interleaved for --rounds pairs; medians are reported. The baseline reads the same JSONL documents and calls the transformers tokenizer on batches of 1,000
 texts in one process (its Rust backend may use both cores itself); it stores nothing. Ours is the real
 `tokenize` stage: parse, tokenize in worker processes, write the token stream and the SQLite store.
 Peak memory is the whole process tree's RSS, sampled every 20 ms.
@@ -68,15 +68,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, required=True, help="directory of *.jsonl (shared/corpora/fetch.sh output)")
     ap.add_argument("--repeat", type=int, default=10, help="times the corpus is concatenated for the memory check")
+    ap.add_argument("--rounds", type=int, default=3, help="baseline/ours pairs, interleaved (the machine is shared)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/tokenize.json"))
     args = ap.parse_args()
     files = sorted(args.corpus.glob("*.jsonl"))
     size = sum(f.stat().st_size for f in files)
     work = Path(tempfile.mkdtemp(prefix="bench-tok-"))
     try:
-        base = baseline(files)
-        ours = run_build_measured(files, work / "idx1")
-        assert ours["tokens"] == base["tokens"], (ours["tokens"], base["tokens"])
+        bases, ourss = [], []
+        for r in range(args.rounds):   # interleaved, so both see the same load on a shared machine
+            bases.append(baseline(files))
+            ourss.append(run_build_measured(files, work / f"idx1-{r}"))
+            assert ourss[-1]["tokens"] == bases[-1]["tokens"], (ourss[-1]["tokens"], bases[-1]["tokens"])
+            shutil.rmtree(work / f"idx1-{r}")
+            print(f"round {r}: baseline {bases[-1]['seconds']:.1f}s, ours {ourss[-1]['seconds']:.1f}s", flush=True)
+        base = sorted(bases, key=lambda b: b["seconds"])[len(bases) // 2]
+        ours = sorted(ourss, key=lambda b: b["seconds"])[len(ourss) // 2]
         big = work / "corpus_x.jsonl"
         with open(big, "wb") as out:
             for _ in range(args.repeat):
@@ -92,6 +99,9 @@ def main() -> None:
         "baseline_single_process_tokenizer_batch": {**base, "mb_per_s": size / 1e6 / base["seconds"]},
         "ours_tokenize_stage": {**ours, "mb_per_s": size / 1e6 / ours["seconds"]},
         "speedup": base["seconds"] / ours["seconds"],
+        "rounds": [{"baseline_s": b["seconds"], "ours_s": o["seconds"], "speedup": b["seconds"] / o["seconds"]}
+                   for b, o in zip(bases, ourss)],
+        "load_average_at_end": os.getloadavg(),
         f"ours_corpus_x{args.repeat}": {**ours_big, "mb_per_s": args.repeat * size / 1e6 / ours_big["seconds"]},
         "peak_rss_ratio_x{}_vs_x1".format(args.repeat): ours_big["peak_rss_mib"] / ours["peak_rss_mib"],
     }

@@ -70,11 +70,29 @@ class HFTokenizer:
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.eos_token_id = eos_token_id
         self._hf = hf                   # the transformers tokenizer, kept only to save a copy
+        self._fast = False              # FastByteLevelBPE, None where it does not apply; built on first use
+
+    @property
+    def fast(self):
+        if self._fast is False:
+            from .fast_bpe import FastByteLevelBPE
+
+            self._fast = FastByteLevelBPE.from_tokenizer_json(self.backend.to_str())
+        return self._fast
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Through the faster byte-level BPE engine where it gives the same ids, else the HF backend."""
+        if self.fast is None:
+            return self._encode_batch_hf(texts)
+        out, hard = self.fast.encode_batch(texts)
+        for i, ids in zip(hard, self._encode_batch_hf([texts[i] for i in hard])):
+            out[i] = ids
+        return out
+
+    def _encode_batch_hf(self, texts: list[str]) -> list[np.ndarray]:
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         return [np.asarray(e.ids, dtype=np.int64) for e in encode(texts, add_special_tokens=False)]
 
