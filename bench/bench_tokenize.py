@@ -26,10 +26,12 @@ import psutil
 
 
 def baseline(files: list[Path]) -> dict:
+    from transformers import AutoTokenizer
+
     from retrogram.index.corpus import iter_documents
     from retrogram.index.tokenizer import load_tokenizer
 
-    hf = load_tokenizer(None)._hf
+    hf = AutoTokenizer.from_pretrained(str(load_tokenizer(None).files[0].parent))   # SmolLM2's, via transformers
     t0, n_tok, batch = time.perf_counter(), 0, []
     for doc in iter_documents(files):
         batch.append(doc.text)

@@ -62,14 +62,17 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face fast tokenizer, driven through its Rust backend (no special tokens added)."""
+    """A Hugging Face fast tokenizer, driven through its Rust backend (no special tokens added).
 
-    def __init__(self, backend, name: str, eos_token_id: int | None, hf=None):
+    It is read from a directory holding `tokenizer.json` (through `tokenizers` alone: no transformers
+    import), and saved by copying that directory's tokenizer files."""
+
+    def __init__(self, backend, name: str, eos_token_id: int | None, files: list[Path]):
         self.backend = backend          # tokenizers.Tokenizer
         self.name = name
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.eos_token_id = eos_token_id
-        self._hf = hf                   # the transformers tokenizer, kept only to save a copy
+        self.files = files              # what `save` copies: tokenizer.json and its configuration
         self._fast = False              # FastByteLevelBPE, None where it does not apply; built on first use
 
     @property
@@ -100,16 +103,44 @@ class HFTokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def save(self, out_dir: Path) -> None:
-        self._hf.save_pretrained(str(out_dir))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in self.files:
+            shutil.copyfile(f, out_dir / f.name)
 
     def identity_file(self, tok_dir: Path) -> Path:
         return tok_dir / "tokenizer.json"
 
 
-def _from_transformers(hf, name: str) -> HFTokenizer:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _from_directory(path: Path, name: str) -> HFTokenizer:
+    """A directory with tokenizer.json; raises whatever `tokenizers` raises for a broken one."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+    cfg = {}
+    if (path / "tokenizer_config.json").is_file():
+        cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    eos = cfg.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eos_id = backend.token_to_id(eos) if isinstance(eos, str) else None
+    files = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
+    return HFTokenizer(backend, name, eos_id, files)
+
+
+def _convert_to_fast(load, out: Path) -> None:
+    """Save a transformers tokenizer (`load()` returns it) as a fast tokenizer directory at `out`, atomically."""
+    hf = load()
     if not getattr(hf, "is_fast", False):
-        raise UserError(f"--tokenizer {name}: only fast (tokenizer.json) tokenizers are supported")
-    return HFTokenizer(hf.backend_tokenizer, name, hf.eos_token_id, hf)
+        raise UserError(f"tokenizer at {out.name}: only fast (tokenizer.json) tokenizers are supported")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    hf.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _cache_dir() -> Path:
@@ -117,21 +148,14 @@ def _cache_dir() -> Path:
 
 
 def _load_smollm2() -> HFTokenizer:
-    """Converting the GGUF's vocabulary takes seconds, so the converted tokenizer is cached once."""
-    from transformers import AutoTokenizer
-
+    """Converting the GGUF's vocabulary takes seconds (and transformers), so it is done once and cached."""
     cached = _cache_dir() / "smollm2-tokenizer"
-    if (cached / "tokenizer.json").is_file():
-        return _from_transformers(AutoTokenizer.from_pretrained(str(cached)), DEFAULT_TOKENIZER)
-    hf = AutoTokenizer.from_pretrained(str(smollm2_package_dir()), gguf_file=SMOLLM2_GGUF)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".smollm2-"))
-    hf.save_pretrained(str(tmp))
-    try:
-        os.replace(tmp, cached)
-    except OSError:  # another process cached it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return _from_transformers(hf, DEFAULT_TOKENIZER)
+    if not (cached / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        _convert_to_fast(lambda: AutoTokenizer.from_pretrained(str(smollm2_package_dir()), gguf_file=SMOLLM2_GGUF),
+                         cached)
+    return _from_directory(cached, DEFAULT_TOKENIZER)
 
 
 def load_tokenizer(spec: str | None):
@@ -146,14 +170,21 @@ def load_tokenizer(spec: str | None):
         raise UserError(f"--tokenizer {spec}: expected 'smollm2', 'bytes' or a local tokenizer directory; no such directory")
     if (path / BYTES_MARKER).is_file():
         return ByteTokenizer()
-    from transformers import AutoTokenizer
-
+    name = path.resolve().name
     try:
-        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:  # transformers raises many types for a broken directory
+        if not (path / "tokenizer.json").is_file():   # a slow tokenizer: transformers converts it once
+            from transformers import AutoTokenizer
+
+            converted = _cache_dir() / "converted" / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+            if not (converted / "tokenizer.json").is_file():
+                _convert_to_fast(lambda: AutoTokenizer.from_pretrained(str(path), local_files_only=True), converted)
+            path = converted
+        return _from_directory(path, name)
+    except UserError:
+        raise
+    except Exception as e:  # tokenizers/transformers raise many types for a broken directory
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--tokenizer {spec}: does not load as a Hugging Face tokenizer ({first})") from None
-    return _from_transformers(hf, path.resolve().name)
 
 
 def tokenizer_identity(tok, tok_dir: Path) -> dict:
@@ -170,15 +201,11 @@ def load_index_tokenizer(index_dir: Path | str):
         return ByteTokenizer()
     if not (tok_dir / "tokenizer.json").is_file():
         raise IndexFormatError(f"{tok_dir}: missing tokenizer copy (tokenizer.json or {BYTES_MARKER})")
-    from tokenizers import Tokenizer
+    from .manifest import MANIFEST, Manifest
 
-    cfg = {}
-    if (tok_dir / "tokenizer_config.json").is_file():
-        cfg = json.loads((tok_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    backend = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    eos = cfg.get("eos_token")
-    eos_id = backend.token_to_id(eos) if isinstance(eos, str) else None
-    from .manifest import Manifest
-
-    name = Manifest.load(index_dir).tokenizer["name"] if (Path(index_dir) / "manifest.json").is_file() else tok_dir.name
-    return HFTokenizer(backend, name, eos_id)
+    has_manifest = (Path(index_dir) / MANIFEST).is_file()
+    name = Manifest.load(index_dir).tokenizer["name"] if has_manifest else tok_dir.name
+    try:
+        return _from_directory(tok_dir, name)
+    except Exception as e:
+        raise IndexFormatError(f"{tok_dir / 'tokenizer.json'}: does not load ({e})") from None

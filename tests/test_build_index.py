@@ -254,3 +254,22 @@ def test_killed_build_resumes_to_the_same_index(tmp_path, larger_corpus):
     assert summary["skipped"] == ["tokenize"] and summary["ran"] == ["ngram"]
     assert index_fingerprint(out) == index_fingerprint(ref)
     assert not any(p.name.startswith(".tmp") for p in out.iterdir())
+
+
+def test_slow_tokenizer_directory_is_converted_once(tmp_path, capsys, monkeypatch):
+    """A directory without tokenizer.json (a WordPiece vocab.txt) goes through transformers once."""
+    monkeypatch.setenv("RETROGRAM_CACHE", str(tmp_path / "cache"))
+    tok_dir = tmp_path / "wordpiece"
+    tok_dir.mkdir()
+    (tok_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "to", "be", "or",
+                                                  "not", "that", "is", "the", "question"]) + "\n")
+    (tok_dir / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer", "do_lower_case": true}')
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "To be or not to be"}, {"text": "that is the question"}])
+    out = tmp_path / "idx"
+    code, stdout, err = run_cli(capsys, "build-index", "--corpus", corpus, "--out", out, "--tokenizer", tok_dir,
+                                "--stages", "tokenize", "--json")
+    assert code == 0, err
+    stream = TokenStream.open(out)
+    assert stream.tokens.dtype == np.uint8                       # 13 ids fit u8
+    assert stream.doc(0).tolist() == [5, 6, 7, 8, 5, 6] and stream.doc(1).tolist() == [9, 10, 11, 12]
+    assert load_index_tokenizer(out).decode(stream.doc(1)) == "that is the question"
