@@ -58,6 +58,31 @@ def _weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def cpu_threads(requested: int | None = None) -> int | None:
+    """Intra-op threads for CPU inference: `requested`; else None (leave torch's choice) when OMP_NUM_THREADS
+    is set; else the cores this process may use that the 1-minute load average leaves free, counting this
+    process as one of the running (at least 1).
+
+    torch's default (every core) spin-waits badly when other processes hold the cores: on a 2-core machine at
+    load ~3.5, MiniLM ran 22-27 chunks/s with 2 threads and 34-42 chunks/s with 1 (bench/results/retrieval_cpu.json,
+    `embed_threads`)."""
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0:
+            raise UserError(f"threads {requested!r}: expected a positive integer")
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = max(0.0, os.getloadavg()[0] - 1.0)   # others' runnable threads
+    except OSError:
+        return cores
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
 def pick_device(device: str | None) -> str:
     import torch
 
@@ -93,12 +118,17 @@ class Embedder:
     """
 
     def __init__(self, name: str, path: Path, device: str | None = None, batch_tokens: int | None = None,
-                 cpu_bf16: bool | str = "auto"):
+                 cpu_bf16: bool | str = "auto", threads: int | None = None):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         self.device = pick_device(device)
         self.path = path
+        self.threads = None
+        if self.device == "cpu":   # see cpu_threads: all cores spin-wait under contention
+            self.threads = cpu_threads(threads)
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
         cfg = _st_config(path)
         self.pooling, self.normalize, max_len = cfg
         try:

@@ -58,3 +58,21 @@ def test_bad_embedder_arguments(tmp_path):
         Embedder.load(device="tpu")
     with pytest.raises(UserError, match=r"texts\[1\]"):
         Embedder.load(device="cpu").encode(["ok", 3])
+
+
+def test_cpu_threads(monkeypatch):
+    from retrogram.index.embed import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert cpu_threads() == 4
+    monkeypatch.setattr("os.getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert cpu_threads() == 2
+    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert cpu_threads() == 1
+    assert cpu_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads() is None
+    with pytest.raises(UserError):
+        cpu_threads(0)
