@@ -126,6 +126,7 @@ def main() -> int:
     threads = [1, all_t]
     out: dict = {"machine": args.machine, "cpu_threads": all_t, "faiss": faiss.__version__, "torch": torch.__version__,
                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "k": args.k,
+                 "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
                  "timing": f"each point: repeated calls for >= {args.min_seconds}s after one warm-up call"}
     try:
         import cpuinfo  # noqa: F401

@@ -267,15 +267,63 @@ class FaissSearcher:
         return SearchResult(scores, ids)
 
     def _rerank(self, q: np.ndarray, I: np.ndarray, k: int):
-        """Exact inner products of the shortlist against the stored float16 embeddings."""
-        valid = I >= 0
-        safe = np.where(valid, I, 0)
-        vecs = np.asarray(self.emb[safe.ravel()], dtype=np.float32).reshape(*safe.shape, -1)
-        D = np.matmul(vecs, q[:, :, None])[:, :, 0]
-        D = np.where(valid, D, -np.inf).astype(np.float32)
-        order = np.argsort(-D, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(D, order, 1), np.where(np.take_along_axis(valid, order, 1),
-                                                         np.take_along_axis(I, order, 1), -1)
+        """Exact inner products of the shortlist against the stored float16 embeddings, on as many threads as
+        FAISS searches with (`faiss.omp_get_max_threads()`): blocks of RERANK_BLOCK queries on a thread pool, each block's
+        gather, float16 -> float32 cast, batched dot products and top-k in numpy calls that release the GIL."""
+        m, kk = I.shape
+        kout = min(k, kk)
+        scores = np.empty((m, kout), np.float32)
+        ids = np.empty((m, kout), np.int64)
+        bounds = list(range(0, m, RERANK_BLOCK)) + [m]
+        blocks = list(zip(bounds[:-1], bounds[1:]))
+
+        def work(b):
+            _rerank_block(self.emb, q[b[0]:b[1]], I[b[0]:b[1]], kout, scores[b[0]:b[1]], ids[b[0]:b[1]])
+
+        nt = min(_omp_threads(), len(blocks))
+        if nt <= 1:
+            for b in blocks:
+                work(b)
+        else:
+            list(_pool(nt).map(work, blocks))
+        return scores, ids
+
+
+RERANK_BLOCK = 32         # queries per re-ranking block (its float32 shortlist vectors stay in cache)
+_POOL: list = [None, 0]
+
+
+def _omp_threads() -> int:
+    try:
+        return max(1, int(_faiss().omp_get_max_threads()))
+    except Exception:
+        return 1
+
+
+def _pool(n: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _POOL[1] != n:
+        if _POOL[0] is not None:
+            _POOL[0].shutdown(wait=False)
+        _POOL[0], _POOL[1] = ThreadPoolExecutor(n, thread_name_prefix="rerank"), n
+    return _POOL[0]
+
+
+def _rerank_block(emb: np.ndarray, q: np.ndarray, I: np.ndarray, k: int, out_s: np.ndarray, out_i: np.ndarray) -> None:
+    """Exact top-k of one block of queries' shortlists I ([m, kk], -1 = none) into out_s / out_i ([m, k])."""
+    valid = I >= 0
+    safe = np.where(valid, I, 0)
+    vecs = np.take(emb, safe.ravel(), axis=0).astype(np.float32).reshape(*safe.shape, -1)
+    D = np.matmul(vecs, q[:, :, None])[:, :, 0]
+    D[~valid] = -np.inf
+    if k < D.shape[1]:
+        part = np.argpartition(-D, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(part, np.argsort(-np.take_along_axis(D, part, 1), axis=1, kind="stable"), 1)
+    else:
+        order = np.argsort(-D, axis=1, kind="stable")
+    out_s[:] = np.take_along_axis(D, order, 1)
+    out_i[:] = np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(I, order, 1), -1)
 
 
 def exact_search(emb: np.ndarray, q: np.ndarray, k: int, exclude: Sequence[Ranges] | None = None,

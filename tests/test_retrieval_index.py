@@ -190,3 +190,38 @@ def test_cli_retrieve_and_neighbours(ridx, tmp_path, capsys):
     capsys.readouterr()
     assert np.array_equal(np.load(tmp_path / "n.npy"), np.load(tmp_path / "n.npz")["ids"])
     assert main(["neighbours", "--index", str(ridx), "--out", str(tmp_path / "n.txt")]) == 2
+
+
+def test_threaded_rerank_is_exact(ridx, monkeypatch):
+    """The re-ranking runs in blocks on a thread pool (faiss's thread count): the same exact scores and order as
+    brute force over the shortlist, whatever the block size or thread count, with -1 holes in the shortlist."""
+    import faiss
+
+    from retrogram.index import faiss_index as fi
+
+    emb, _ = load_embeddings(ridx)
+    s = FaissSearcher(make_index("Flat", emb.shape[1]), {"exact": False, "rerank": 4}, emb, gpu=False)
+    rng = np.random.default_rng(3)
+    q = np.asarray(emb[rng.choice(len(emb), 50, replace=False)], dtype=np.float32) + 0.01
+    shortlist = rng.integers(0, len(emb), (50, 12))
+    shortlist[rng.random(shortlist.shape) < 0.2] = -1
+    shortlist[7] = -1                       # a query with nothing to re-rank
+    ref_s = np.einsum("md,mkd->mk", q, np.asarray(emb[np.where(shortlist >= 0, shortlist, 0)], dtype=np.float32))
+    ref_s[shortlist < 0] = -np.inf
+    old = faiss.omp_get_max_threads()
+    try:
+        for threads, block in ((1, 32), (3, 4), (4, 1)):
+            faiss.omp_set_num_threads(threads)
+            monkeypatch.setattr(fi, "RERANK_BLOCK", block)
+            got_s, got_i = s._rerank(q, shortlist, 5)
+            for r in range(len(q)):
+                want = np.sort(ref_s[r])[::-1][:5]
+                assert np.allclose(got_s[r], want, atol=1e-5)
+                for sc, i in zip(got_s[r], got_i[r]):
+                    if np.isfinite(sc):
+                        assert i >= 0 and np.isclose(ref_s[r][list(shortlist[r]).index(i)], sc, atol=1e-5)
+                    else:
+                        assert i == -1
+            assert (got_i[7] == -1).all()
+    finally:
+        faiss.omp_set_num_threads(old)
