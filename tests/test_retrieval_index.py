@@ -44,6 +44,7 @@ def _sets(ids):
 # -- faiss / torch search ------------------------------------------------------------------------------
 def test_factory_choice():
     assert choose_factory(1000, 384) == "Flat"
+    assert choose_factory(1_000_000, 384) == "HNSW32,Flat"
     assert choose_factory(5_000_000, 384).startswith("IVF") and choose_factory(5_000_000, 384).endswith(",SQ8")
     with pytest.raises(UserError, match="--faiss-factory"):
         make_index("NotAFactory99", 384)
