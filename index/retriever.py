@@ -91,11 +91,13 @@ class Retriever:
 
         embedder: the query embedder (default: the index's; another one must be the same model).
         backend: 'faiss' (FAISS index, faiss-gpu when installed), 'torch' (exact search in torch, on
-        CUDA when available) or 'auto' (torch on CUDA for exact indexes when faiss has no GPU, else faiss).
+        CUDA when available), 'torch-ivf' (the FAISS IVF index's lists searched in torch, vectors streamed
+        from host memory: `TorchIVFSearcher`) or 'auto' (on CUDA when faiss has no GPU: torch for exact
+        indexes, torch-ivf for IVF ones; else faiss).
         """
         index_dir = Path(index_dir)
-        if backend not in ("auto", "faiss", "torch"):
-            raise UserError(f"backend {backend!r}: expected auto, faiss or torch")
+        if backend not in ("auto", "faiss", "torch", "torch-ivf"):
+            raise UserError(f"backend {backend!r}: expected auto, faiss, torch or torch-ivf")
         manifest = Manifest.load(index_dir)
         manifest.require_stage(index_dir, "faiss")
         table = ChunkTable.open(index_dir)
@@ -110,6 +112,13 @@ class Retriever:
             from .torch_search import TorchExactSearcher
 
             searcher = TorchExactSearcher(emb, device=device if device not in (None, "auto") else None)
+        elif backend == "torch-ivf" or (backend == "auto" and not searcher.on_gpu and _cuda() and _plain_ivf(searcher)):
+            from .torch_ivf import TorchIVFSearcher
+
+            if not _plain_ivf(searcher):
+                raise UserError("backend torch-ivf: the FAISS index is not an IVF index without a pre-transform")
+            searcher = TorchIVFSearcher.from_faiss(searcher.index, emb, nprobe=searcher.nprobe,
+                                                   device=device if device not in (None, "auto") else None)
         return cls(index_dir, table, searcher, emb, embedder, device)
 
     # -- embedder --------------------------------------------------------------------------------------
@@ -310,6 +319,15 @@ class Retriever:
             np.save(tmp, ids)
         os.replace(tmp, out)
         return {"out": str(out), "chunks": n, "k": k, "missing": int((ids < 0).sum())}
+
+
+def _plain_ivf(searcher) -> bool:
+    """An IVF FAISS index (any codes) without a pre-transform: what TorchIVFSearcher reads."""
+    import faiss
+
+    index = searcher.index
+    return (not isinstance(faiss.downcast_index(index), faiss.IndexPreTransform)
+            and faiss.try_extract_index_ivf(index) is not None)
 
 
 def _cuda() -> bool:
