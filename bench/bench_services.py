@@ -5,7 +5,8 @@
 Phases (each against a server started here in its own process, `retrogram serve SERVICE`):
   engine      the in-process engine's single-core rate: `count` one call per query, and `count_many`
               in batches (one thread, same queries)
-  latency     one client, one Count at a time: p50/p99 round trip; gRPC overhead = round trip minus the
+  latency     one client, one Count at a time (grpc I/O variants, interleaved rounds, fresh processes each):
+              p50/p99 round trip; gRPC overhead = round trip minus the
               engine's own time for the same query (its in-process p50)
   count       CLIENTS concurrent clients (each its own channel), unary Count, for DURATION seconds
   count_many  CLIENTS concurrent clients, CountMany of BATCH packed queries a call, for DURATION seconds:
@@ -143,33 +144,93 @@ def engine_rates(engine, queries, batch: int, seconds: float = 3.0) -> dict:
 
 
 def latency(address: str, queries, engine_p50_us: float, n: int = 3000) -> dict:
-    """Sequential Count round trips through NgramClient, and, for scale, the same server's standard health
-    Check (grpcio's own servicer: the floor of a Python gRPC round trip on this machine right now)."""
+    """Sequential Count round trips through NgramClient, interleaved with the same Count on a bare channel
+    (raw bytes, no retrogram client code) and, for scale, the same server's standard health Check (grpcio's
+    own servicer: the floor of a Python gRPC round trip on this machine right now)."""
+    from retrogram.services.client import LOW_LATENCY_IO, NgramClient   # before grpc: it picks grpc's I/O
+
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from retrogram.services.client import NgramClient
+    from retrogram.protos import common_pb2 as cpb
+    from retrogram.protos import ngram_pb2 as npb
 
+    raws = [npb.CountRequest(query=cpb.Query(ids=q)).SerializeToString() for q in queries[:1000]]
     with NgramClient(address) as c, grpc.insecure_channel(address) as ch:
         h = health_pb2_grpc.HealthStub(ch)
+        raw_count = ch.unary_unary("/retrogram.v1.NgramService/Count")
         hreq = health_pb2.HealthCheckRequest()
-        for q in queries[:300]:
+        for i, q in enumerate(queries[:300]):
             c.count(q)
+            raw_count(raws[i])
             h.Check(hreq)
-        lat, hlat = [], []
+        lat, rlat, hlat = [], [], []
         for i in range(n):
             q = queries[i % len(queries)]
             t = time.perf_counter()
             c.count(q)
             t1 = time.perf_counter()
-            h.Check(hreq)
+            raw_count(raws[i % len(raws)])
             t2 = time.perf_counter()
+            h.Check(hreq)
+            t3 = time.perf_counter()
             lat.append(t1 - t)
-            hlat.append(t2 - t1)
+            rlat.append(t2 - t1)
+            hlat.append(t3 - t2)
     p50 = pct(lat, 50) * 1e6
     return {"calls": n, "rtt_p50_us": p50, "rtt_p99_us": pct(lat, 99) * 1e6, "engine_p50_us": engine_p50_us,
             "overhead_p50_us": p50 - engine_p50_us, "target_overhead_p50_us": 300,
-            "health_check_rtt_p50_us": pct(hlat, 50) * 1e6, "load_avg": os.getloadavg()}
+            "bare_channel_count_rtt_p50_us": pct(rlat, 50) * 1e6,
+            "health_check_rtt_p50_us": pct(hlat, 50) * 1e6, "low_latency_io": LOW_LATENCY_IO,
+            "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", ""), "load_avg": os.getloadavg()}
+
+
+# Variants of grpc's socket I/O, the same on server and client (each side picks it when grpc is first
+# imported, so every variant runs in fresh processes): this code's default (grpc core's
+# posix iomgr polling, LOW_LATENCY_IO) and grpcio's own default (EventEngine).
+# Plus the opt-in pin of the server's event loop and grpc poller thread to one CPU (--io-cpu).
+IO_VARIANTS = {"iomgr_polling": ({}, []), "event_engine": ({"RETROGRAM_GRPC_EVENT_ENGINE": "1"}, []),
+               "iomgr_polling+io_cpu": ({}, ["--io-cpu", str(max(os.sched_getaffinity(0)))])}
+
+
+def _variant_env(extra: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("GRPC_EXPERIMENTS", "RETROGRAM_GRPC_EVENT_ENGINE")}
+    env.update(extra)
+    return env
+
+
+def latency_variants(index: Path, engine_p50_us: float, reps: int, n: int) -> dict:
+    """Each I/O variant x (small calls inline | every call on a thread), `reps` rounds interleaved; each
+    round a fresh server process and a fresh client process. Medians of the rounds' p50s."""
+    import subprocess
+
+    from retrogram.services.launch import ServerProcess
+
+    runs: dict = {}
+    for _ in range(reps):
+        for name, (extra, server_args) in IO_VARIANTS.items():
+            env = _variant_env(extra)
+            for inline, args in (("inline", []), ("no_inline", ["--no-inline"])):
+                if inline == "no_inline" and server_args:
+                    continue
+                with ServerProcess("ngram", index, extra_args=args + server_args, env=env).wait_serving() as srv:
+                    out = subprocess.run([sys.executable, __file__, "--index", str(index), "--latency-client",
+                                          srv.address, "--engine-p50-us", str(engine_p50_us), "--calls", str(n)],
+                                         env=env, capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout)
+                runs.setdefault(f"{name}/{inline}", []).append(r)
+                print(f"{name}/{inline}: rtt p50 {r['rtt_p50_us']:.0f} us, bare {r['bare_channel_count_rtt_p50_us']:.0f}, "
+                      f"health {r['health_check_rtt_p50_us']:.0f}, load {r['load_avg'][0]:.1f}", file=sys.stderr)
+    summary = {}
+    for key, rs in runs.items():
+        med = {m: statistics.median(r[m] for r in rs) for m in
+               ("rtt_p50_us", "rtt_p99_us", "bare_channel_count_rtt_p50_us", "health_check_rtt_p50_us")}
+        med["overhead_p50_us"] = med["rtt_p50_us"] - engine_p50_us
+        med["rounds"] = [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()
+                          if k in ("rtt_p50_us", "bare_channel_count_rtt_p50_us", "health_check_rtt_p50_us",
+                                   "load_avg", "grpc_experiments")} for r in rs]
+        summary[key] = med
+    return summary
 
 
 def main(argv=None) -> int:
@@ -183,7 +244,18 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1000, help="queries per CountMany (default 1000)")
     ap.add_argument("--phases", default="engine,latency,count,count_many,retrieve")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "services.json")
+    ap.add_argument("--reps", type=int, default=3, help="rounds of the latency variants (default 3)")
+    ap.add_argument("--calls", type=int, default=3000, help="sequential calls per latency measurement")
+    ap.add_argument("--latency-client", metavar="ADDRESS", help=argparse.SUPPRESS)   # one latency run (a child)
+    ap.add_argument("--engine-p50-us", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.latency_client:
+        from retrogram.services import client as _client  # noqa: F401 - picks grpc's I/O before grpc loads
+        from retrogram.ngram import Engine
+
+        qs = sample_queries(Engine(args.index), 20000)
+        print(json.dumps(latency(args.latency_client, qs, args.engine_p50_us, args.calls)))
+        return 0
     if args.duration <= 0 or args.duration > 600:
         ap.error("--duration: 0 < seconds <= 600")
     phases = set(args.phases.split(","))
@@ -207,11 +279,13 @@ def main(argv=None) -> int:
     res["engine"] = eng
     print(f"engine: {json.dumps(eng)}", file=sys.stderr)
 
-    if "latency" in phases:   # small calls on the event loop (the default), then every call on a thread
-        for key, extra in (("latency", []), ("latency_no_inline", ["--no-inline"])):
-            with ServerProcess("ngram", args.index, extra_args=extra).wait_serving() as srv:
-                res[key] = latency(srv.address, queries, eng["count_p50_us"])
-                print(f"{key}: {json.dumps(res[key])}", file=sys.stderr)
+    if "latency" in phases:   # I/O variants x (small calls on the event loop | every call on a thread)
+        lv = latency_variants(args.index, eng["count_p50_us"], args.reps, args.calls)
+        res["latency_variants"] = lv
+        res["latency"] = dict(lv["iomgr_polling/inline"], engine_p50_us=eng["count_p50_us"],
+                              target_overhead_p50_us=300)
+        res["latency_no_inline"] = lv["iomgr_polling/no_inline"]
+        print(f"latency: {json.dumps(res['latency'])}", file=sys.stderr)
     if phases & {"count", "count_many"}:
         with ServerProcess("ngram", args.index).wait_serving() as srv:
             if "count" in phases:

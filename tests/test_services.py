@@ -545,3 +545,41 @@ def test_cli_server_flag_errors(server, ngram_index):
     assert r.returncode == 2 and "no server answering" in r.stderr
     r = _cli("ngram", "count", "x", "--server", server.address, "--index", ngram_index)
     assert r.returncode == 2 and "--index and --server" in r.stderr
+
+
+def test_grpc_io_choice_is_made_before_grpc_loads():
+    """client.py (imported by serving.py) picks grpc core's iomgr polling before grpc is imported, unless
+    told not to, and leaves a GRPC_EXPERIMENTS given by the user alone."""
+    code = ("import os, sys; from retrogram.services import client; "
+            "print(client.LOW_LATENCY_IO, os.environ.get('GRPC_EXPERIMENTS', ''))")
+    base = {k: v for k, v in os.environ.items() if k not in ("GRPC_EXPERIMENTS", "RETROGRAM_GRPC_EVENT_ENGINE")}
+
+    def run(**env):
+        return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    assert run() == ["True", "-event_engine_client,-event_engine_listener"]
+    assert run(RETROGRAM_GRPC_EVENT_ENGINE="1") == ["False"]
+    assert run(GRPC_EXPERIMENTS="-foo") == ["False", "-foo"]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
+def test_io_cpu_pins_the_loop_not_the_engine_threads(ngram_index, engine, queries):
+    from retrogram.index.errors import UserError
+    from retrogram.services.serving import ServeConfig, validate_config
+
+    cpus = sorted(os.sched_getaffinity(0))
+    with pytest.raises(UserError, match="--io-cpu"):
+        validate_config(ServeConfig(io_cpu=max(cpus) + 1000))
+    cpu = cpus[-1]
+    with ServerProcess("ngram", ngram_index, extra_args=["--io-cpu", str(cpu), "--no-inline"]).wait_serving() as srv:
+        with NgramClient(srv.address) as c:
+            for q in queries[:20]:
+                assert c.count(q)["count"] == engine.count(q)["count"]
+        allowed = {}
+        for task in Path(f"/proc/{srv.proc.pid}/task").iterdir():
+            line = next(ln for ln in (task / "status").read_text().splitlines() if ln.startswith("Cpus_allowed_list"))
+            allowed[int(task.name)] = line.split(":", 1)[1].strip()
+        assert allowed[srv.proc.pid] == str(cpu)                   # the event loop (main thread)
+        if len(cpus) > 1:                                            # the engine threads are not pinned
+            assert any(v != str(cpu) for v in allowed.values())
