@@ -28,8 +28,8 @@ from .corpus import IngestStats, corpus_fingerprint, expand_corpus_paths, iter_d
 from .embeddings import EMBEDDINGS_BIN, EMBEDDINGS_JSON
 from .errors import IndexFormatError, UserError
 from .manifest import MANIFEST, Manifest, sha256_file, write_json_atomic
-from .store import open_store
-from .tokenize import DOC_OFFSETS, TOKENS_BIN
+from .store import insert_documents, metadata_json, open_store
+from .tokenize import DOC_OFFSETS, TOKENS_BIN, check_fits_stream
 from .tokenizer import load_index_tokenizer
 
 JOURNAL = ".append-journal.json"
@@ -109,15 +109,13 @@ def append_documents(index_dir: Path | str, corpus_paths: list[str], options: di
 
     tok = load_index_tokenizer(index_dir)
     dtype = manifest.token_dtype
-    sep = np.iinfo(dtype).max
     stats = IngestStats()
     docs = list(iter_documents(files, stats))
     if not docs:
         raise UserError(f"--corpus: no documents found in {len(files)} file(s) ({stats.skipped_empty} empty skipped)")
     ids = tok.encode_batch([d.text for d in docs])
     for d, a in zip(docs, ids):
-        if len(a) and (int(a.max()) >= sep or int(a.min()) < 0):
-            raise UserError(f"{d.source}: token id {int(a.max())} collides with the separator {sep}")
+        check_fits_stream(a, dtype, d.source)
 
     old_off = np.fromfile(index_dir / DOC_OFFSETS, dtype=np.uint64)
     n_docs, n_tokens = len(old_off) - 1, int(old_off[-1])
@@ -150,10 +148,8 @@ def _apply(index_dir, manifest, docs, ids, files, n_docs, n_tokens, n_chunks, em
     db = open_store(index_dir, readonly=False)
     starts = np.concatenate([[n_tokens], new_off[:-1].astype(np.int64)])
     with db.conn:
-        db.conn.executemany("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?)", [
-            (n_docs + i, d.source, d.external_id, int(s), int(n),
-             json.dumps(d.metadata, ensure_ascii=False) if d.metadata else None)
-            for i, (d, s, n) in enumerate(zip(docs, starts, lens))])
+        insert_documents(db, [(n_docs + i, d.source, d.external_id, int(s), int(n), metadata_json(d.metadata))
+                              for i, (d, s, n) in enumerate(zip(docs, starts, lens))])
     db.close()
     all_off = np.fromfile(index_dir / DOC_OFFSETS, dtype=np.uint64)
     rec = manifest.stages["tokenize"]

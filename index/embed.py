@@ -72,10 +72,9 @@ def cpu_threads(requested: int | None = None) -> int | None:
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:   # not on Linux
-        cores = os.cpu_count() or 1
+    from .tokenize import default_workers
+
+    cores = default_workers()
     try:
         busy = max(0.0, os.getloadavg()[0] - 1.0)   # others' runnable threads
     except OSError:

@@ -25,6 +25,11 @@ def create_store(path: Path) -> sqlite_utils.Database:
     return db
 
 
+def metadata_json(metadata: dict[str, Any]) -> str | None:
+    """A document's metadata as stored: JSON, or NULL when there is none."""
+    return json.dumps(metadata, ensure_ascii=False) if metadata else None
+
+
 def insert_documents(db: sqlite_utils.Database, rows: Iterable[tuple]) -> None:
     """Rows as (id, source, external_id, token_offset, token_len, metadata JSON), in DOCUMENTS_SCHEMA order.
     Plain executemany: sqlite-utils' per-row conversion costs more than tokenizing on small documents."""

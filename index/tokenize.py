@@ -9,7 +9,6 @@ bounded number of batches in flight so memory does not grow with the corpus.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 from collections import deque
@@ -23,7 +22,7 @@ from .build import Stage, StageContext, StageOutput
 from .corpus import IngestStats, RawBatch, iter_raw_batches, parse_batch
 from .errors import IndexFormatError, UserError
 from .manifest import Manifest
-from .store import STORE, create_store, insert_documents
+from .store import STORE, create_store, insert_documents, metadata_json
 
 TOKENS_BIN = "tokens/tokens.bin"
 DOC_OFFSETS = "tokens/doc_offsets.bin"
@@ -82,9 +81,16 @@ def _encode_raw(batch: RawBatch) -> EncodedBatch:
     arrays = _worker_tok.encode_batch([d.text for d in docs])
     lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
     ids = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
-    rows = [(d.source, d.external_id, json.dumps(d.metadata, ensure_ascii=False) if d.metadata else None)
-            for d in docs]
+    rows = [(d.source, d.external_id, metadata_json(d.metadata)) for d in docs]
     return EncodedBatch(lengths, ids, rows, skipped)
+
+
+def check_fits_stream(ids: np.ndarray, dtype, who: str) -> None:
+    """Token ids must lie below the stream's document separator (the largest value of its width)."""
+    sep = int(np.iinfo(dtype).max)
+    if len(ids) and (int(ids.max()) >= sep or int(ids.min()) < 0):
+        raise UserError(f"{who}: produced id {int(ids.max())}, which collides with the document separator {sep} "
+                        f"of a u{8 * np.dtype(dtype).itemsize} stream")
 
 
 def default_workers() -> int:
@@ -110,7 +116,6 @@ def _encoded_batches(ctx: StageContext, stats: IngestStats, workers: int) -> Ite
 
 def run_tokenize(ctx: StageContext) -> StageOutput:
     dtype = ctx.manifest.token_dtype
-    sep = int(np.iinfo(dtype).max)
     workers = int(ctx.options.get("workers") or default_workers())
     (ctx.tmp_dir / "tokens").mkdir(parents=True, exist_ok=True)
     stats = IngestStats()
@@ -120,9 +125,7 @@ def run_tokenize(ctx: StageContext) -> StageOutput:
     with open(ctx.tmp_dir / TOKENS_BIN, "wb") as tok_f, open(ctx.tmp_dir / DOC_OFFSETS, "wb") as off_f:
         off_f.write(np.zeros(1, np.uint64).tobytes())
         for enc in _encoded_batches(ctx, stats, workers):
-            if len(enc.ids) and (int(enc.ids.max()) >= sep or int(enc.ids.min()) < 0):
-                raise UserError(f"tokenizer {ctx.tokenizer.name}: produced id {int(enc.ids.max())}, which collides "
-                                f"with the document separator {sep} of a u{8 * np.dtype(dtype).itemsize} stream")
+            check_fits_stream(enc.ids, dtype, f"tokenizer {ctx.tokenizer.name}")
             tok_f.write(enc.ids.astype(dtype).tobytes())
             ends = n_tokens + np.cumsum(enc.lengths, dtype=np.uint64)
             off_f.write(ends.astype(np.uint64).tobytes())
