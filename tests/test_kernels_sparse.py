@@ -17,7 +17,8 @@ from retrogram.kernels.block_sparse_prefill import (block_sparse_prefill, block_
 from retrogram.kernels.flash_prefill import flash_prefill_naive  # noqa: E402
 from retrogram.kernels.hip_attention import (bound_rows, bound_score_naive, bound_score_triton,  # noqa: E402
                                              key_bound_tables, hip_attention_naive, hip_attention_prefill, hip_decode,  # noqa: E402
-                                             hip_decode_naive, hip_decode_select, hip_select, prefill_kend,
+                                             hip_decode_naive, hip_decode_select, hip_decode_select_naive,
+                                             hip_select, prefill_kend,
                                              score_naive, score_triton)
 from retrogram.kernels.quality import sparse_quality  # noqa: E402
 
@@ -243,6 +244,35 @@ def test_hip_decode_matches_reference(paged):
     o = hip_decode(q, kc, vc, sel, seqlens, table, block_size_k=bk, n_sink=1, n_local=2, out=poisoned(q))
     ref = hip_decode_naive(q.double(), k.double(), v.double(), sel.cpu(), seqlens, block_size_k=bk, n_sink=1, n_local=2)
     assert rel(o, ref) < TOL
+
+
+@pytest.mark.parametrize("B,TQ,HQ,HKV,S,topk,n_rep,page", [
+    (2, 1, 8, 2, 300, 4, 1, None),  # GQA 4, lengths not multiples of the key block
+    (2, 1, 8, 2, 300, 4, 1, 32),    # the same through a block table
+    (1, 2, 4, 4, 200, 3, 2, None),  # MHA, two query tokens, two representatives, topk not a power of 2
+    (3, 1, 6, 2, 260, 5, 1, 64),
+])
+def test_hip_decode_select_kernel(B, TQ, HQ, HKV, S, topk, n_rep, page):
+    torch.manual_seed(0)
+    bk, D = 16, 32
+    q, k = rnd(B, TQ, HQ, D), rnd(B, S, HKV, D)
+    seqlens = torch.randint(S // 2, S + 1, (B,), dtype=torch.int32, device=DEV)
+    seqlens[0] = S
+    if B > 1:
+        seqlens[-1] = 70  # fewer middle blocks than topk: empty segments
+    kc, table = k, None
+    if page is not None:
+        npg = -(-S // page)
+        table = torch.randperm(B * npg, device=DEV).view(B, npg).to(torch.int32)
+        kc = torch.full((B * npg, page, HKV, D), float("nan"), device=DEV, dtype=DTYPE)
+        kc[table.flatten().long()] = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, npg * page - S)).view(B * npg, page, HKV, D)
+    sel = hip_decode_select(q, kc, seqlens, S, block_size_k=bk, topk=topk, n_sink=1, n_local=2, n_rep=n_rep,
+                            block_table=table)
+    ref = hip_decode_select_naive(q, kc, seqlens, S, bk, topk, 1, 2, n_rep, table)
+    assert torch.equal(sel.cpu(), ref)
+    # the same blocks as the multi-launch hierarchical selection
+    old = hip_select(q, kc, seqlens.long()[:, None], S, TQ, bk, topk, 1, 2, n_rep, group_heads=True, block_table=table)
+    assert torch.equal(sel, old[:, :, 0])
 
 
 def test_vertical_slash_scores_match_loop_reference():

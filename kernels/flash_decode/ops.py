@@ -1,5 +1,6 @@
 """Flash-decoding: a few query tokens against a long (optionally paged) KV cache, split along the
-sequence so that batch 1 still fills the GPU, then one combine pass over the splits.
+sequence so that batch 1 still fills the GPU; in the same launch, the last split of each
+(sequence, KV head) to finish (an atomic arrival counter) combines the splits.
 
 One program handles all the query heads of one KV head (GQA: the K/V tile is read once for the
 whole group) and all query tokens, packed as rows of one tile: row r -> (token r // G, head r % G).
@@ -19,14 +20,15 @@ from ..utils import (LOG2E, check_gqa, check_head_dim, check_last_dim_contiguous
 
 @triton.jit
 def flash_decode_fwd_kernel(
-    q, k, v, o_part, lse_part, seqlens, block_table, sel,
-    qk_scale, blocks_per_split, page_size, n_sel, n_sink, n_local,
+    q, k, v, o, o_part, lse_part, counter, seqlens, block_table, sel,
+    qk_scale, blocks_per_split, num_splits, page_size, n_sel, n_sink, n_local,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
     stride_btb, stride_selb,
     T_Q: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_RD: tl.constexpr,
     PAGED: tl.constexpr, SPARSE: tl.constexpr,
 ):
     i_bk = tl.program_id(0)
@@ -87,9 +89,11 @@ def flash_decode_fwd_kernel(
         else:
             k_off = i_b.to(tl.int64) * stride_kb + offs_n.to(tl.int64) * stride_kt
             v_off = i_b.to(tl.int64) * stride_vb + offs_n.to(tl.int64) * stride_vt
-        # [BLOCK_N, D]
-        kk = tl.load(k + k_off[:, None] + i_hk * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        vv = tl.load(v + v_off[:, None] + i_hk * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        # [BLOCK_N, D]; read once: keep it out of L2, where the partials below should stay
+        kk = tl.load(k + k_off[:, None] + i_hk * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0,
+                     eviction_policy="evict_first")
+        vv = tl.load(v + v_off[:, None] + i_hk * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0,
+                     eviction_policy="evict_first")
         # [BLOCK_H, BLOCK_N]
         s = tl.dot(qt, tl.trans(kk)) * qk_scale
         s = tl.where(kmask[None, :] & (offs_n[None, :] <= pos_r[:, None]), s, float("-inf"))
@@ -102,39 +106,46 @@ def flash_decode_fwd_kernel(
         acc = tl.dot(p.to(vv.dtype), vv, acc)
         m_i = m_new
 
-    # partials: o unnormalised-then-normalised per split, lse in base 2 (-inf for an empty split)
+    # partials: o normalised per split, lse in base 2 (-inf for an empty split)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    base = (i_bk * NUM_SPLITS + i_s).to(tl.int64) * BLOCK_H
+    base = (i_bk * num_splits + i_s).to(tl.int64) * BLOCK_H
     tl.store(o_part + (base + offs_r[:, None]) * D + offs_d[None, :], acc / l_safe[:, None])
     tl.store(lse_part + base + offs_r, tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe)))
 
-
-@triton.jit
-def flash_decode_combine_kernel(
-    o_part, lse_part, o, stride_ob, stride_ot, stride_oh,
-    T_Q: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-    BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    i_bk = tl.program_id(0)
-    i_r = tl.program_id(1)
-    i_b = i_bk // HKV
-    i_hk = i_bk % HKV
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, D)
-    smask = offs_s < NUM_SPLITS
-    # [BLOCK_S]
-    rows = (i_bk * NUM_SPLITS + offs_s).to(tl.int64) * BLOCK_H + i_r
-    lse = tl.load(lse_part + rows, mask=smask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m)
-    den = tl.sum(w, 0)
-    # [BLOCK_S, D]
-    op = tl.load(o_part + rows[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
-    out = tl.sum(w[:, None] * op, 0) / tl.where(den == 0.0, 1.0, den)
-    t = i_r // G
-    h = i_hk * G + i_r % G
-    tl.store(o + i_b.to(tl.int64) * stride_ob + t * stride_ot + h * stride_oh + offs_d, out.to(o.dtype.element_ty))
+    # one launch: the last split of this (batch, KV head) to finish combines all of them. The barrier
+    # puts every thread's partial stores before the (gpu-scope acq_rel) arrival on the counter.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter + i_bk, 1, sem="acq_rel")
+    if arrived == num_splits - 1:
+        # columns c -> (row c // D, dim c % D) of the valid rows: [BLOCK_S splits, BLOCK_RD]
+        offs_c = tl.arange(0, BLOCK_RD)
+        r_c = offs_c // D
+        d_c = offs_c % D
+        c_ok = r_c < T_Q * G
+        m = tl.full([BLOCK_RD], float("-inf"), dtype=tl.float32)
+        den = tl.zeros([BLOCK_RD], dtype=tl.float32)
+        out = tl.zeros([BLOCK_RD], dtype=tl.float32)
+        for s0 in range(0, num_splits, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            msk = (offs_s < num_splits)[:, None] & c_ok[None, :]
+            rows = (i_bk * num_splits + offs_s).to(tl.int64)[:, None] * BLOCK_H + r_c[None, :]
+            # .cg: L2, never a stale L1 line (the other splits wrote these from other SMs)
+            lse = tl.load(lse_part + rows, mask=msk, other=float("-inf"), cache_modifier=".cg")
+            op = tl.load(o_part + rows * D + d_c[None, :], mask=msk, other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            w = tl.math.exp2(lse - m_sub[None, :])
+            alpha = tl.math.exp2(m - m_sub)
+            den = den * alpha + tl.sum(w, 0)
+            out = out * alpha + tl.sum(w * op, 0)
+            m = m_new
+        out = out / tl.where(den == 0.0, 1.0, den)
+        t_c = r_c // G
+        h_c = i_hk * G + r_c % G
+        tl.store(o + i_b.to(tl.int64) * stride_ob + t_c * stride_ot + h_c * stride_oh + d_c,
+                 out.to(o.dtype.element_ty), mask=c_ok)
+        # ready for the next launch (and CUDA graph replay)
+        tl.store(counter + i_bk, 0)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -157,6 +168,20 @@ _DEFAULT_DECODE_CONFIG = (4, 4, 4, 64)
 def decode_config(paged: bool, G: int, n_bh: int):
     """(num_warps, num_stages, waves, block_n) for a dense decode launch of this shape class."""
     return DECODE_CONFIGS.get((bool(paged), G > 1, n_bh >= 64), _DEFAULT_DECODE_CONFIG)
+
+
+# Split arrival counters per device, zero between launches (each launch's last split resets its own):
+# one buffer reused by every launch, CUDA graph replays included. Launches that overlap on concurrent
+# streams would share them, so decode calls are serialised on one stream. Buffers outgrown are kept
+# alive because a captured graph may still point at them.
+_COUNTERS: dict = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    bufs = _COUNTERS.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 1024), device=device, dtype=torch.int32))
+    return bufs[-1]
 
 
 def _decode_launch(q, k, v, seqlens, block_table, sel, n_sink, n_local, n_logical_max, block_n,
@@ -192,20 +217,20 @@ def _decode_launch(q, k, v, seqlens, block_table, sel, n_sink, n_local, n_logica
         raise ValueError(f"page size {page_size} must be a multiple of the key block {block_n}")
     n_sel = sel.shape[-1] if sparse else 0
     sel_t = sel.reshape(B * HKV, n_sel) if sparse else dummy
+    # the combine reads [BLOCK_S splits, valid rows x D] tiles: about 8k floats in registers
+    block_rd = next_pow2(TQ * G) * D
+    block_s = max(1, min(32, 8192 // block_rd))
     flash_decode_fwd_kernel[(B * HKV, num_splits)](
-        q, k, v, o_part, lse_part, seqlens, block_table if paged else dummy, sel_t,
-        scale * LOG2E, blocks_per_split, page_size, n_sel, n_sink, n_local,
+        q, k, v, out, o_part, lse_part, _split_counters(q.device, B * HKV), seqlens,
+        block_table if paged else dummy, sel_t,
+        scale * LOG2E, blocks_per_split, num_splits, page_size, n_sel, n_sink, n_local,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         block_table.stride(0) if paged else 0, sel_t.stride(0) if sparse else 0,
-        T_Q=TQ, G=G, HKV=HKV, D=D, BLOCK_H=BLOCK_H, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        T_Q=TQ, G=G, HKV=HKV, D=D, BLOCK_H=BLOCK_H, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_RD=block_rd,
         PAGED=paged, SPARSE=sparse, num_warps=num_warps, num_stages=1 if is_interpret() else num_stages,
-    )
-    flash_decode_combine_kernel[(B * HKV, TQ * G)](
-        o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2),
-        T_Q=TQ, G=G, HKV=HKV, D=D, BLOCK_H=BLOCK_H, NUM_SPLITS=num_splits,
-        BLOCK_S=next_pow2(num_splits), num_warps=4,
     )
     return out
 

@@ -356,6 +356,66 @@ def hip_attention_prefill(
     return (o, blocks) if return_blocks else o
 
 
+@triton.jit
+def hip_decode_select_fwd_kernel(
+    q, k, sel, seqlens, block_table,
+    n_iter, topk, n_sink, n_local, page_size,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh, stride_btb,
+    T_Q: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, TOPK: tl.constexpr, N_REP: tl.constexpr, PAGED: tl.constexpr,
+):
+    """hip_select's iterative halving for one (sequence, KV head) in one program: the topk segments
+    live in registers as [TOPK] start/end vectors (slots >= topk are kept empty), each step scores
+    the 2 TOPK halves by their representative keys and keeps the topk best by rank."""
+    i_bk = tl.program_id(0)
+    i_b = i_bk // HKV
+    i_hk = i_bk % HKV
+    seqlen = tl.load(seqlens + i_b)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_r < T_Q * G
+    # rows: (token r // G, head r % G) of this KV head's query heads
+    qt = tl.load(q + i_b.to(tl.int64) * stride_qb + (offs_r // G)[:, None] * stride_qt
+                 + (i_hk * G + offs_r % G)[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    M = tl.maximum(tl.cdiv(seqlen, BLOCK_K) - n_local - n_sink, 0)
+    i = tl.arange(0, TOPK)
+    slot_ok = i < topk
+    s = n_sink + (M * i) // topk
+    e = tl.where(slot_ok, n_sink + (M * (i + 1)) // topk, s)
+    c = tl.arange(0, 2 * TOPK)
+    for _ in range(n_iter):
+        half = s + (e - s + 1) // 2
+        cs = tl.reshape(tl.join(s, half), [2 * TOPK])
+        ce = tl.reshape(tl.join(half, e), [2 * TOPK])
+        score = tl.full([2 * TOPK], float("-inf"), dtype=tl.float32)
+        for r in tl.static_range(N_REP):
+            # n_rep keys spread evenly over each half
+            pos = cs * BLOCK_K + ((ce - cs) * BLOCK_K * (2 * r + 1)) // (2 * N_REP)
+            ok = (ce > cs) & (pos < seqlen)
+            if PAGED:
+                page = tl.load(block_table + i_b.to(tl.int64) * stride_btb + pos // page_size, mask=ok, other=0)
+                off = page.to(tl.int64) * stride_kb + (pos % page_size) * stride_kt
+            else:
+                off = i_b.to(tl.int64) * stride_kb + pos.to(tl.int64) * stride_kt
+            # [2 TOPK, D]
+            kk = tl.load(k + off[:, None] + i_hk * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
+            sc = tl.where(row_ok[:, None], tl.dot(qt, tl.trans(kk)), float("-inf"))
+            score = tl.where(ok, tl.maximum(score, tl.max(sc, 0)), score)
+        # rank in (score descending, index ascending) order; slot i takes the candidate of rank i
+        before = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (c[None, :] < c[:, None]))
+        rank = tl.sum(before.to(tl.int32), 1)
+        pick = rank[None, :] == i[:, None]
+        s = tl.sum(tl.where(pick, cs[None, :], 0), 1)
+        e = tl.where(slot_ok, tl.sum(tl.where(pick, ce[None, :], 0), 1), s)
+    # the non-empty segments' first blocks, ascending, -1 padded
+    key = tl.where(e > s, s, 1 << 30)
+    rank = tl.sum(((key[None, :] < key[:, None]) | ((key[None, :] == key[:, None]) & (i[None, :] < i[:, None])))
+                  .to(tl.int32), 1)
+    tl.store(sel + i_bk.to(tl.int64) * topk + rank, tl.where(key == 1 << 30, -1, key), mask=rank < topk)
+
+
 def hip_decode_select(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -367,14 +427,34 @@ def hip_decode_select(
     n_local: int = 4,
     n_rep: int = 1,
     block_table: torch.Tensor | None = None,
-    scorer=None,
 ) -> torch.Tensor:
-    """Decode selection, one list per (sequence, KV head) shared by its query heads and tokens.
-    q: [B, TQ, HQ, D]; cache as in flash_decode. Returns sel [B, HKV, topk] int32 for hip_decode."""
-    kend = seqlens.to(torch.int64)[:, None]
-    sel = hip_select(q, k_cache, kend, max_seqlen, q.shape[1], block_size_k, topk, n_sink, n_local,
-                     n_rep, group_heads=True, block_table=block_table, scorer=scorer)
-    return sel[:, :, 0]
+    """Decode selection, one list per (sequence, KV head) shared by its query heads and tokens: the
+    same blocks as hip_select(..., group_heads=True) with one query block of all TQ tokens, in one
+    launch (hip_decode_select_fwd_kernel). q: [B, TQ, HQ, D]; cache as in flash_decode.
+    Returns sel [B, HKV, topk] int32 for hip_decode."""
+    B, TQ, HQ, D = q.shape
+    HKV = k_cache.shape[2]
+    G = check_gqa(HQ, HKV)
+    check_last_dim_contiguous(q, k_cache)
+    sel = torch.empty(B, HKV, topk, device=q.device, dtype=torch.int32)
+    if B == 0 or topk == 0:
+        return sel
+    # as hip_select: enough halvings for the longest sequence's segments to reach single blocks
+    m_max = max(0, triton.cdiv(max_seqlen, block_size_k) - n_local - n_sink)
+    l_max = triton.cdiv(m_max, topk)
+    n_iter = (l_max - 1).bit_length() if l_max > 1 else 0
+    paged = block_table is not None
+    seqlens = seqlens.to(torch.int32)
+    block_r = max(16, next_pow2(TQ * G))
+    hip_decode_select_fwd_kernel[(B * HKV,)](
+        q, k_cache, sel, seqlens, block_table.to(torch.int32) if paged else seqlens,
+        n_iter, topk, n_sink, n_local, k_cache.shape[1] if paged else 1,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0) if paged else 0,
+        T_Q=TQ, G=G, HKV=HKV, D=D, BLOCK_R=block_r, BLOCK_K=block_size_k, TOPK=max(8, next_pow2(topk)),
+        N_REP=n_rep, PAGED=paged, num_warps=4 if block_r <= 64 else 8,
+    )
+    return sel
 
 
 def hip_decode(
