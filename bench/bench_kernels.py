@@ -6,7 +6,7 @@ its float64 reference on the GPU (bf16 inputs, fresh random data, outputs poison
 and 8, 32k..128k, contiguous and paged caches), HiP prefill/decode, vertical-slash prefill and CCA.
 Prints a table and writes JSON (default $OUT/kernels_h200.json).
 
-    python bench/bench_kernels.py [--out DIR] [--max-len 131072] [--skip-checks]
+    python bench/bench_kernels.py [--out DIR] [--max-len 131072] [--skip-checks] [--decode]
 """
 
 from __future__ import annotations
@@ -66,19 +66,19 @@ def rel(a, ref):
     return ((a - ref).norm() / ref.norm()).item()
 
 
-def bench_ms(fn):
+def bench_ms(fn, rep=100):
     if DEV != "cuda":  # --smoke on a CPU (Triton interpreter): one timed call, only to exercise the code
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
-def bench_graph_ms(fn):
+def bench_graph_ms(fn, rep=100):
     """Median time of fn replayed from a CUDA graph: decode steps are short enough that eager
     launches (Python + Triton's launcher) would be timed instead of the GPU work."""
     if DEV != "cuda":
-        return bench_ms(fn)
+        return bench_ms(fn, rep)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -88,7 +88,7 @@ def bench_graph_ms(fn):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    ms = bench_ms(g.replay)
+    ms = bench_ms(g.replay, rep)
     del g
     return ms
 
@@ -163,20 +163,7 @@ def checks(f=1):
     ref, _ = flash_prefill_naive(q.double(), k.double(), v.double(), causal=True, cu_seqlens=cu)
     check("flash_prefill varlen", rel(o, ref), cu_seqlens=cu.tolist())
 
-    for B, TQ, HQ, HKV, S, page in [(3, 1, 32, 8, 5000, None), (3, 1, 32, 8, 5000, 64), (2, 4, 8, 2, 3001, 256),
-                                    (1, 1, 32, 32, 20000, None)]:
-        S = S // f
-        q = rnd(B, TQ, HQ, 128)
-        seqlens = torch.randint(TQ, S + 1, (B,), device=DEV, dtype=torch.int32)
-        k, v = rnd(B, S, HKV, 128), rnd(B, S, HKV, 128)
-        ref = flash_decode_naive(q.double(), k.double(), v.double(), seqlens)
-        o = poisoned(q.shape)
-        if page is None:
-            flash_decode(q, k, v, seqlens=seqlens, out=o)
-        else:
-            kp, vp, table = to_paged(k, v, page)
-            flash_decode(q, kp, vp, seqlens=seqlens, block_table=table, out=o)
-        check("flash_decode", rel(o, ref), shape=[B, TQ, HQ, HKV, S], page=page)
+    decode_checks(f)
 
     B, T, HQ, HKV, D = 1, 4096 // f, 8, 2, 128
     q, k, v = rnd(B, T, HQ, D), rnd(B, T, HKV, D), rnd(B, T, HKV, D)
@@ -193,6 +180,46 @@ def checks(f=1):
     ref = block_sparse_attention_naive(q.double(), k.double(), v.double(), bi, bc, 64, 64)
     check("vs_prefill (block-sparse)", rel(o, ref), blocks_mean=bc.float().mean().item())
 
+    q, kk, vv = rnd(2, 1000 // f, 8, 128), rnd(2, 16, 256 // f, 2, 128), rnd(2, 16, 256 // f, 2, 128)
+    o = poisoned(q.shape)
+    o = cca_attention(q, kk, vv, 64, out=o)
+    check("cca_attention", rel(o, cca_attention_naive(q.double(), kk.double(), vv.double(), 64)))
+
+
+@guarded("decode_checks")
+def decode_checks(f=1):
+    """flash_decode, the fused HiP decode selection (the blocks of the multi-launch hip_select) and
+    hip_decode, on the GPU in bf16."""
+    torch.manual_seed(0)
+    for B, TQ, HQ, HKV, S, page in [(3, 1, 32, 8, 5000, None), (3, 1, 32, 8, 5000, 64), (2, 4, 8, 2, 3001, 256),
+                                    (1, 1, 32, 32, 20000, None),
+                                    (1, 1, 32, 8, 40000, None), (1, 1, 32, 8, 40000, 256)]:
+        S = S // f
+        q = rnd(B, TQ, HQ, 128)
+        seqlens = torch.randint(TQ, S + 1, (B,), device=DEV, dtype=torch.int32)
+        k, v = rnd(B, S, HKV, 128), rnd(B, S, HKV, 128)
+        ref = flash_decode_naive(q.double(), k.double(), v.double(), seqlens)
+        o = poisoned(q.shape)
+        if page is None:
+            flash_decode(q, k, v, seqlens=seqlens, out=o)
+        else:
+            kp, vp, table = to_paged(k, v, page)
+            flash_decode(q, kp, vp, seqlens=seqlens, block_table=table, out=o)
+        check("flash_decode", rel(o, ref), shape=[B, TQ, HQ, HKV, S], page=page)
+
+    for B, HQ, HKV, S, page in [(2, 32, 8, 70000, None), (2, 32, 8, 70000, 256), (1, 32, 32, 50000, None)]:
+        S = S // f
+        q, k = rnd(B, 1, HQ, 128), rnd(B, S, HKV, 128)
+        seqlens = torch.randint(S // 2, S + 1, (B,), device=DEV, dtype=torch.int32)
+        table, kc = None, k
+        if page is not None:
+            kc, _, table = to_paged(k, k, page)
+        sel = hip_decode_select(q, kc, seqlens, S, block_table=table)
+        old = hip_select(q, kc, seqlens.long()[:, None], S, 1, 64, 32, 1, 4, group_heads=True, block_table=table)[:, :, 0]
+        diff = (sel != old).float().mean().item()
+        # ties between bf16 scores could order differently; none expected on random data
+        check("hip_decode_select", diff, tol=1e-3, vs="hip_select (multi-launch)", shape=[B, 1, HQ, HKV, S], page=page,
+              blocks_differing=diff)
     B, S = 2, 9000 // f
     q = rnd(B, 1, 32, 128)
     k, v = rnd(B, S, 8, 128), rnd(B, S, 8, 128)
@@ -203,11 +230,6 @@ def checks(f=1):
     hip_decode(q, kp, vp, sel, seqlens, table, out=o)
     ref = hip_decode_naive(q.double(), k.double(), v.double(), sel.cpu(), seqlens)
     check("hip_decode (paged)", rel(o, ref), shape=[B, 1, 32, 8, S])
-
-    q, kk, vv = rnd(2, 1000 // f, 8, 128), rnd(2, 16, 256 // f, 2, 128), rnd(2, 16, 256 // f, 2, 128)
-    o = poisoned(q.shape)
-    o = cca_attention(q, kk, vv, 64, out=o)
-    check("cca_attention", rel(o, cca_attention_naive(q.double(), kk.double(), vv.double(), 64)))
 
 
 def to_paged(k, v, page):
@@ -322,21 +344,30 @@ def decode(lens, batches=(1, 8), H=32, D=128, hkv_list=(32, 8), hip_cfg=None, re
                 timed("paged", lambda: flash_decode(q, kp, vp, seqlens=seqlens, block_table=table, max_seqlen=S, out=o))
                 # HiP decode over the paged cache: the selection is refreshed every `refresh_every` steps
                 timed("hip_select", lambda: hip_decode_select(q, kp, seqlens, S, block_table=table, **hip_cfg))
+                # the multi-launch hierarchical selection it replaces (same blocks), for comparison
+                kend = seqlens.long()[:, None]
+                timed("hip_select_multi", lambda: hip_select(q, kp, kend, S, 1, 64, hip_cfg["topk"], hip_cfg["n_sink"],
+                                                             hip_cfg["n_local"], group_heads=True, block_table=table))
                 sel = hip_decode_select(q, kp, seqlens, S, block_table=table, **hip_cfg)
                 timed("hip_step", lambda: hip_decode(q, kp, vp, sel, seqlens, table, n_sink=hip_cfg["n_sink"],
                                                      n_local=hip_cfg["n_local"], out=o))
+                # K and V bytes of the blocks the sparse step reads (sink + selected + local)
+                row["hip_step_bytes"] = nbytes * min(1.0, (hip_cfg["n_sink"] + hip_cfg["topk"] + hip_cfg["n_local"])
+                                                     / triton.cdiv(S, 64))
                 for sfx in ("", "_graph"):
                     for name in ("sdpa", "flash", "paged"):
                         if name + sfx + "_ms" in row:
                             row[name + sfx + "_TBps"] = nbytes / row[name + sfx + "_ms"] / 1e9
+                    row["hip_step" + sfx + "_TBps"] = row["hip_step_bytes"] / row["hip_step" + sfx + "_ms"] / 1e9
                     row["hip_amortized" + sfx + "_ms"] = row["hip_step" + sfx + "_ms"] + row["hip_select" + sfx + "_ms"] / refresh_every
                     row["hip_speedup_vs_dense" + sfx] = row["paged" + sfx + "_ms"] / row["hip_amortized" + sfx + "_ms"]
                 RESULTS["decode"].append(row)
                 log(f"decode B={B} S={S:>6} HKV={HKV:>2} (graph): sdpa {row.get('sdpa_graph_TBps', float('nan')):.2f} TB/s | "
                     f"flash {row['flash_graph_TBps']:.2f} TB/s ({row['flash_graph_ms']*1e3:.0f} us) | paged "
                     f"{row['paged_graph_TBps']:.2f} TB/s | hip step {row['hip_step_graph_ms']*1e3:.0f} us + select "
-                    f"{row['hip_select_graph_ms']*1e3:.0f} us/{refresh_every} ({row['hip_speedup_vs_dense_graph']:.1f}x dense);"
-                    f" eager: flash {row['flash_TBps']:.2f} TB/s, hip {row['hip_speedup_vs_dense']:.1f}x")
+                    f"{row['hip_select_graph_ms']*1e3:.0f} us/{refresh_every} ({row['hip_speedup_vs_dense_graph']:.1f}x dense;"
+                    f" multi-launch select {row['hip_select_multi_graph_ms']*1e3:.0f} us, step {row['hip_step_graph_TBps']:.2f}"
+                    f" TB/s); eager: flash {row['flash_TBps']:.2f} TB/s, hip {row['hip_speedup_vs_dense']:.1f}x")
                 del q, kp, vp, o
                 torch.cuda.empty_cache()
 
@@ -344,7 +375,7 @@ def decode(lens, batches=(1, 8), H=32, D=128, hkv_list=(32, 8), hip_cfg=None, re
 @guarded("decode_sweep")
 def decode_sweep(shapes=((8, 32768, 32, True), (8, 131072, 32, True), (1, 32768, 8, False), (1, 32768, 8, True),
                          (1, 131072, 8, False), (8, 32768, 8, True), (1, 32768, 32, False)),
-                 H=32, D=128, grid=None, apply=True):
+                 H=32, D=128, grid=None, apply=True, rep_ms=100):
     """Tune flash_decode's launch per shape class (paged, GQA, batch x KV heads >= 64): CUDA-graph time of
     every (num_warps, num_stages, waves, block_n) in a small grid; the best config of each class (summed
     time over its shapes) is installed in DECODE_CONFIGS for the rest of the run (apply=True)."""
@@ -369,7 +400,7 @@ def decode_sweep(shapes=((8, 32768, 32, True), (8, 131072, 32, True), (1, 32768,
             fn = lambda: flash_decode(q, k, v, seqlens=seqlens, block_table=table, max_seqlen=S, out=o,  # noqa: E731
                                       num_warps=w, num_stages=st, waves=wv, block_n=bn)
             try:
-                ms = bench_graph_ms(fn)
+                ms = bench_graph_ms(fn, rep=rep_ms)
                 err = ((o.float() - ref).norm() / ref.norm()).item()
             except Exception as e:  # e.g. out of shared memory for a large tile
                 log(f"   sweep {cfg} failed: {e!r}"[:200])
@@ -427,11 +458,15 @@ def table():
         for r in RESULTS[key]:
             log(f"{key.split('_')[0] + ' ' + r.get('label', ''):>40}{r['T']:>8} | {r['sdpa_ms']:7.1f} | {r['total_ms']:6.1f} "
                 f"({r['speedup_vs_sdpa']:4.1f}x) | {r['density']:.3f}")
-    log("decode (CUDA graph)  B      S HKV | SDPA TB/s | flash TB/s | paged TB/s | HiP us/step (x paged dense)")
+    copy = RESULTS.get("ceilings", {}).get("copy_TBps", float("nan"))
+    log(f"decode (CUDA graph; % of copy {copy:.2f} TB/s)  B      S HKV | SDPA TB/s | flash TB/s     | paged TB/s     | "
+        f"HiP us/step (x paged dense) | eager HiP x dense")
     for r in RESULTS["decode"]:
-        log(f"{r['B']:>21} {r['S']:>6} {r['HKV']:>3} | {r.get('sdpa_graph_TBps', float('nan')):9.2f} | "
-            f"{r['flash_graph_TBps']:10.2f} | {r['paged_graph_TBps']:10.2f} | {r['hip_amortized_graph_ms']*1e3:7.0f} "
-            f"({r['hip_speedup_vs_dense_graph']:.1f}x)")
+        log(f"{r['B']:>45} {r['S']:>6} {r['HKV']:>3} | {r.get('sdpa_graph_TBps', float('nan')):9.2f} | "
+            f"{r['flash_graph_TBps']:5.2f} ({100 * r['flash_graph_TBps'] / copy:3.0f}%) | "
+            f"{r['paged_graph_TBps']:5.2f} ({100 * r['paged_graph_TBps'] / copy:3.0f}%) | "
+            f"{r['hip_amortized_graph_ms']*1e3:7.1f} ({r['hip_speedup_vs_dense_graph']:4.1f}x)        | "
+            f"{r['hip_speedup_vs_dense']:.1f}x")
     bad = [c for c in RESULTS["checks"] if not c["ok"]]
     log(f"checks: {len(RESULTS['checks']) - len(bad)}/{len(RESULTS['checks'])} ok; errors: {len(RESULTS['errors'])}")
 
@@ -462,6 +497,9 @@ def main():
     ap.add_argument("--max-len", type=int, default=131072)
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes; on a CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--decode", action="store_true",
+                    help="decode only: checks, launch sweep of the batch-1 classes, decode and HiP decode timings "
+                         "(kernels_decode_h200.json)")
     args = ap.parse_args()
     t0 = time.time()
     if args.smoke:
@@ -471,6 +509,19 @@ def main():
                       "cuda": torch.version.cuda, "sms": torch.cuda.get_device_properties(0).multi_processor_count}
     log(RESULTS["env"])
     ceilings()
+    if args.decode:
+        if not args.skip_checks:
+            decode_checks()
+        decode_sweep(shapes=((1, 32768, 8, False), (1, 32768, 8, True), (1, 131072, 8, False), (1, 32768, 32, False)),
+                     grid=[(w, st, wv, bn) for bn in (64, 128) for w in (4, 8) for st in (2, 3) for wv in (1, 2, 4)],
+                     rep_ms=40)
+        decode([n for n in (32768, 131072) if n <= args.max_len])
+        RESULTS["wall_s"] = time.time() - t0
+        table()
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kernels_decode_h200.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+        return
     # tune flash_prefill's main configuration on a mid-size problem before anything else calls it
     q = rnd(1, 16384, 32, 128)
     flash_prefill(q, q, q, causal=True)

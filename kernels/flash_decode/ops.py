@@ -28,7 +28,7 @@ def flash_decode_fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_btb, stride_selb,
     T_Q: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_RD: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
     PAGED: tl.constexpr, SPARSE: tl.constexpr,
 ):
     i_bk = tl.program_id(0)
@@ -117,33 +117,31 @@ def flash_decode_fwd_kernel(
     tl.debug_barrier()
     arrived = tl.atomic_add(counter + i_bk, 1, sem="acq_rel")
     if arrived == num_splits - 1:
-        # columns c -> (row c // D, dim c % D) of the valid rows: [BLOCK_S splits, BLOCK_RD]
-        offs_c = tl.arange(0, BLOCK_RD)
-        r_c = offs_c // D
-        d_c = offs_c % D
-        c_ok = r_c < T_Q * G
-        m = tl.full([BLOCK_RD], float("-inf"), dtype=tl.float32)
-        den = tl.zeros([BLOCK_RD], dtype=tl.float32)
-        out = tl.zeros([BLOCK_RD], dtype=tl.float32)
+        # [BLOCK_S splits, BLOCK_R rows (the valid ones, padded to a power of 2), D] tiles
+        offs_rr = tl.arange(0, BLOCK_R)
+        rr_ok = offs_rr < T_Q * G
+        m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        den = tl.zeros([BLOCK_R], dtype=tl.float32)
+        out = tl.zeros([BLOCK_R, D], dtype=tl.float32)
         for s0 in range(0, num_splits, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
-            msk = (offs_s < num_splits)[:, None] & c_ok[None, :]
-            rows = (i_bk * num_splits + offs_s).to(tl.int64)[:, None] * BLOCK_H + r_c[None, :]
-            # .cg: L2, never a stale L1 line (the other splits wrote these from other SMs)
+            msk = (offs_s < num_splits)[:, None] & rr_ok[None, :]
+            rows = (i_bk * num_splits + offs_s).to(tl.int64)[:, None] * BLOCK_H + offs_rr[None, :]
+            # .cg: from L2, never a stale L1 line (the other splits wrote these from other SMs)
             lse = tl.load(lse_part + rows, mask=msk, other=float("-inf"), cache_modifier=".cg")
-            op = tl.load(o_part + rows * D + d_c[None, :], mask=msk, other=0.0, cache_modifier=".cg")
+            op = tl.load(o_part + rows[:, :, None] * D + offs_d[None, None, :], mask=msk[:, :, None], other=0.0,
+                         cache_modifier=".cg")
             m_new = tl.maximum(m, tl.max(lse, 0))
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             w = tl.math.exp2(lse - m_sub[None, :])
             alpha = tl.math.exp2(m - m_sub)
             den = den * alpha + tl.sum(w, 0)
-            out = out * alpha + tl.sum(w * op, 0)
+            out = out * alpha[:, None] + tl.sum(w[:, :, None] * op, 0)
             m = m_new
-        out = out / tl.where(den == 0.0, 1.0, den)
-        t_c = r_c // G
-        h_c = i_hk * G + r_c % G
-        tl.store(o + i_b.to(tl.int64) * stride_ob + t_c * stride_ot + h_c * stride_oh + d_c,
-                 out.to(o.dtype.element_ty), mask=c_ok)
+        out = out / tl.where(den == 0.0, 1.0, den)[:, None]
+        tl.store(o + i_b.to(tl.int64) * stride_ob + (offs_rr // G)[:, None] * stride_ot
+                 + (i_hk * G + offs_rr % G)[:, None] * stride_oh + offs_d[None, :],
+                 out.to(o.dtype.element_ty), mask=rr_ok[:, None])
         # ready for the next launch (and CUDA graph replay)
         tl.store(counter + i_bk, 0)
 
@@ -217,9 +215,9 @@ def _decode_launch(q, k, v, seqlens, block_table, sel, n_sink, n_local, n_logica
         raise ValueError(f"page size {page_size} must be a multiple of the key block {block_n}")
     n_sel = sel.shape[-1] if sparse else 0
     sel_t = sel.reshape(B * HKV, n_sel) if sparse else dummy
-    # the combine reads [BLOCK_S splits, valid rows x D] tiles: about 8k floats in registers
-    block_rd = next_pow2(TQ * G) * D
-    block_s = max(1, min(32, 8192 // block_rd))
+    # the combine reads [BLOCK_S splits, valid rows, D] tiles: up to 8k floats in registers
+    block_r = next_pow2(TQ * G)
+    block_s = max(1, min(64, 8192 // (block_r * D)))
     flash_decode_fwd_kernel[(B * HKV, num_splits)](
         q, k, v, out, o_part, lse_part, _split_counters(q.device, B * HKV), seqlens,
         block_table if paged else dummy, sel_t,
@@ -229,7 +227,7 @@ def _decode_launch(q, k, v, seqlens, block_table, sel, n_sink, n_local, n_logica
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         block_table.stride(0) if paged else 0, sel_t.stride(0) if sparse else 0,
-        T_Q=TQ, G=G, HKV=HKV, D=D, BLOCK_H=BLOCK_H, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_RD=block_rd,
+        T_Q=TQ, G=G, HKV=HKV, D=D, BLOCK_H=BLOCK_H, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_R=block_r,
         PAGED=paged, SPARSE=sparse, num_warps=num_warps, num_stages=1 if is_interpret() else num_stages,
     )
     return out
