@@ -9,7 +9,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from retrogram.kernels.block_sparse import (block_sparse_attention, block_sparse_attention_naive,  # noqa: E402
-                                            sampled_block_mass, sampled_block_mass_naive, topp_block_list)
+                                            sampled_block_mass, sampled_block_mass_naive, topp_block_list,
+                                            topp_block_list_naive)
 from retrogram.kernels.block_sparse_prefill import (block_sparse_prefill, block_sparse_prefill_naive,  # noqa: E402
                                                     mass_vertical_slash_scores, mass_vertical_slash_scores_naive,
                                                     vertical_slash_blocks, vertical_slash_scores,
@@ -159,6 +160,20 @@ def test_hip_prefill_matches_reference(T, S, HQ, HKV):
     assert rel(o, dense) > 1e-2  # sparse for real
 
 
+def test_block_sparse_long_lists():
+    """Lists longer than one 128-entry chunk of the count of unmasked blocks, with blocks past the
+    diagonal and past the keys mixed in."""
+    T, S, bq, bk = 40, 2300, 16, 16
+    q, k, v = rnd(1, T, 1, 16), rnd(1, S, 1, 16), rnd(1, S, 1, 16)
+    nkb = -(-S // bk)
+    idx = torch.stack([torch.arange(nkb - 1), torch.arange(1, nkb), torch.arange(nkb - 1)])[None, None]
+    idx = idx.to(torch.int32).to(DEV)
+    cnt = torch.tensor([[[nkb - 1, nkb - 1, 70]]], dtype=torch.int32, device=DEV)
+    o = block_sparse_attention(q, k, v, idx, cnt, bq, bk, out=poisoned(q))
+    ref = block_sparse_attention_naive(q.double(), k.double(), v.double(), idx, cnt, bq, bk)
+    assert rel(o, ref) < TOL
+
+
 @pytest.mark.parametrize("B,T,S,HQ,HKV,bq,bk,rows,causal", [
     (2, 150, 170, 4, 2, 32, 16, 4, True),   # GQA, T < S, partial last blocks, bq != bk
     (1, 100, 100, 3, 1, 16, 32, 2, True),   # bk > bq
@@ -203,6 +218,30 @@ def test_topp_block_list_minimal_and_covering():
                     rest = [mass[b, h, qb, x].item() for x in range(int(nkb_q[qb])) if x not in blocks]
                     if extra and rest:
                         assert min(mass[b, h, qb, x].item() for x in extra) >= max(rest) - 1e-7
+
+
+@pytest.mark.parametrize("NQB,NKB,n_sink,n_local,E,max_blocks,per_batch", [
+    (7, 13, 1, 2, 0, None, False),
+    (5, 37, 2, 1, 6, None, True),    # extra blocks (duplicates, -1, invisible ones) and per-batch kend
+    (6, 20, 1, 1, 4, 3, False),      # capped
+    (4, 9, 0, 0, 0, None, False),    # no sink/local blocks
+])
+def test_topp_block_list_matches_naive(NQB, NKB, n_sink, n_local, E, max_blocks, per_batch):
+    torch.manual_seed(NKB)
+    B, H, bk = 2, 3, 16
+    mass = torch.softmax(3 * torch.randn(B, H, NQB, NKB), -1)
+    if per_batch:
+        kend = torch.randint(1, NKB * bk + 1, (B, NQB))
+    else:
+        kend = torch.linspace(bk // 2, NKB * bk, NQB).long()
+    extra = torch.randint(-2, NKB + 2, (B, H, NQB, E)) if E else None
+    for top_p in (0.3, 0.9, 0.99, 1.5):
+        args = (mass.to(DEV), kend.to(DEV), bk, top_p, n_sink, n_local, max_blocks)
+        ex = extra.to(DEV) if E else None
+        bi, bc = topp_block_list(*args, extra_idx=ex)
+        ri, rc = topp_block_list_naive(*args, extra_idx=ex)
+        assert torch.equal(bc.cpu(), rc.cpu())
+        assert torch.equal(bi.cpu(), ri.cpu())
 
 
 @pytest.mark.parametrize("T,S,HQ,HKV", [(260, 260, 2, 1)])
@@ -307,7 +346,8 @@ def test_vertical_slash_blocks_and_attention(estimator):
     assert rel(o, ref) < TOL
 
 
-@pytest.mark.parametrize("T,S,bq,bk,causal", [(100, 100, 16, 16, True), (70, 130, 32, 16, True), (50, 90, 16, 32, False)])
+@pytest.mark.parametrize("T,S,bq,bk,causal", [(100, 100, 16, 16, True), (70, 130, 32, 16, True), (50, 90, 16, 32, False),
+                                               (96, 96, 16, 16, True), (40, 170, 16, 32, True), (300, 300, 16, 16, True)])
 def test_mass_vertical_slash_scores_match_loop_reference(T, S, bq, bk, causal):
     q, k = rnd(2, T, 3, 16), 2 * rnd(2, S, 1, 16)
     mass = sampled_block_mass(q, k, bq, bk, 2, causal)

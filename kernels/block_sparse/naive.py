@@ -47,3 +47,55 @@ def sampled_block_mass_naive(q, k, block_size_q=64, block_size_k=64, rows=4, cau
             p = torch.nn.functional.pad(p, (0, nkb * block_size_k - n)).view(B, HQ, nkb, block_size_k).sum(-1)
             out[:, :, qb] += p.cpu() / rows
     return out
+
+
+def topp_block_list_naive(mass, kend, block_size_k, top_p=0.95, n_sink=1, n_local=2, max_blocks=None, extra_idx=None):
+    """Sort-based reference of ops.topp_block_list (same contract and result, up to ties in mass)."""
+    _BIG = 1 << 30
+    B, H, NQB, NKB = mass.shape
+    dev = mass.device
+    if kend.dim() == 1:
+        kend = kend[None].expand(B, -1)
+    nkb_q = ((kend + block_size_k - 1) // block_size_k)[:, None, :, None]  # [B, 1, NQB, 1]
+    kb = torch.arange(NKB, device=dev).view(1, 1, 1, -1)
+    vis = kb < nkb_q
+    base = vis & ((kb < n_sink) | (kb >= nkb_q - n_local))
+    if extra_idx is not None:
+        extra_idx = extra_idx.long()
+        e_ok = (extra_idx >= 0) & (extra_idx < nkb_q)
+        extra_idx = torch.where(e_ok, extra_idx, _BIG)
+        hit = torch.zeros(B, H, NQB, NKB + 1, dtype=torch.bool, device=dev)
+        hit.scatter_(-1, extra_idx.clamp(max=NKB), True)
+        base = base | hit[..., :NKB]
+    covered = (mass * base).sum(-1, keepdim=True)
+    rest = torch.where(vis & ~base, mass, -1.0)
+    vals, order = rest.sort(-1, descending=True)
+    w = vals.clamp(min=0)
+    before = covered + w.cumsum(-1) - w  # mass kept before taking each candidate
+    n = ((before < top_p) & (vals >= 0)).sum(-1, keepdim=True)  # the one that crosses top_p included
+    if max_blocks is not None:
+        n = n.clamp(max=max_blocks)
+    n = torch.minimum(n, (vals >= 0).sum(-1, keepdim=True))
+    width = max(1, int(n.max().item()))
+    rank = torch.arange(width, device=dev).view(1, 1, 1, -1)
+    chosen = torch.where(rank < n, order[..., :width], _BIG)
+    n_base = n_sink + n_local
+    bidx = torch.cat([torch.arange(n_sink, device=dev), -1 - torch.arange(n_local, device=dev)]).view(1, 1, 1, -1)
+    bidx = torch.where(bidx >= 0, bidx, nkb_q + bidx).expand(B, H, NQB, n_base)
+    bok = torch.gather(base.expand(B, H, NQB, NKB), -1, bidx.clamp(0, NKB - 1)) & (bidx >= 0)
+    # a block that is both sink and local appears once
+    dup = torch.zeros_like(bok)
+    dup[..., n_sink:] = (bidx[..., n_sink:, None] == bidx[..., None, :n_sink]).any(-1) if n_sink else False
+    bidx = torch.where(bok & ~dup, bidx, _BIG)
+    parts = [bidx, chosen]
+    if extra_idx is not None:
+        # extra blocks that are not sink/local blocks, each once (the chosen ones exclude all of base)
+        ex = extra_idx.sort(-1).values
+        ex_dup = torch.zeros_like(ex, dtype=torch.bool)
+        ex_dup[..., 1:] = ex[..., 1:] == ex[..., :-1]
+        ex_base = (ex < n_sink) | (ex >= nkb_q - n_local)
+        parts.append(torch.where(ex_dup | ex_base, _BIG, ex))
+    idx = torch.cat(parts, -1).sort(-1).values
+    cnt = (idx < _BIG).sum(-1).to(torch.int32)
+    idx = idx[..., : max(1, int(cnt.max().item()))]
+    return torch.where(idx >= _BIG, 0, idx).to(torch.int32), cnt

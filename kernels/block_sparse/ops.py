@@ -14,11 +14,16 @@ import triton.language as tl
 
 from ..flash_prefill.ops import attn_block_step
 from ..utils import (LOG2E, check_gqa, check_head_dim, check_last_dim_contiguous, default_scale,
-                     is_interpret)
-
-_BIG = 1 << 30
+                     is_interpret, next_pow2)
 
 
+def _configs():
+    if is_interpret():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3))]
+
+
+@triton.autotune(configs=_configs(), key=["D", "G", "IS_CAUSAL", "BLOCK_M", "BLOCK_N"])
 @triton.jit
 def block_sparse_fwd_kernel(
     q, k, v, o, block_idx, block_cnt,
@@ -33,6 +38,9 @@ def block_sparse_fwd_kernel(
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
+    if IS_CAUSAL:
+        # late query blocks have the longest lists: start them first for a shorter tail
+        i_m = tl.num_programs(0) - 1 - i_m
     i_b = i_bh // HQ
     i_h = i_bh % HQ
     i_hk = i_h // G
@@ -49,12 +57,27 @@ def block_sparse_fwd_kernel(
 
     idx_base = block_idx + i_b.to(tl.int64) * stride_ib + i_hi * stride_ih + i_m * stride_iq
     cnt = tl.load(block_cnt + i_b * stride_cb + i_hi * stride_ch + i_m)
+    # blocks below the first query's diagonal and inside the keys need no mask; the list is
+    # ascending, so they are its first n_full entries
+    if IS_CAUSAL:
+        kb_full = tl.minimum(tl.maximum(m0 + T_k - T_q + 1, 0) // BLOCK_N, T_k // BLOCK_N)
+    else:
+        kb_full = T_k // BLOCK_N
+    n_full = 0
+    for j0 in range(0, cnt, 128):
+        offs_j = j0 + tl.arange(0, 128)
+        e = tl.load(idx_base + offs_j, mask=offs_j < cnt, other=kb_full)
+        n_full += tl.sum((e < kb_full).to(tl.int32), 0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for j in range(0, cnt):
+    for j in range(0, n_full):
         kb = tl.load(idx_base + j)
-        # always masked: the listed blocks may straddle the diagonal or the end of the keys
+        acc, l_i, m_i = attn_block_step(acc, l_i, m_i, qb, k_base, v_base, stride_kt, stride_vt,
+                                        kb * BLOCK_N + offs_nb, offs_d, offs_qpos, T_k, qk_scale,
+                                        MASK=False, IS_CAUSAL=IS_CAUSAL)
+    for j in range(n_full, cnt):
+        kb = tl.load(idx_base + j)
         acc, l_i, m_i = attn_block_step(acc, l_i, m_i, qb, k_base, v_base, stride_kt, stride_vt,
                                         kb * BLOCK_N + offs_nb, offs_d, offs_qpos, T_k, qk_scale,
                                         MASK=True, IS_CAUSAL=IS_CAUSAL)
@@ -75,8 +98,6 @@ def block_sparse_attention(
     causal: bool = True,
     scale: float | None = None,
     out: torch.Tensor | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
 ) -> torch.Tensor:
     """q: [B, T, HQ, D]; k, v: [B, S, HKV, D]; block_idx [B, HI, cdiv(T, block_size_q), MAXK] int32
     (key blocks of block_size_k tokens, ascending, the first block_cnt[b, hi, qb] valid), HI = HQ or
@@ -92,16 +113,14 @@ def block_sparse_attention(
     if block_idx.shape[2] != triton.cdiv(T, block_size_q):
         raise ValueError(f"block lists cover {block_idx.shape[2]} query blocks, need {triton.cdiv(T, block_size_q)}")
     block_idx = block_idx.to(torch.int32)
+    if block_idx.stride(-1) != 1:
+        block_idx = block_idx.contiguous()
     block_cnt = block_cnt.to(torch.int32).contiguous()
     scale = default_scale(D, scale)
     if out is None:
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if T == 0 or B == 0:
         return out
-    if num_warps is None:
-        num_warps = 4 if block_size_q <= 64 else 8
-    if num_stages is None:
-        num_stages = 1 if is_interpret() else (2 if D >= 256 else 3)
     block_sparse_fwd_kernel[(triton.cdiv(T, block_size_q), B * HQ)](
         q, k, v, out, block_idx, block_cnt, T, S, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
@@ -111,7 +130,7 @@ def block_sparse_attention(
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
         block_cnt.stride(0), block_cnt.stride(1),
         HQ=HQ, G=G, IDX_G=HQ // HI, D=D, IS_CAUSAL=bool(causal),
-        BLOCK_M=block_size_q, BLOCK_N=block_size_k, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_size_q, BLOCK_N=block_size_k,
     )
     return out
 
@@ -119,23 +138,68 @@ def block_sparse_attention(
 # ----------------------------------------------------------------------------------------------
 # Adaptive block selection from sampled query rows (per head and query block, top-p of the mass)
 @triton.jit
+def _mass_tile(q_rows, k_base, stride_kt, offs_k, offs_d, pos, T_k, qk_scale, m_i, l_i, blk_ptrs, row_ok,
+               MASK: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """One key block for the sampled rows: its base-2 log-sum-exp per row (stored) and the running
+    row log-sum-exp (m_i, l_i)."""
+    if MASK:
+        kk = tl.load(k_base + offs_k[:, None] * stride_kt + offs_d[None, :], mask=(offs_k < T_k)[:, None], other=0.0)
+    else:
+        kk = tl.load(k_base + offs_k[:, None] * stride_kt + offs_d[None, :])
+    s = tl.dot(q_rows, tl.trans(kk)) * qk_scale
+    if MASK:
+        ok = (offs_k < T_k)[None, :]
+        if IS_CAUSAL:
+            ok = ok & (offs_k[None, :] <= pos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+    m_t = tl.max(s, 1)
+    if MASK:
+        m_ts = tl.where(m_t == float("-inf"), 0.0, m_t)
+    else:
+        m_ts = m_t
+    l_t = tl.sum(tl.math.exp2(s - m_ts[:, None]), 1)
+    if MASK:
+        blk = tl.where(l_t > 0.0, m_ts + tl.math.log2(tl.where(l_t > 0.0, l_t, 1.0)), float("-inf"))
+    else:
+        blk = m_ts + tl.math.log2(l_t)
+    tl.store(blk_ptrs, blk, mask=row_ok)
+    m_new = tl.maximum(m_i, m_t)
+    m_ns = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.math.exp2(m_i - m_ns) + l_t * tl.math.exp2(m_ts - m_ns)
+    return m_new, l_i
+
+
+def _mass_configs():
+    if is_interpret():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (4, 3), (4, 4), (8, 3))]
+
+
+@triton.autotune(configs=_mass_configs(), key=["D", "G", "R", "BLOCK_Q", "BLOCK_N", "IS_CAUSAL"])
+@triton.jit
 def block_mass_fwd_kernel(
-    q, k, blk_lse, row_lse,
-    T_q, T_k, NQB, NKB, qk_scale,
+    q, k, blk, mass,
+    T_q, T_k, NQB, NKB, N_ROWS, qk_scale,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, QB_PER_PROG: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
 ):
-    """Exact attention of R sampled rows of each query block over every key block.
+    """Attention mass per (query block, key block) from the exact attention of R sampled rows of
+    each query block over every key block.
 
     A program takes QB_PER_PROG query blocks of one query head (BLOCK_M = QB_PER_PROG * R rows, so each
     key tile read serves them all); row r is query block qb0 + r // R, token
-    qb * BLOCK_Q + BLOCK_Q - 1 - (r % R) * (BLOCK_Q // R) (clamped to the last token). Writes, in base 2,
-    blk_lse[b, h, qb * R + i, kb] = log2 sum_{keys of block kb} 2^(s * log2 e) (-inf where no key is
-    visible) and row_lse[b, h, qb * R + i] = the same over all keys."""
+    qb * BLOCK_Q + BLOCK_Q - 1 - (r % R) * (BLOCK_Q // R) (clamped to the last token). Pass 1 writes the
+    base-2 log-sum-exp of every key block and row to the scratch blk [B * HQ, NKB, N_ROWS] (a key
+    block's rows contiguous: coalesced stores) while accumulating each row's total; pass 2 reads them
+    back and writes mass[b, h, qb, kb] = mean over the rows of 2^(blk - row total) (0 where no key
+    of the block is visible)."""
     i_p = tl.program_id(0)
     i_bh = tl.program_id(1)
+    if IS_CAUSAL:
+        i_p = tl.num_programs(0) - 1 - i_p  # the programs with the most keys first
     i_b = i_bh // HQ
     i_h = i_bh % HQ
     i_hk = i_h // G
@@ -146,36 +210,39 @@ def block_mass_fwd_kernel(
     t = qb * BLOCK_Q + BLOCK_Q - 1 - (offs_r % R) * (BLOCK_Q // R)
     t = tl.minimum(t, T_q - 1)
     row_ok = qb < NQB
-    qt = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+    q_rows = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0)
     pos = t + (T_k - T_q)
     k_base = k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
-    out_rows = (i_bh.to(tl.int64) * NQB * R + i_p * BLOCK_M + offs_r)
+    blk_base = blk + i_bh.to(tl.int64) * NKB * N_ROWS + i_p * BLOCK_M + offs_r
     if IS_CAUSAL:
         last = tl.minimum(tl.max(tl.where(row_ok, pos, 0), 0) + 1, T_k)
+        # tiles every row sees whole: no mask
+        first = tl.min(tl.where(row_ok, pos, T_k), 0)
+        n_full = tl.minimum(tl.maximum(first + 1, 0) // BLOCK_N, T_k // BLOCK_N)
     else:
         last = T_k
+        n_full = T_k // BLOCK_N
+    n_blk = tl.cdiv(last, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for kb in range(0, tl.cdiv(last, BLOCK_N)):
-        offs_k = kb * BLOCK_N + offs_n
-        kk = tl.load(k_base + offs_k[:, None] * stride_kt + offs_d[None, :], mask=(offs_k < T_k)[:, None], other=0.0)
-        s = tl.dot(qt, tl.trans(kk)) * qk_scale
-        ok = (offs_k < T_k)[None, :]
-        if IS_CAUSAL:
-            ok = ok & (offs_k[None, :] <= pos[:, None])
-        s = tl.where(ok, s, float("-inf"))
-        m_t = tl.max(s, 1)
-        m_ts = tl.where(m_t == float("-inf"), 0.0, m_t)
-        l_t = tl.sum(tl.math.exp2(s - m_ts[:, None]), 1)
-        blk = tl.where(l_t > 0.0, m_ts + tl.math.log2(tl.where(l_t > 0.0, l_t, 1.0)), float("-inf"))
-        tl.store(blk_lse + out_rows * NKB + kb, blk, mask=row_ok)
-        m_new = tl.maximum(m_i, m_t)
-        m_ns = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_ns) + l_t * tl.math.exp2(m_ts - m_ns)
-        m_i = m_new
-    lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-    tl.store(row_lse + out_rows, lse, mask=row_ok)
+    for kb in range(0, n_full):
+        m_i, l_i = _mass_tile(q_rows, k_base, stride_kt, kb * BLOCK_N + offs_n, offs_d, pos, T_k, qk_scale, m_i, l_i,
+                              blk_base + kb * N_ROWS, row_ok, MASK=False, IS_CAUSAL=IS_CAUSAL)
+    for kb in range(n_full, n_blk):
+        m_i, l_i = _mass_tile(q_rows, k_base, stride_kt, kb * BLOCK_N + offs_n, offs_d, pos, T_k, qk_scale, m_i, l_i,
+                              blk_base + kb * N_ROWS, row_ok, MASK=True, IS_CAUSAL=IS_CAUSAL)
+    lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), 0.0)
+    tl.debug_barrier()  # pass 2 reads what other threads of this program wrote
+    offs_e = tl.arange(0, BLOCK_E)
+    qbs = i_p * QB_PER_PROG + tl.arange(0, QB_PER_PROG)
+    mass_rows = mass + (i_bh.to(tl.int64) * NQB + qbs[:, None]) * NKB
+    for e0 in range(0, NKB, BLOCK_E):
+        kbs = e0 + offs_e
+        x = tl.load(blk_base[:, None] + kbs[None, :] * N_ROWS, mask=row_ok[:, None] & (kbs < n_blk)[None, :],
+                    other=float("-inf"))
+        p = tl.reshape(tl.math.exp2(x - lse[:, None]), [QB_PER_PROG, R, BLOCK_E])
+        tl.store(mass_rows + kbs[None, :], tl.sum(p, 1) / R, mask=(qbs < NQB)[:, None] & (kbs < NKB)[None, :])
 
 
 def sampled_block_mass(q, k, block_size_q=64, block_size_k=64, rows=4, causal=True, scale=None,
@@ -189,84 +256,112 @@ def sampled_block_mass(q, k, block_size_q=64, block_size_k=64, rows=4, causal=Tr
     check_head_dim(D)
     G = check_gqa(HQ, HKV)
     check_last_dim_contiguous(q, k)
-    if block_size_q % rows:
-        raise ValueError(f"rows ({rows}) must divide block_size_q ({block_size_q})")
+    if block_size_q % rows or rows & (rows - 1):
+        raise ValueError(f"rows ({rows}) must be a power of two dividing block_size_q ({block_size_q})")
     scale = default_scale(D, scale)
     nqb, nkb = triton.cdiv(T, block_size_q), triton.cdiv(S, block_size_k)
     if qb_per_prog is None:
         qb_per_prog = max(1, (16 if is_interpret() else 64) // rows)
-    block_m = max(16, qb_per_prog * rows)
+    block_m = max(16, next_pow2(qb_per_prog * rows))
     qb_per_prog = block_m // rows
     n_prog = triton.cdiv(nqb, qb_per_prog)
-    blk = torch.full((B, HQ, n_prog * qb_per_prog * rows, nkb), float("-inf"), device=q.device, dtype=torch.float32)
-    row = torch.full((B, HQ, n_prog * qb_per_prog * rows), float("-inf"), device=q.device, dtype=torch.float32)
-    if B and T and S:
-        block_mass_fwd_kernel[(n_prog, B * HQ)](
-            q, k, blk, row, T, S, n_prog * qb_per_prog, nkb, scale * LOG2E,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            HQ=HQ, G=G, D=D, R=rows, QB_PER_PROG=qb_per_prog, BLOCK_Q=block_size_q, BLOCK_M=block_m,
-            BLOCK_N=block_size_k, IS_CAUSAL=bool(causal),
-            num_warps=4, num_stages=1 if is_interpret() else 3,
-        )
-    blk = blk[:, :, : nqb * rows].view(B, HQ, nqb, rows, nkb)
-    row = row[:, :, : nqb * rows].view(B, HQ, nqb, rows, 1)
-    row = torch.where(torch.isfinite(row), row, 0.0)
-    return torch.exp2(blk - row).mean(3)
+    mass = torch.empty((B, HQ, nqb, nkb), device=q.device, dtype=torch.float32)
+    if not (B and T and S):
+        return mass.zero_()
+    blk = torch.empty((B * HQ, nkb, n_prog * block_m), device=q.device, dtype=torch.float32)
+    block_mass_fwd_kernel[(n_prog, B * HQ)](
+        q, k, blk, mass, T, S, nqb, nkb, n_prog * block_m, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        HQ=HQ, G=G, D=D, R=rows, QB_PER_PROG=qb_per_prog, BLOCK_Q=block_size_q, BLOCK_M=block_m,
+        BLOCK_N=block_size_k, BLOCK_E=16 if is_interpret() else 64, IS_CAUSAL=bool(causal),
+    )
+    return mass
 
 
-def topp_block_list(mass, kend, block_size_k, top_p=0.95, n_sink=1, n_local=2, max_blocks=None, min_blocks=0,
-                    extra_idx=None):
+@triton.jit
+def topp_block_list_fwd_kernel(
+    mass, nvis, extra, block_idx, block_cnt,
+    H, NQB, NKB, E, top_p, max_blocks,
+    N_SINK: tl.constexpr, N_LOCAL: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_MAX: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One (batch, head, query block) row: the row's masses in registers; the top-p cut is the largest
+    mass m* such that the base blocks plus all candidates of mass >= m* reach top_p, found by bisection
+    on the bits of m* (non-negative floats order as their bit patterns), so no sort is needed."""
+    row = tl.program_id(0).to(tl.int64)
+    i_b = row // (H * NQB)
+    i_q = row % NQB
+    nv = tl.load(nvis + i_b * NQB + i_q)
+    kb = tl.arange(0, BLOCK_K)
+    vis = kb < nv
+    m = tl.load(mass + row * NKB + kb, mask=vis, other=0.0)
+    base = vis & ((kb < N_SINK) | (kb >= nv - N_LOCAL))
+    if HAS_EXTRA:
+        for e in range(0, E):
+            base = base | (vis & (kb == tl.load(extra + row * E + e)))
+    cand = vis & ~base
+    covered = tl.sum(tl.where(base, m, 0.0), 0)
+    w = tl.where(cand, m, 0.0)
+    bits = w.to(tl.int32, bitcast=True)
+    # invariant: mass(lo) reaches top_p, mass(hi) does not (mass(u) = covered + candidates with bits >= u)
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0x7F800001, tl.int32)
+    if covered >= top_p:
+        lo = hi  # no candidate needed
+    elif covered + tl.sum(w, 0) >= top_p:  # else all candidates (lo = 0)
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            if covered + tl.sum(tl.where(bits >= mid, w, 0.0), 0) >= top_p:
+                lo = mid
+            else:
+                hi = mid
+    if HAS_MAX:
+        # at most max_blocks candidates: the max_blocks-th largest as the cut when it is higher
+        lo2 = tl.full([], 0, tl.int32)
+        hi2 = tl.full([], 0x7F800001, tl.int32)
+        if max_blocks <= 0:
+            lo2 = hi2
+        elif tl.sum(cand.to(tl.int32), 0) > max_blocks:
+            for _ in range(31):
+                mid = lo2 + (hi2 - lo2) // 2
+                if tl.sum((cand & (bits >= mid)).to(tl.int32), 0) >= max_blocks:
+                    lo2 = mid
+                else:
+                    hi2 = mid
+        lo = tl.maximum(lo, lo2)
+    keep = base | (cand & (bits >= lo))
+    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+    n = tl.sum(keep.to(tl.int32), 0)
+    out = block_idx + row * NKB
+    tl.store(out + slot, kb, mask=keep)
+    tl.store(out + kb, tl.zeros_like(kb), mask=(kb >= n) & (kb < NKB))
+    tl.store(block_cnt + row, n)
+
+
+def topp_block_list(mass, kend, block_size_k, top_p=0.95, n_sink=1, n_local=2, max_blocks=None, extra_idx=None):
     """Per (head, query block): the sink and local blocks (and the blocks of extra_idx), plus the fewest
-    other visible key blocks, by decreasing mass, whose mass brings the total to top_p (at least
-    min_blocks and at most max_blocks of them). mass: [B, H, NQB, NKB] (rows summing to 1); kend: [NQB]
-    or [B, NQB] keys visible to each query block; extra_idx: None or [B, H, NQB, E] int key blocks always
-    kept (entries < 0 or not visible are ignored; duplicates allowed), e.g. a vertical-slash pattern.
-    Returns block_idx [B, H, NQB, MAXK] int32 (ascending, packed) and block_cnt [B, H, NQB]."""
+    other visible key blocks, by decreasing mass, whose mass brings the total to top_p (at most
+    max_blocks of them). mass: [B, H, NQB, NKB] (rows summing to 1); kend: [NQB] or [B, NQB] keys
+    visible to each query block; extra_idx: None or [B, H, NQB, E] int key blocks always kept (entries
+    < 0 or not visible are ignored; duplicates allowed), e.g. a vertical-slash pattern.
+    Returns block_idx [B, H, NQB, MAXK] int32 (ascending, packed, 0 after the count) and block_cnt
+    [B, H, NQB]. Ties in mass at the cut are all kept (topp_block_list_naive keeps one of them)."""
     B, H, NQB, NKB = mass.shape
-    dev = mass.device
     if kend.dim() == 1:
         kend = kend[None].expand(B, -1)
-    nkb_q = ((kend + block_size_k - 1) // block_size_k)[:, None, :, None]  # [B, 1, NQB, 1]
-    kb = torch.arange(NKB, device=dev).view(1, 1, 1, -1)
-    vis = kb < nkb_q
-    base = vis & ((kb < n_sink) | (kb >= nkb_q - n_local))
-    if extra_idx is not None:
-        extra_idx = extra_idx.long()
-        e_ok = (extra_idx >= 0) & (extra_idx < nkb_q)
-        extra_idx = torch.where(e_ok, extra_idx, _BIG)
-        hit = torch.zeros(B, H, NQB, NKB + 1, dtype=torch.bool, device=dev)
-        hit.scatter_(-1, extra_idx.clamp(max=NKB), True)
-        base = base | hit[..., :NKB]
-    covered = (mass * base).sum(-1, keepdim=True)
-    rest = torch.where(vis & ~base, mass, -1.0)
-    vals, order = rest.sort(-1, descending=True)
-    w = vals.clamp(min=0)
-    before = covered + w.cumsum(-1) - w  # mass kept before taking each candidate
-    n = ((before < top_p) & (vals >= 0)).sum(-1, keepdim=True)  # the one that crosses top_p included
-    n = n.clamp(min=min_blocks)
-    if max_blocks is not None:
-        n = n.clamp(max=max_blocks)
-    n = torch.minimum(n, (vals >= 0).sum(-1, keepdim=True))
-    width = max(1, int(n.max().item()))
-    rank = torch.arange(width, device=dev).view(1, 1, 1, -1)
-    chosen = torch.where(rank < n, order[..., :width], _BIG)
-    n_base = n_sink + n_local
-    bidx = torch.cat([torch.arange(n_sink, device=dev), -1 - torch.arange(n_local, device=dev)]).view(1, 1, 1, -1)
-    bidx = torch.where(bidx >= 0, bidx, nkb_q + bidx).expand(B, H, NQB, n_base)
-    bok = torch.gather(base.expand(B, H, NQB, NKB), -1, bidx.clamp(0, NKB - 1)) & (bidx >= 0)
-    # a block that is both sink and local appears once
-    dup = torch.zeros_like(bok)
-    dup[..., n_sink:] = (bidx[..., n_sink:, None] == bidx[..., None, :n_sink]).any(-1) if n_sink else False
-    bidx = torch.where(bok & ~dup, bidx, _BIG)
-    parts = [bidx, chosen]
-    if extra_idx is not None:
-        # extra blocks that are not sink/local blocks, each once (the chosen ones exclude all of base)
-        ex = extra_idx.sort(-1).values
-        ex_dup = torch.zeros_like(ex, dtype=torch.bool)
-        ex_dup[..., 1:] = ex[..., 1:] == ex[..., :-1]
-        ex_base = (ex < n_sink) | (ex >= nkb_q - n_local)
-        parts.append(torch.where(ex_dup | ex_base, _BIG, ex))
-    idx = torch.cat(parts, -1).sort(-1).values
-    cnt = (idx < _BIG).sum(-1).to(torch.int32)
-    idx = idx[..., : max(1, int(cnt.max().item()))]
-    return torch.where(idx >= _BIG, 0, idx).to(torch.int32), cnt
+    nvis = ((kend + block_size_k - 1) // block_size_k).to(torch.int32).contiguous()
+    mass = mass.float().contiguous()
+    idx = torch.empty((B, H, NQB, max(1, NKB)), device=mass.device, dtype=torch.int32)
+    cnt = torch.zeros((B, H, NQB), device=mass.device, dtype=torch.int32)
+    if mass.numel() == 0:
+        return idx[..., :1].zero_(), cnt
+    has_extra = extra_idx is not None and extra_idx.shape[-1] > 0
+    extra = extra_idx.to(torch.int32).contiguous() if has_extra else cnt
+    block_k = next_pow2(NKB)
+    topp_block_list_fwd_kernel[(B * H * NQB,)](
+        mass, nvis, extra, idx, cnt, H, NQB, NKB, extra.shape[-1] if has_extra else 0, float(top_p),
+        -1 if max_blocks is None else int(max_blocks),
+        N_SINK=n_sink, N_LOCAL=n_local, HAS_EXTRA=has_extra, HAS_MAX=max_blocks is not None,
+        BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else (8 if block_k <= 8192 else 16),
+    )
+    return idx[..., : max(1, int(cnt.max().item()))], cnt

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 from ..block_sparse.ops import block_sparse_attention, sampled_block_mass, topp_block_list
 from ..flash_prefill.ops import flash_prefill
 from ..hip_attention.ops import prefill_kend
-from ..utils import check_gqa, default_scale
+from ..utils import check_gqa, default_scale, is_interpret
 
 _BIG = 1 << 30
 
@@ -63,6 +64,48 @@ def vertical_slash_scores(q, k, last_q=64, scale=None, causal=True, head_chunk=8
     return vert.view(B, HQ, nkb, block_size_k).sum(-1), slash.view(B, HQ, nkb, block_size_k).sum(-1)
 
 
+@triton.jit
+def mass_vertical_slash_scores_fwd_kernel(
+    mass, nvis, d0, d_last, vert, slash, NQB, NKB,
+    LAST_PARTIAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (column chunk c, batch x head): vert and slash for key blocks / block-diagonals
+    c * BLOCK_K ... by a sweep over all query blocks. A full key block kb of query block qb lies on
+    diagonal d0[qb] - kb, so diagonal d reads mass[qb, d0[qb] - d]: a gather along the diagonal instead
+    of a scatter into it (no atomics); a partial last key block lies on d_last[qb]."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    offs = i_c * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = offs < NKB
+    base = mass + i_bh.to(tl.int64) * NQB * NKB
+    n_full_kb = NKB - 1 if LAST_PARTIAL else NKB
+    acc_v = tl.zeros([BLOCK_K], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_K], dtype=tl.float32)
+    n_v = tl.zeros([BLOCK_K], dtype=tl.int32)
+    n_s = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for q0 in range(0, NQB, BLOCK_Q):
+        qb = q0 + tl.arange(0, BLOCK_Q)
+        q_ok = qb < NQB
+        nv = tl.load(nvis + qb, mask=q_ok, other=0)
+        rows = base + qb[:, None].to(tl.int64) * NKB
+        ok = q_ok[:, None] & col_ok[None, :] & (offs[None, :] < nv[:, None])
+        acc_v += tl.sum(tl.load(rows + offs[None, :], mask=ok, other=0.0), 0)
+        n_v += tl.sum(ok.to(tl.int32), 0)
+        kb = tl.load(d0 + qb, mask=q_ok, other=0)[:, None] - offs[None, :]
+        ok = q_ok[:, None] & col_ok[None, :] & (kb >= 0) & (kb < n_full_kb) & (kb < nv[:, None])
+        acc_s += tl.sum(tl.load(rows + kb, mask=ok, other=0.0), 0)
+        n_s += tl.sum(ok.to(tl.int32), 0)
+        if LAST_PARTIAL:
+            lok = q_ok & (NKB - 1 < nv)
+            ml = tl.load(rows + NKB - 1, mask=lok[:, None], other=0.0)  # [BLOCK_Q, 1]
+            ok = lok[:, None] & col_ok[None, :] & (tl.load(d_last + qb, mask=q_ok, other=-1)[:, None] == offs[None, :])
+            acc_s += tl.sum(tl.where(ok, ml, 0.0), 0)
+            n_s += tl.sum(ok.to(tl.int32), 0)
+    out = i_bh.to(tl.int64) * NKB + offs
+    tl.store(vert + out, acc_v / tl.maximum(n_v, 1).to(tl.float32), mask=col_ok)
+    tl.store(slash + out, acc_s / tl.maximum(n_s, 1).to(tl.float32), mask=col_ok)
+
+
 def mass_vertical_slash_scores(mass, T, S, block_size_q=64, block_size_k=64, causal=True):
     """Vertical and slash scores from block masses mass [B, H, NQB, NKB] (rows summing to 1, e.g. from
     sampled_block_mass): vertical[kb] = mean mass of key block kb over the query blocks that see it;
@@ -71,21 +114,25 @@ def mass_vertical_slash_scores(mass, T, S, block_size_q=64, block_size_k=64, cau
     (bottom-right aligned). Returns two [B, H, NKB] float32."""
     B, H, NQB, NKB = mass.shape
     dev = mass.device
-    kend = prefill_kend(T, S, block_size_q, causal, dev)  # [NQB]
-    kb = torch.arange(NKB, device=dev)
-    vis = kb[None, :] < ((kend + block_size_k - 1) // block_size_k)[:, None]  # [NQB, NKB]
-    m = mass.float() * vis
-    vert = m.sum(2) / vis.sum(0).clamp(min=1)
+    nvis = ((prefill_kend(T, S, block_size_q, causal, dev) + block_size_k - 1) // block_size_k).to(torch.int32)
     delta = S - T if causal else 0
     m0 = torch.arange(NQB, device=dev) * block_size_q
-    qc = (m0 + torch.clamp(m0 + block_size_q, max=T) - 1 + 2 * delta).double() / 2  # query-block centres
-    kc = (kb * block_size_k + torch.clamp(kb * block_size_k + block_size_k, max=S) - 1).double() / 2
-    d = torch.floor((qc[:, None] - kc[None, :]) / block_size_k).long()
-    d = torch.where(vis & (d >= 0) & (d < NKB), d, NKB).view(-1)  # spare slot NKB dropped below
-    num = torch.zeros(B, H, NKB + 1, device=dev, dtype=torch.float32)
-    num.scatter_add_(-1, d.view(1, 1, -1).expand(B, H, -1), m.view(B, H, -1))
-    den = torch.zeros(NKB + 1, device=dev, dtype=torch.float32).scatter_add_(0, d, vis.view(-1).float())
-    return vert, num[..., :NKB] / den[:NKB].clamp(min=1)
+    qc2 = m0 + torch.clamp(m0 + block_size_q, max=T) - 1 + 2 * delta  # twice the query-block centres
+    # twice the centre of key block kb is 2 kb bk + bk - 1 when full: d = d0 - kb
+    d0 = torch.div(qc2 - (block_size_k - 1), 2 * block_size_k, rounding_mode="floor").to(torch.int32)
+    k_last = (NKB - 1) * block_size_k
+    d_last = torch.div(qc2 - (k_last + S - 1), 2 * block_size_k, rounding_mode="floor").to(torch.int32)
+    mass = mass.float().contiguous()
+    vert = torch.empty((B, H, NKB), device=dev, dtype=torch.float32)
+    slash = torch.empty_like(vert)
+    if vert.numel() == 0:
+        return vert, slash
+    block_k = 16 if is_interpret() else 128
+    mass_vertical_slash_scores_fwd_kernel[(triton.cdiv(NKB, block_k), B * H)](
+        mass, nvis, d0, d_last, vert, slash, NQB, NKB,
+        LAST_PARTIAL=S % block_size_k != 0, BLOCK_Q=8 if is_interpret() else 16, BLOCK_K=block_k, num_warps=4,
+    )
+    return vert, slash
 
 
 def vs_pattern(vert, slash, T, S, block_size_q=64, block_size_k=64, n_vertical=32, n_slash=16, n_sink=1,
