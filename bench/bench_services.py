@@ -6,8 +6,8 @@ Phases (each against a server started here in its own process, `retrogram serve 
   engine      the in-process engine's single-core rate: `count` one call per query, and `count_many`
               in batches (one thread, same queries)
   latency     one client, one Count at a time (grpc I/O variants, interleaved rounds, fresh processes each):
-              p50/p99 round trip; gRPC overhead = round trip minus the
-              engine's own time for the same query (its in-process p50)
+              p50/p99 round trip of NgramClient.count (over its Session stream) and of unary calls;
+              gRPC overhead = round trip minus the engine's own time for the same query (its in-process p50)
   count       CLIENTS concurrent clients (each its own channel), unary Count, for DURATION seconds
   count_many  CLIENTS concurrent clients, CountMany of BATCH packed queries a call, for DURATION seconds:
               counts/s against the engine's single-core rate
@@ -144,9 +144,10 @@ def engine_rates(engine, queries, batch: int, seconds: float = 3.0) -> dict:
 
 
 def latency(address: str, queries, engine_p50_us: float, n: int = 3000) -> dict:
-    """Sequential Count round trips through NgramClient, interleaved with the same Count on a bare channel
-    (raw bytes, no retrogram client code) and, for scale, the same server's standard health Check (grpcio's
-    own servicer: the floor of a Python gRPC round trip on this machine right now)."""
+    """Sequential Count round trips, four ways interleaved call by call: NgramClient as users get it (small
+    calls over its Session stream), NgramClient with sessions=False (one unary call each), the same unary
+    Count on a bare channel (raw bytes, no retrogram client code) and, for scale, the same server's standard
+    health Check (grpcio's own servicer: the floor of a unary Python gRPC round trip on this machine now)."""
     from retrogram.services.client import LOW_LATENCY_IO, NgramClient   # before grpc: it picks grpc's I/O
 
     import grpc
@@ -156,30 +157,28 @@ def latency(address: str, queries, engine_p50_us: float, n: int = 3000) -> dict:
     from retrogram.protos import ngram_pb2 as npb
 
     raws = [npb.CountRequest(query=cpb.Query(ids=q)).SerializeToString() for q in queries[:1000]]
-    with NgramClient(address) as c, grpc.insecure_channel(address) as ch:
+    with NgramClient(address) as c, NgramClient(address, sessions=False) as u, grpc.insecure_channel(address) as ch:
         h = health_pb2_grpc.HealthStub(ch)
         raw_count = ch.unary_unary("/retrogram.v1.NgramService/Count")
         hreq = health_pb2.HealthCheckRequest()
+        ways = [lambda i, q: c.count(q), lambda i, q: u.count(q), lambda i, q: raw_count(raws[i % len(raws)]),
+                lambda i, q: h.Check(hreq)]
         for i, q in enumerate(queries[:300]):
-            c.count(q)
-            raw_count(raws[i])
-            h.Check(hreq)
-        lat, rlat, hlat = [], [], []
+            for way in ways:
+                way(i, q)
+        lats: list[list[float]] = [[] for _ in ways]
         for i in range(n):
             q = queries[i % len(queries)]
-            t = time.perf_counter()
-            c.count(q)
-            t1 = time.perf_counter()
-            raw_count(raws[i % len(raws)])
-            t2 = time.perf_counter()
-            h.Check(hreq)
-            t3 = time.perf_counter()
-            lat.append(t1 - t)
-            rlat.append(t2 - t1)
-            hlat.append(t3 - t2)
+            for way, lat in zip(ways, lats):
+                t = time.perf_counter()
+                way(i, q)
+                lat.append(time.perf_counter() - t)
+        assert c._sessions[0] is not None, "the client's session did not stay open"
+    lat, ulat, rlat, hlat = lats
     p50 = pct(lat, 50) * 1e6
     return {"calls": n, "rtt_p50_us": p50, "rtt_p99_us": pct(lat, 99) * 1e6, "engine_p50_us": engine_p50_us,
             "overhead_p50_us": p50 - engine_p50_us, "target_overhead_p50_us": 300,
+            "unary_rtt_p50_us": pct(ulat, 50) * 1e6, "unary_rtt_p99_us": pct(ulat, 99) * 1e6,
             "bare_channel_count_rtt_p50_us": pct(rlat, 50) * 1e6,
             "health_check_rtt_p50_us": pct(hlat, 50) * 1e6, "low_latency_io": LOW_LATENCY_IO,
             "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", ""), "load_avg": os.getloadavg()}
@@ -219,15 +218,18 @@ def latency_variants(index: Path, engine_p50_us: float, reps: int, n: int) -> di
                                          env=env, capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout)
                 runs.setdefault(f"{name}/{inline}", []).append(r)
-                print(f"{name}/{inline}: rtt p50 {r['rtt_p50_us']:.0f} us, bare {r['bare_channel_count_rtt_p50_us']:.0f}, "
+                print(f"{name}/{inline}: rtt p50 {r['rtt_p50_us']:.0f} us (session), unary {r['unary_rtt_p50_us']:.0f}, "
+                      f"bare {r['bare_channel_count_rtt_p50_us']:.0f}, "
                       f"health {r['health_check_rtt_p50_us']:.0f}, load {r['load_avg'][0]:.1f}", file=sys.stderr)
     summary = {}
     for key, rs in runs.items():
         med = {m: statistics.median(r[m] for r in rs) for m in
-               ("rtt_p50_us", "rtt_p99_us", "bare_channel_count_rtt_p50_us", "health_check_rtt_p50_us")}
+               ("rtt_p50_us", "rtt_p99_us", "unary_rtt_p50_us", "unary_rtt_p99_us", "bare_channel_count_rtt_p50_us",
+                "health_check_rtt_p50_us")}
         med["overhead_p50_us"] = med["rtt_p50_us"] - engine_p50_us
         med["rounds"] = [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()
-                          if k in ("rtt_p50_us", "bare_channel_count_rtt_p50_us", "health_check_rtt_p50_us",
+                          if k in ("rtt_p50_us", "unary_rtt_p50_us", "bare_channel_count_rtt_p50_us",
+                                   "health_check_rtt_p50_us",
                                    "load_avg", "grpc_experiments")} for r in rs]
         summary[key] = med
     return summary

@@ -110,6 +110,11 @@ class NgramServiceStub:
                 request_serializer=retrogram_dot_protos_dot_common__pb2.PackedQueries.SerializeToString,
                 response_deserializer=retrogram_dot_protos_dot_ngram__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/retrogram.v1.NgramService/Session',
+                request_serializer=retrogram_dot_protos_dot_common__pb2.SessionRequest.SerializeToString,
+                response_deserializer=retrogram_dot_protos_dot_common__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class NgramServiceServicer:
@@ -216,6 +221,14 @@ class NgramServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Any of the unary methods above, called one after another over one long-lived stream (the client
+        library uses it for small queries: Count, Prob, Ntd, InfgramProb, InfgramNtd).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NgramServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -293,6 +306,11 @@ def add_NgramServiceServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=retrogram_dot_protos_dot_common__pb2.PackedQueries.FromString,
                     response_serializer=retrogram_dot_protos_dot_ngram__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=retrogram_dot_protos_dot_common__pb2.SessionRequest.FromString,
+                    response_serializer=retrogram_dot_protos_dot_common__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -700,6 +718,33 @@ class NgramService:
             '/retrogram.v1.NgramService/Detokenize',
             retrogram_dot_protos_dot_common__pb2.PackedQueries.SerializeToString,
             retrogram_dot_protos_dot_ngram__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/retrogram.v1.NgramService/Session',
+            retrogram_dot_protos_dot_common__pb2.SessionRequest.SerializeToString,
+            retrogram_dot_protos_dot_common__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

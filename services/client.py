@@ -25,7 +25,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import random
+import threading
+import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -391,13 +395,146 @@ def retrieve_query_msg(q: Any, exclude_doc: int | None = None) -> rpb.RetrieveQu
         raise UserError(f"a retrieval query is a text, token ids or an embedding, not {type(q).__name__}") from None
 
 
+# ----------------------------------------------------------------------------------------- sessions
+# Small calls made one after another go over one long-lived Session stream per server (protos/common.proto):
+# with grpcio a message on an open stream costs about half of a unary call's round trip (no call set-up,
+# headers or status per call). A caller that finds its session busy (another thread or task is using it)
+# makes a unary call, so concurrency is unchanged. Any failure of the stream itself (server restarting,
+# going away, too many sessions, an old server without Session) sends the call again as a unary call, with
+# its retries and errors; every call is a read, so sending twice is safe.
+
+SESSION_MIN_TIMEOUT_S = 1.0      # calls with shorter deadlines go unary (the sync watchdog's granularity)
+SESSION_RETRY_S = 1.0            # after a session fails, unary calls only for this long
+_CLOSE = object()
+
+
+class _SessionBroken(Exception):
+    """The stream failed (not the call): the call may not have been answered."""
+
+
+def _session_request(call_id: int, method: str, request, timeout: float | None) -> bytes:
+    msg = cpb.SessionRequest(id=call_id, method=method, request=request.SerializeToString())
+    if timeout is not None:
+        msg.timeout_s = timeout
+    return msg.SerializeToString()
+
+
+class _SyncSession:
+    """One Session stream to one server, used by one thread at a time (`lock`)."""
+
+    def __init__(self, channel, path: str, metadata):
+        self.lock = threading.Lock()
+        self.deadline: float | None = None   # when the call in progress must end (the watchdog checks it)
+        self.expired = False
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = channel.stream_stream(path)(iter(self._requests.get, _CLOSE), metadata=metadata)
+        self._id = 0
+        _watchdog.add(self)
+
+    def call(self, method: str, request, timeout: float | None) -> cpb.SessionResponse:
+        self._id += 1
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._requests.put(_session_request(self._id, method, request, timeout))
+        try:
+            raw = next(self._call)
+        except (grpc.RpcError, StopIteration) as e:
+            raise _SessionBroken(str(e)) from None
+        finally:
+            self.deadline = None
+        return cpb.SessionResponse.FromString(raw)
+
+    def expire(self) -> None:
+        self.expired = True
+        self._call.cancel()
+
+    def close(self) -> None:
+        self._requests.put(_CLOSE)   # ends grpc's thread that sends the requests
+        self._call.cancel()
+
+
+class _Watchdog:
+    """Cancels sync session calls past their deadline (a blocked `next()` on a stream takes no timeout)."""
+
+    def __init__(self):
+        self._sessions: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, session: _SyncSession) -> None:
+        with self._lock:
+            self._sessions.add(session)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="retrogram-session-watchdog", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(SESSION_MIN_TIMEOUT_S / 4)
+            now = time.monotonic()
+            with self._lock:
+                sessions = list(self._sessions)
+            for s in sessions:
+                d = s.deadline
+                if d is not None and now > d:
+                    s.expire()
+
+
+_watchdog = _Watchdog()
+
+
+class _AsyncSession:
+    """One Session stream to one server (grpc.aio), used by one task at a time (`lock`)."""
+
+    def __init__(self, channel, path: str, metadata):
+        self.lock = asyncio.Lock()
+        self.expired = False
+        self._call = channel.stream_stream(path)(metadata=metadata)
+        self._id = 0
+
+    async def call(self, method: str, request, timeout: float | None) -> cpb.SessionResponse:
+        self._id += 1
+        try:
+            await self._call.write(_session_request(self._id, method, request, timeout))
+            if timeout is None:
+                raw = await self._call.read()
+            else:
+                raw = await asyncio.wait_for(self._call.read(), timeout)
+        except asyncio.TimeoutError:
+            self.expired = True
+            raise _SessionBroken("deadline exceeded") from None
+        except (grpc.RpcError, asyncio.InvalidStateError) as e:
+            raise _SessionBroken(str(e)) from None
+        if raw is grpc.aio.EOF:
+            raise _SessionBroken("the server ended the session")
+        return cpb.SessionResponse.FromString(raw)
+
+    def close(self) -> None:
+        self._call.cancel()
+
+
+_CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _session_answer(target: str, method: str, resp: cpb.SessionResponse, response_cls):
+    if resp.code:
+        raise ServiceError(target, method, _CODE_BY_VALUE.get(resp.code, grpc.StatusCode.UNKNOWN), resp.message)
+    return response_cls.FromString(resp.response)
+
+
+def _response_classes(service_descriptor) -> dict:
+    from google.protobuf import message_factory
+
+    return {m.name: message_factory.GetMessageClass(m.output_type) for m in service_descriptor.methods}
+
+
 # -------------------------------------------------------------------------------------------- base
 
 class _Base:
     def __init__(self, targets: str | Sequence[str], *, api_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
                  tls: bool = False, root_certificates: bytes | str | Path | None = None,
                  client_cert: tuple[bytes, bytes] | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 retries: bool = True, wait_for_ready: bool = False, server_name: str | None = None, aio: bool = False):
+                 retries: bool = True, wait_for_ready: bool = False, server_name: str | None = None, aio: bool = False,
+                 sessions: bool = True):
         self.targets = [parse_target(t) for t in ([targets] if isinstance(targets, str) else list(targets))]
         if not self.targets:
             raise UserError("no server given")
@@ -410,6 +547,45 @@ class _Base:
                                       aio=aio, max_message_bytes=max_message_bytes, retries=retries,
                                       server_name=server_name) for t in self.targets]
         self._layout: _Layout | None = None
+        # small calls to one server go over a Session stream (see "sessions" above); sessions=False: never
+        self.use_sessions = sessions
+        self._sessions: list = [None] * len(self.targets)
+        self._session_retry_at = [0.0] * len(self.targets)
+        self._session_lock = threading.Lock()
+
+    # set by subclasses: the service's full name, the methods sent over a session, response classes
+    service_name = ""
+    session_methods: frozenset = frozenset()
+    response_classes: dict = {}
+
+    def _session_for(self, k: int, method: str, timeout: float | None, make):
+        """Server k's session for this call, or None when the call should be a unary one."""
+        if not self.use_sessions or method not in self.session_methods:
+            return None
+        if timeout is not None and timeout < SESSION_MIN_TIMEOUT_S:
+            return None
+        s = self._sessions[k]
+        if s is None:
+            if time.monotonic() < self._session_retry_at[k]:
+                return None
+            with self._session_lock:
+                s = self._sessions[k]
+                if s is None:
+                    s = self._sessions[k] = make(self.channels[k], f"/{self.service_name}/Session", self.metadata)
+        return s
+
+    def _drop_session(self, k: int, s) -> None:
+        with self._session_lock:
+            if self._sessions[k] is s:
+                self._sessions[k] = None
+                self._session_retry_at[k] = time.monotonic() + SESSION_RETRY_S
+        s.close()
+
+    def _close_sessions(self) -> None:
+        for k, s in enumerate(self._sessions):
+            if s is not None:
+                self._sessions[k] = None
+                s.close()
 
     def _kw(self, timeout) -> dict:
         kw = {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata}
@@ -420,6 +596,22 @@ class _Base:
 
 class _SyncBase(_Base):
     def _call(self, k: int, method: str, request, timeout=None):
+        t = self.timeout if timeout is None else timeout
+        s = self._session_for(k, method, t, _SyncSession)
+        if s is not None and s.lock.acquire(blocking=False):
+            try:
+                resp = s.call(method, request, t)
+            except BaseException as e:   # the stream failed (or the caller was interrupted): a new one next time
+                self._drop_session(k, s)
+                if isinstance(e, _SessionBroken) and s.expired:
+                    raise ServiceError(self.targets[k], method, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"no answer within {t} s") from None
+                if not isinstance(e, _SessionBroken):
+                    raise
+            else:
+                return _session_answer(self.targets[k], method, resp, self.response_classes[method])
+            finally:
+                s.lock.release()
         try:
             return getattr(self.stubs[k], method)(request, **self._kw(timeout))
         except grpc.RpcError as e:
@@ -461,6 +653,7 @@ class _SyncBase(_Base):
         return self._layout
 
     def close(self) -> None:
+        self._close_sessions()
         for c in self.channels:
             c.close()
 
@@ -476,6 +669,21 @@ class _AsyncBase(_Base):
         super().__init__(targets, aio=True, **kw)
 
     async def _call(self, k: int, method: str, request, timeout=None):
+        t = self.timeout if timeout is None else timeout
+        s = self._session_for(k, method, t, _AsyncSession)
+        if s is not None and not s.lock.locked():
+            async with s.lock:
+                try:
+                    resp = await s.call(method, request, t)
+                except BaseException as e:   # the stream failed (or the task was cancelled): a new one next time
+                    self._drop_session(k, s)
+                    if isinstance(e, _SessionBroken) and s.expired:
+                        raise ServiceError(self.targets[k], method, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                           f"no answer within {t} s") from None
+                    if not isinstance(e, _SessionBroken):
+                        raise
+                else:
+                    return _session_answer(self.targets[k], method, resp, self.response_classes[method])
         try:
             return await getattr(self.stubs[k], method)(request, **self._kw(timeout))
         except grpc.RpcError as e:
@@ -507,6 +715,7 @@ class _AsyncBase(_Base):
         return self._layout
 
     async def close(self) -> None:
+        self._close_sessions()
         for c in self.channels:
             await c.close()
 
@@ -519,8 +728,16 @@ class _AsyncBase(_Base):
 
 # ------------------------------------------------------------------------------------------- n-gram
 
+# the per-token queries a decoder or a scoring loop makes one after another
+_NGRAM_SESSION_METHODS = frozenset({"Count", "Prob", "InfgramProb", "Ntd", "InfgramNtd"})
+
+
 class NgramClient(_SyncBase):
     """The n-gram engine over gRPC (one server, or several shard servers whose answers are combined)."""
+
+    service_name = "retrogram.v1.NgramService"
+    session_methods = _NGRAM_SESSION_METHODS
+    response_classes = _response_classes(npb.DESCRIPTOR.services_by_name["NgramService"])
 
     def __init__(self, targets: str | Sequence[str], **kw):
         super().__init__(targets, **kw)
@@ -617,6 +834,10 @@ def _count_many_req(list_of_ids) -> npb.CountManyRequest:
 
 class AsyncNgramClient(_AsyncBase):
     """NgramClient's methods as coroutines (grpc.aio); same arguments and results."""
+
+    service_name = "retrogram.v1.NgramService"
+    session_methods = _NGRAM_SESSION_METHODS
+    response_classes = _response_classes(npb.DESCRIPTOR.services_by_name["NgramService"])
 
     def __init__(self, targets: str | Sequence[str], **kw):
         super().__init__(targets, **kw)

@@ -38,6 +38,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ..index.errors import UserError
+from ..protos import common_pb2 as cpb
 
 log = logging.getLogger("retrogram.services")
 
@@ -46,6 +47,7 @@ API_KEY_ENV = "RETROGRAM_API_KEY"
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 DEFAULT_MAX_CONCURRENT_RPCS = 256
 HEALTH_EXEMPT = "/grpc.health.v1.Health/"
+SESSION_METHOD = "Session"   # a service's bidi stream of unary calls (protos/common.proto, SessionRequest)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -397,13 +399,20 @@ class Server:
         self._children: dict = {}
         self._in_flight = 0
         self._stopping = False
+        self._sessions: dict[asyncio.Task, list[bool]] = {}
+        # each open session holds one of the server's concurrent-call slots for as long as it is open
+        self._max_sessions = max(1, config.max_concurrent_rpcs // 2)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- handlers
 
     def _handlers(self, svc: Service) -> grpc.GenericRpcHandler:
-        handlers = {}
+        handlers, runners = {}, {}
+        session = None
         for m in svc.descriptor.methods:
+            if m.name == SESSION_METHOD and m.client_streaming and m.server_streaming:
+                session = m
+                continue
             fn = getattr(svc, m.name, None)
             if fn is None:
                 continue
@@ -413,7 +422,10 @@ class Server:
             if m.server_streaming:
                 handlers[m.name] = grpc.unary_stream_rpc_method_handler(self._stream(svc, m.name, fn, req_cls))
             else:
-                handlers[m.name] = grpc.unary_unary_rpc_method_handler(self._unary(svc, m.name, fn, req_cls))
+                runners[m.name] = self._runner(svc, m.name, fn, req_cls)
+                handlers[m.name] = grpc.unary_unary_rpc_method_handler(self._unary(svc, m.name, runners[m.name]))
+        if session is not None:
+            handlers[session.name] = grpc.stream_stream_rpc_method_handler(self._session(svc, runners))
         return grpc.method_handlers_generic_handler(svc.full_name, handlers)
 
     def _begin(self, svc: Service, method: str, context) -> CallContext:
@@ -424,7 +436,8 @@ class Server:
                                f"{svc.name} server is still loading its index {svc.index_dir}; retry shortly")
         return CallContext(f"{svc.descriptor.name}.{method}", context.time_remaining())
 
-    async def _fail(self, context, svc: Service, method: str, exc: BaseException) -> grpc.StatusCode:
+    def _status(self, context, svc: Service, method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        """The status a failed call answers, logged (an unexpected error with a reference to quote)."""
         code, msg = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             ref = uuid.uuid4().hex[:12]
@@ -433,6 +446,10 @@ class Server:
             msg = f"internal error in {svc.descriptor.name}.{method} (server log reference {ref})"
         else:
             _log(logging.INFO, "rpc_error", service=svc.name, method=method, code=code.name, message=msg)
+        return code, msg
+
+    async def _fail(self, context, svc: Service, method: str, exc: BaseException) -> grpc.StatusCode:
+        code, msg = self._status(context, svc, method, exc)
         await context.abort(code, msg)
         return code  # not reached: abort raises
 
@@ -450,18 +467,32 @@ class Server:
             _log(logging.INFO, "rpc", service=svc.name, method=method, code=code.name, ms=round(dt * 1e3, 3),
                  peer=peer)
 
-    def _unary(self, svc: Service, method: str, fn: Callable, req_cls):
+    def _runner(self, svc: Service, method: str, fn: Callable, req_cls):
+        """`async run(raw request, CallContext) -> raw response` for one unary method: parse, then the
+        method on the event loop (small calls) or on a worker thread."""
         loop_run = None
         small = svc.inline.get(method) if self.config.inline_small_calls else None
         executor = self._executor
-        in_flight = self._metrics.in_flight.labels(svc.name)
-        access_log = self.config.access_log
 
         def call(req, ctx):
             return fn(req, ctx).SerializeToString()
 
-        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async def run(raw: bytes, ctx: CallContext) -> bytes:
             nonlocal loop_run
+            req = _parse(req_cls, raw)
+            if small is not None and small(req):
+                return call(req, ctx)   # microseconds of engine work: less than a hop to a thread
+            if loop_run is None:
+                loop_run = asyncio.get_running_loop().run_in_executor
+            return await loop_run(executor, call, req, ctx)
+
+        return run
+
+    def _unary(self, svc: Service, method: str, run):
+        in_flight = self._metrics.in_flight.labels(svc.name)
+        access_log = self.config.access_log
+
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
             ctx = None
@@ -471,12 +502,7 @@ class Server:
             self._in_flight += 1
             try:
                 ctx = self._begin(svc, method, context)
-                req = _parse(req_cls, raw)
-                if loop_run is None:
-                    loop_run = asyncio.get_running_loop().run_in_executor
-                if small is not None and small(req):
-                    return call(req, ctx)   # microseconds of engine work: less than a hop to a thread
-                return await loop_run(executor, call, req, ctx)
+                return await run(raw, ctx)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 if ctx is not None:
@@ -547,6 +573,70 @@ class Server:
                 in_flight.dec()
                 self._in_flight -= 1
                 self._observe(svc, method, code, t0, peer)
+
+        return handler
+
+    def _session(self, svc: Service, runners: dict):
+        """A Session stream: each message names a unary method and carries its request; the answers go
+        back in order, an error answering only its own call. Every message counts as a call of its
+        method (in-flight accounting, metrics, logs), so shutdown drains sessions like unary calls."""
+        in_flight = self._metrics.in_flight.labels(svc.name)
+        access_log = self.config.access_log
+        service = svc.descriptor.name
+        known = ", ".join(sorted(runners))
+
+        async def handler(request_iterator, context: grpc.aio.ServicerContext):
+            try:
+                self._begin(svc, SESSION_METHOD, context)
+                if len(self._sessions) >= self._max_sessions:
+                    raise too_large(f"{svc.name} server: {len(self._sessions)} sessions open, its limit; "
+                                    "make unary calls instead")
+            except RequestError as e:
+                await context.abort(e.code, e.message)
+            peer = context.peer() if access_log else ""
+            task = asyncio.current_task()
+            busy = self._sessions[task] = [False]   # idle sessions are cancelled when the server stops
+            try:
+                while True:
+                    try:
+                        raw = await context.read()
+                    except asyncio.CancelledError:
+                        if self._stopping:   # stop() ended this idle session: tell the client (grpc would not)
+                            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{svc.name} server is shutting down")
+                        raise
+                    if raw is grpc.aio.EOF:
+                        return
+                    busy[0] = True
+                    t0 = time.perf_counter()
+                    in_flight.inc()
+                    self._in_flight += 1
+                    method, call_id = SESSION_METHOD, 0
+                    try:
+                        msg = _parse(cpb.SessionRequest, raw)
+                        method, call_id = msg.method, msg.id
+                        run = runners.get(method)
+                        if run is None:
+                            raise invalid(f"Session: {method!r} is not a unary method of {service} "
+                                          f"(expected one of {known})")
+                        ctx = CallContext(f"{service}.{method}", msg.timeout_s if msg.HasField("timeout_s") else None)
+                        out = cpb.SessionResponse(id=call_id, response=await run(msg.request, ctx))
+                        code = grpc.StatusCode.OK
+                    except asyncio.CancelledError:
+                        code = grpc.StatusCode.CANCELLED
+                        raise
+                    except Exception as e:  # noqa: BLE001 - every error becomes that call's status
+                        code, message = self._status(context, svc, method, e)
+                        out = cpb.SessionResponse(id=call_id, code=code.value[0], message=message)
+                    finally:
+                        in_flight.dec()
+                        self._in_flight -= 1
+                        self._observe(svc, method, code, t0, peer)
+                    await context.write(out.SerializeToString())
+                    busy[0] = False
+                    if self._stopping:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{svc.name} server is shutting down")
+            finally:
+                self._sessions.pop(task, None)
 
         return handler
 
@@ -626,6 +716,9 @@ class Server:
         end = time.monotonic() + grace
         self._stopping = True
         await self._health.enter_graceful_shutdown()
+        for task, busy in list(self._sessions.items()):
+            if not busy[0]:   # waiting for its next message, which would be refused: end it now
+                task.cancel()
         while self._in_flight > 0 and time.monotonic() < end:
             await asyncio.sleep(0.005)
         await self._server.stop(max(0.0, end - time.monotonic()))

@@ -162,6 +162,141 @@ def test_async_client(server, engine, queries):
     asyncio.run(main())
 
 
+# ----------------------------------------------------------------------------------------- sessions
+
+def _session_stream(address: str):
+    """A raw Session stream: (send(method, request message, id) , read() -> SessionResponse, call)."""
+    ch = grpc.insecure_channel(address)
+    requests: "queue.SimpleQueue" = __import__("queue").SimpleQueue()
+    call = ch.stream_stream("/retrogram.v1.NgramService/Session")(iter(requests.get, None), timeout=30)
+
+    def send(method: str, msg, call_id: int, raw: bytes | None = None):
+        requests.put(cpb.SessionRequest(id=call_id, method=method,
+                                        request=msg.SerializeToString() if raw is None else raw).SerializeToString())
+
+    def read() -> cpb.SessionResponse:
+        return cpb.SessionResponse.FromString(next(call))
+
+    def close():
+        requests.put(None)
+        call.cancel()
+        ch.close()
+
+    return send, read, close
+
+
+def test_session_answers_in_order_and_errors_end_only_their_call(server, engine, queries):
+    send, read, close = _session_stream(server.address)
+    try:
+        for i, q in enumerate(queries):   # pipelined: all sent before any answer is read
+            send("Count", npb.CountRequest(query=cpb.Query(ids=q)), 100 + i)
+        send("Count", npb.CountRequest(query=cpb.Query(ids=[])), 7)
+        send("NoSuch", npb.CountRequest(), 8)
+        send("Count", None, 9, raw=b"\xff\xff\xff")
+        send("Prob", npb.ProbRequest(prompt=cpb.Query(ids=[1]), cont_id=70000), 10)
+        send("InfgramProb", npb.ProbRequest(prompt=cpb.Query(ids=queries[0][:-1]), cont_id=queries[0][-1]), 11)
+        for i, q in enumerate(queries):
+            r = read()
+            assert (r.id, r.code) == (100 + i, 0)
+            assert npb.CountResponse.FromString(r.response).count == engine.count(q)["count"]
+        for call_id, words in [(7, "empty"), (8, "not a unary method"), (9, "malformed"), (10, "cont_id")]:
+            r = read()
+            assert r.id == call_id and r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and words in r.message, r
+        r = read()   # the stream outlived the errors
+        want = engine.infgram_prob(queries[0][:-1], queries[0][-1])
+        assert r.code == 0 and npb.InfgramProbResponse.FromString(r.response).suffix_len == want["suffix_len"]
+    finally:
+        close()
+
+
+def test_clients_send_small_calls_over_a_session(server, engine, queries):
+    import asyncio
+
+    with NgramClient(server.address) as c, NgramClient(server.address, sessions=False) as u:
+        for q in queries:
+            assert c.count(q) == u.count(q) == engine.count(q)
+            assert c.ntd(q[:-1]) == u.ntd(q[:-1]) == engine.ntd(q[:-1])
+        session = c._sessions[0]
+        assert session is not None and u._sessions[0] is None
+        with pytest.raises(ServiceError) as e:
+            c.prob([1], 70000)
+        assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "cont_id" in str(e.value)
+        assert c._sessions[0] is session   # an error answer keeps the session
+        # a thread finding the session busy makes a unary call: same answers under concurrency
+        results = {}
+
+        def work(k):
+            results[k] = [c.count(q)["count"] for q in queries * 20]
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(r == [engine.count(q)["count"] for q in queries * 20] for r in results.values())
+
+    async def main():
+        async with AsyncNgramClient(server.address) as a:
+            for q in queries:
+                assert await a.infgram_prob(q[:-1], q[-1]) == engine.infgram_prob(q[:-1], q[-1])
+            assert a._sessions[0] is not None
+            with pytest.raises(ServiceError) as e:
+                await a.count([])
+            assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT
+
+    asyncio.run(main())
+
+
+def test_session_deadline_on_a_hung_server_then_recovery(ngram_index):
+    with ServerProcess("ngram", ngram_index).wait_serving() as p, NgramClient(p.address, timeout=10) as c:
+        before = c.count([1, 2])
+        os.kill(p.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(ServiceError) as e:
+                c.count([1, 2], timeout=1.5)
+            waited = time.monotonic() - t0
+            assert _code(e) == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert 1.4 < waited < 5, waited
+        finally:
+            os.kill(p.proc.pid, signal.SIGCONT)
+        assert c.count([1, 2]) == before
+        time.sleep(1.1)   # past the pause after a failed session: the next call opens a new one
+        assert c.count([1, 2]) == before and c._sessions[0] is not None
+
+
+def test_session_limit_falls_back_to_unary_calls(ngram_index, engine, queries):
+    from retrogram.services.ngram_service import NgramServicer
+    from retrogram.services.serving import ServeConfig
+
+    # 2 concurrent calls allowed, so at most 1 session: the second client's session is refused
+    with ThreadServer([NgramServicer(ngram_index)], ServeConfig(max_concurrent_rpcs=2)).load() as srv:
+        with NgramClient(srv.address) as a, NgramClient(srv.address) as b:
+            assert a.count(queries[0]) == engine.count(queries[0])
+            for q in queries:
+                assert b.count(q) == engine.count(q)
+                assert a.count(q) == engine.count(q)
+            assert a._sessions[0] is not None and b._sessions[0] is None
+
+
+def test_sigterm_ends_idle_sessions_at_once(ngram_index):
+    p = ServerProcess("ngram", ngram_index, extra_args=["--grace", "30"]).wait_serving()
+    c = NgramClient(p.address, retries=False)
+    try:
+        c.count([1, 2])
+        assert c._sessions[0] is not None   # open and idle
+        t0 = time.monotonic()
+        p.signal(signal.SIGTERM)
+        assert p.proc.wait(timeout=20) == 0
+        assert time.monotonic() - t0 < 10   # not the 30 s grace
+        with pytest.raises(ServiceError) as e:
+            c.count([1, 2])
+        assert _code(e) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        c.close()
+        p.stop()
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("call, code, words", [
@@ -485,6 +620,8 @@ def test_sigterm_under_load_loses_no_accepted_call(ngram_index, queries):
                 try:
                     if i % 5 == 0:
                         c.score_sequence(queries[k % len(queries)] * 200)
+                    elif i % 5 == 1:
+                        c.count(queries[k % len(queries)])   # over the client's session
                     else:
                         c.count_many(queries * 50)
                     r = "OK"

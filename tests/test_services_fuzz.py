@@ -75,7 +75,8 @@ def _call(ch, service: str, method: str, payload: bytes, stream: bool = False):
         return e.code()
 
 
-NGRAM_METHODS = [m.name for m in npb.DESCRIPTOR.services_by_name["NgramService"].methods if m.name != "Info"]
+NGRAM_METHODS = [m.name for m in npb.DESCRIPTOR.services_by_name["NgramService"].methods
+                 if m.name not in ("Info", "Session")]
 
 # structurally invalid: bad ids, empty, both text and ids, huge limits, out of range numbers
 short_bad_ids = st.one_of(st.just([]), st.lists(st.integers(49152, 2**32 - 1), min_size=1, max_size=5).map(
@@ -143,6 +144,45 @@ def test_ngram_wrong_wire_types_and_garbage(ngram_server, method, fields, raw):
     for p in (payload, raw, payload + raw):
         code = _call(ch, "NgramService", method, p, stream=method == "ScoreSequence")
         assert code not in BAD, (method, p, code)
+
+
+@pytest.fixture(scope="module")
+def session(ngram_server):
+    """One Session stream kept open for the whole fuzz run: malformed calls must not end it."""
+    import queue
+
+    _, ch = ngram_server
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    call = ch.stream_stream("/retrogram.v1.NgramService/Session")(iter(requests.get, None), timeout=600)
+    yield requests, call
+    requests.put(None)
+    call.cancel()
+
+
+BAD_SESSION_CODES = {c.value[0] for c in BAD}
+
+
+@SETTINGS
+@given(req=_bad_ngram_requests(), garbage=st.binary(max_size=64), call_id=st.integers(0, 2**64 - 1),
+       method=st.one_of(st.sampled_from(NGRAM_METHODS + ["Info"]), st.text(max_size=12)))
+def test_ngram_session_malformed_calls(session, req, garbage, call_id, method):
+    """Malformed calls on one Session stream, and garbage in place of a SessionRequest: each answered in
+    order with an error that is not an internal one (Info and garbage that happens to parse may answer OK);
+    the stream stays open."""
+    requests, call = session
+    name, msg = req
+    sends = [(call_id, cpb.SessionRequest(id=call_id, method=name, request=msg.SerializeToString()).SerializeToString()),
+             (call_id, cpb.SessionRequest(id=call_id, method=method, request=garbage).SerializeToString()),
+             (None, garbage)]
+    for _, raw in sends:
+        requests.put(raw)
+    for k, (want_id, _) in enumerate(sends):
+        r = cpb.SessionResponse.FromString(next(call))
+        if want_id is not None:
+            assert r.id == want_id
+        if k == 0:   # (ScoreSequence is not a unary method: refused by name)
+            assert r.code != 0 and r.message, (name, msg, r)
+        assert r.code not in BAD_SESSION_CODES, (name, method, garbage, r)
 
 
 def test_ngram_huge_message_and_still_healthy(ngram_server):
