@@ -9,6 +9,7 @@ Phases (each against a server started here in its own process, `retrogram serve 
               p50/p99 round trip of NgramClient.count (over its Session stream) and of unary calls;
               gRPC overhead = round trip minus the engine's own time for the same query (its in-process p50)
   count       CLIENTS concurrent clients (each its own channel), unary Count, for DURATION seconds
+  count_session  the same, each client sending its Counts one at a time over its own Session stream
   count_many  CLIENTS concurrent clients, CountMany of BATCH packed queries a call, for DURATION seconds:
               counts/s against the engine's single-core rate
   retrieve    CLIENTS concurrent clients, Retrieve (one text query, k=2), for DURATION seconds
@@ -60,16 +61,33 @@ def sample_queries(engine, n: int, seed: int = 0) -> list[list[int]]:
 
 # ------------------------------------------------------------------------------------------ workers
 
+class CallFailed(Exception):
+    """A Session answer with an error status."""
+
+
 def _worker(kind: str, address: str, payload: bytes, tasks: int, duration: float, start_at: float, q):
     """One client process: `tasks` concurrent clients, each on its own channel, calling until the end."""
     import grpc
 
+    from retrogram.protos import common_pb2 as cpb
+
     method = {"count": "/retrogram.v1.NgramService/Count", "count_many": "/retrogram.v1.NgramService/CountMany",
+              "count_session": "/retrogram.v1.NgramService/Session",
               "retrieve": "/retrogram.v1.RetrieverService/Retrieve"}[kind]
 
     async def client(lat, errors):
         async with grpc.aio.insecure_channel(address) as ch:
-            call = ch.unary_unary(method)
+            if kind == "count_session":   # one Session stream per client, one Count at a time on it
+                stream = ch.stream_stream(method)()
+                message = cpb.SessionRequest(id=1, method="Count", request=payload).SerializeToString()
+
+                async def call(_payload, timeout):
+                    await stream.write(message)
+                    r = cpb.SessionResponse.FromString(await asyncio.wait_for(stream.read(), timeout))
+                    if r.code:
+                        raise CallFailed(f"code {r.code}: {r.message}")
+            else:
+                call = ch.unary_unary(method)
             await ch.channel_ready()
             while time.time() < start_at:
                 await asyncio.sleep(0.001)
@@ -81,6 +99,10 @@ def _worker(kind: str, address: str, payload: bytes, tasks: int, duration: float
                     lat.append(time.perf_counter() - t0)
                 except grpc.RpcError as e:
                     errors.append(f"{e.code().name}: {e.details()}")
+                except (CallFailed, asyncio.TimeoutError) as e:
+                    errors.append(repr(e))
+            if kind == "count_session":
+                await stream.done_writing()
 
     async def main():
         lat, errors = [], []
@@ -244,7 +266,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--client-procs", type=int, default=2, help="worker processes the clients run in")
     ap.add_argument("--batch", type=int, default=1000, help="queries per CountMany (default 1000)")
-    ap.add_argument("--phases", default="engine,latency,count,count_many,retrieve")
+    ap.add_argument("--phases", default="engine,latency,count,count_session,count_many,retrieve")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "services.json")
     ap.add_argument("--reps", type=int, default=3, help="rounds of the latency variants (default 3)")
     ap.add_argument("--calls", type=int, default=3000, help="sequential calls per latency measurement")
@@ -288,13 +310,14 @@ def main(argv=None) -> int:
                               target_overhead_p50_us=300)
         res["latency_no_inline"] = lv["iomgr_polling/no_inline"]
         print(f"latency: {json.dumps(res['latency'])}", file=sys.stderr)
-    if phases & {"count", "count_many"}:
+    if phases & {"count", "count_session", "count_many"}:
         with ServerProcess("ngram", args.index).wait_serving() as srv:
-            if "count" in phases:
-                payload = npb.CountRequest(query=cpb.Query(ids=queries[0])).SerializeToString()
-                res["count"] = run_load("count", srv.address, payload, args.clients, args.client_procs, args.duration)
-                res["count"]["counts_per_s"] = res["count"]["calls_per_s"]
-                print(f"count: {json.dumps(res['count'])}", file=sys.stderr)
+            for kind in ("count", "count_session"):
+                if kind in phases:
+                    payload = npb.CountRequest(query=cpb.Query(ids=queries[0])).SerializeToString()
+                    res[kind] = run_load(kind, srv.address, payload, args.clients, args.client_procs, args.duration)
+                    res[kind]["counts_per_s"] = res[kind]["calls_per_s"]
+                    print(f"{kind}: {json.dumps(res[kind])}", file=sys.stderr)
             if "count_many" in phases:
                 batch = queries[:args.batch]
                 payload = npb.CountManyRequest(packed=cpb.PackedQueries(
