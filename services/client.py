@@ -15,6 +15,9 @@ counts add; ∞-gram queries take the longest suffix found on any server; docume
 servers in proportion to their counts; document indexes and shard numbers run across the servers in the
 order given.
 
+Small n-gram calls (count, prob, ntd, infgram_prob, infgram_ntd) to one server go over a long-lived Session
+stream instead of one gRPC call each (see "sessions" below); `sessions=False` turns that off.
+
 Failures raise `ServiceError` (a UserError: the CLI prints its message) with the gRPC status code.
 Calls that find a server unavailable (restarting, still loading its index) are retried with backoff
 (every call is a read, so retrying is safe), and channels reconnect on their own after a restart.
