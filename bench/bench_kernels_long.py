@@ -16,8 +16,11 @@
 3. bench_kernels.py's sections with the current defaults (checks, dense prefill, sparse prefill,
    decode, CCA): writes kernels_h200.json.
 Prints a table; writes $OUT/kernels_long_h200.json (and kernels_h200.json).
+--sparse-only: no pack; the new selection kernels against their references on the GPU, then section 2 at
+the densities recorded in bench/results/kernels_long_h200.json (writes $OUT/kernels_sparse_h200.json).
 
     python bench/bench_kernels_long.py --pack .smollm2-carry/pack.pt [--lens 32768 65536 131072]
+    python bench/bench_kernels_long.py --sparse-only
 """
 
 from __future__ import annotations
@@ -34,13 +37,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402
 from bench_kernels import RESULTS, log  # noqa: E402
 
-from retrogram.kernels.block_sparse import block_sparse_attention, sampled_block_mass, topp_block_list  # noqa: E402
-from retrogram.kernels.block_sparse_prefill import block_sparse_prefill, vertical_slash_blocks  # noqa: E402
+from retrogram.kernels.block_sparse import (block_sparse_attention, block_sparse_attention_naive,  # noqa: E402
+                                            sampled_block_mass, sampled_block_mass_naive, topp_block_list,
+                                            topp_block_list_naive)
+from retrogram.kernels.block_sparse_prefill import (block_sparse_prefill, mass_vertical_slash_scores,  # noqa: E402
+                                                    mass_vertical_slash_scores_naive, vertical_slash_blocks,
+                                                    vs_pattern)
 from retrogram.kernels.flash_prefill import flash_prefill  # noqa: E402
 from retrogram.kernels.hip_attention import hip_attention_prefill, prefill_kend  # noqa: E402
 
 BS = 64
-LONG: dict = {"smollm2": [], "projected_32x128": [], "errors": []}
+LONG: dict = {"smollm2": [], "projected_32x128": [], "checks": [], "errors": []}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +257,7 @@ def summarize_smollm2():
     return out
 
 
-def projected_section(summary, H=32, D=128):
+def projected_section(summary, H=32, D=128, stats=("density_mean", "density_max_layer")):
     """The issue's shape at the densities SmolLM2 needs (mean over the captured layers): the estimator and
     the selection run for real on random data; the attention on block lists of that density."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -264,21 +271,27 @@ def projected_section(summary, H=32, D=128):
         del qs, ks, vs
         kend = prefill_kend(T, T, BS, True, bk.DEV)
         row = {"T": T, "H": H, "D": D, "sdpa_ms": sdpa}
+        o = torch.empty_like(q)
+        row["flash_prefill_ms"] = bench_ms(lambda: flash_prefill(q, k, v, causal=True, out=o), rep=100)
         row["estimate_ms"] = bench_ms(lambda: sampled_block_mass(q, k, BS, BS, 4))
         mass = sampled_block_mass(q, k, BS, BS, 4)
         row["topp_ms"] = bench_ms(lambda: topp_block_list(mass, kend, BS, 0.95, 1, 4))
-        from retrogram.kernels.block_sparse_prefill import mass_vertical_slash_scores, vs_pattern
+        row["topp_naive_ms"] = bench_ms(lambda: topp_block_list_naive(mass, kend, BS, 0.95, 1, 4))
+        row["vs_scores_ms"] = bench_ms(lambda: mass_vertical_slash_scores(mass, T, T, BS, BS))
+        vert, slash = mass_vertical_slash_scores(mass, T, T, BS, BS)
+        row["vs_pattern_ms"] = bench_ms(lambda: vs_pattern(vert, slash, T, T, BS, BS, 32, 16, 1, 2))
+        cand = vs_pattern(vert, slash, T, T, BS, BS, 32, 16, 1, 2)
+        row["vs_topp_ms"] = bench_ms(lambda: topp_block_list(mass, kend, BS, 0.95, 1, 2, extra_idx=cand))
 
-        def vs_sel():
+        def vs_sel():  # vertical_slash_blocks after the estimator
             vert, slash = mass_vertical_slash_scores(mass, T, T, BS, BS)
             cand = vs_pattern(vert, slash, T, T, BS, BS, 32, 16, 1, 2)
             return topp_block_list(mass, kend, BS, 0.95, 1, 2, extra_idx=cand)
 
         row["vs_select_ms"] = bench_ms(vs_sel)
-        del mass
-        o = torch.empty_like(q)
+        del mass, vert, slash, cand
         for name, dkey, sel_ms in (("hip", "hip_mass_p0.95", row["topp_ms"]), ("vs", "vs_mass_p0.95", row["vs_select_ms"])):
-            for stat in ("density_mean", "density_max_layer"):
+            for stat in stats:
                 d = s[dkey][stat]
                 # density_lists keeps a fraction of the visible blocks plus 1 sink + 4 local ones
                 bi, bc = density_lists(T, H, max(0.0, d), dev=bk.DEV)
@@ -286,19 +299,83 @@ def projected_section(summary, H=32, D=128):
                 got = bc.float().sum().item() / (((kend + BS - 1) // BS).float().sum().item() * H)
                 tot = row["estimate_ms"] + sel_ms + attn
                 row[f"{name}_{stat}"] = {"target_density": d, "density": got, "attn_ms": attn, "total_ms": tot,
-                                         "x_sdpa": sdpa / tot}
+                                         "x_sdpa": sdpa / tot,
+                                         "attn_vs_flash_at_density": attn / (got * row["flash_prefill_ms"])}
                 del bi, bc
         LONG["projected_32x128"].append(row)
-        log(f"32x128 T={T}: sdpa {sdpa:.1f} ms, estimate {row['estimate_ms']:.2f}, top-p {row['topp_ms']:.2f}, vs select "
-            f"{row['vs_select_ms']:.2f} | hip at {row['hip_density_mean']['density']:.3f}: {row['hip_density_mean']['total_ms']:.1f} ms "
+        log(f"32x128 T={T}: sdpa {sdpa:.1f} ms, flash_prefill {row['flash_prefill_ms']:.1f}, estimate {row['estimate_ms']:.2f}, "
+            f"top-p {row['topp_ms']:.2f} (sort-based {row['topp_naive_ms']:.2f}), vs select {row['vs_select_ms']:.2f} "
+            f"(scores {row['vs_scores_ms']:.2f} pattern {row['vs_pattern_ms']:.2f} top-p {row['vs_topp_ms']:.2f}) | "
+            f"hip at {row['hip_density_mean']['density']:.3f}: {row['hip_density_mean']['total_ms']:.1f} ms "
             f"({row['hip_density_mean']['x_sdpa']:.1f}x) | vs at {row['vs_density_mean']['density']:.3f}: "
             f"{row['vs_density_mean']['total_ms']:.1f} ms ({row['vs_density_mean']['x_sdpa']:.1f}x)")
         del q, k, v, o
 
 
-def dump(out):
+def projected_table():
+    log("32 heads x 128, bf16, causal, at the measured mean densities (ms; x = SDPA / total):")
+    log("      T |  SDPA | flash | estimate | HiP select | HiP attn (dens) | HiP total (x) | VS select | "
+        "VS attn (dens) | VS total (x) | attn / (dens x flash)")
+    for r in LONG["projected_32x128"]:
+        h, v = r["hip_density_mean"], r["vs_density_mean"]
+        log(f"{r['T']:>7} | {r['sdpa_ms']:5.1f} | {r['flash_prefill_ms']:5.1f} | {r['estimate_ms']:8.2f} | "
+            f"{r['topp_ms']:10.2f} | {h['attn_ms']:6.1f} ({h['density']:.3f}) | {h['total_ms']:6.1f} ({h['x_sdpa']:.2f}x) | "
+            f"{r['vs_select_ms']:9.2f} | {v['attn_ms']:5.1f} ({v['density']:.3f}) | {v['total_ms']:5.1f} ({v['x_sdpa']:.2f}x) | "
+            f"{h['attn_vs_flash_at_density']:.2f} / {v['attn_vs_flash_at_density']:.2f}")
+
+
+def sparse_checks(H=8, D=128, small=(2000, 4096), big=(32768, 131072), HQ=32, T_attn=3000):
+    """The selection kernels against their references on the GPU (bf16 q/k for the estimator; the
+    selection on its float32 mass): max abs error of the mass and the scores, and the fraction of
+    (head, query block) rows whose top-p block list differs from the sort-based reference (ties only)."""
+    def check(name, value, ok, **info):
+        LONG["checks"].append({"name": name, "value": value, "ok": bool(ok), **info})
+        log(f"check {name}: {value:.3g} {'ok' if ok else 'FAIL'} {info}")
+
+    torch.manual_seed(0)
+    for T in small:
+        q, k = bk.rnd(1, T, H, D), bk.rnd(1, T, 2, D)
+        q[..., :4, :] *= 4  # peaked attention in some heads
+        m = sampled_block_mass(q, k, BS, BS, 4)
+        err = (m.double().cpu() - sampled_block_mass_naive(q, k, BS, BS, 4)).abs().max().item()
+        check(f"sampled_block_mass T={T}", err, err < 1e-4)
+        vert, slash = mass_vertical_slash_scores(m, T, T, BS, BS)
+        rv, rs = mass_vertical_slash_scores_naive(m, T, T, BS, BS)
+        err = max((vert.double().cpu() - rv).abs().max().item(), (slash.double().cpu() - rs).abs().max().item())
+        check(f"mass_vertical_slash_scores T={T}", err, err < 1e-5)
+    for T in big:
+        q, k = bk.rnd(1, T, HQ, D), bk.rnd(1, T, HQ, D)
+        q[..., :8, :] *= 4
+        m = sampled_block_mass(q, k, BS, BS, 4)
+        kend = prefill_kend(T, T, BS, True, bk.DEV)
+        vert, slash = mass_vertical_slash_scores(m, T, T, BS, BS)
+        cand = vs_pattern(vert, slash, T, T, BS, BS, 32, 16, 1, 2)
+        for name, args, kw in (("hip top-p", (1, 4), {}), ("vs top-p + pattern", (1, 2), {"extra_idx": cand}),
+                               ("hip top-p cap 64", (1, 4), {"max_blocks": 64})):
+            bi, bc = topp_block_list(m, kend, BS, 0.95, *args, **kw)
+            ri, rc = topp_block_list_naive(m, kend, BS, 0.95, *args, **kw)
+            w = min(bi.shape[-1], ri.shape[-1])
+            slot = torch.arange(w, device=bi.device)
+            diff = (bc != rc) | ((bi[..., :w] != ri[..., :w]) & (slot < rc[..., None])).any(-1)
+            frac = diff.float().mean().item()
+            check(f"topp_block_list {name} T={T}", frac, frac < 1e-3, rows=int(bc.numel()), rows_differ=int(diff.sum()),
+                  mean_blocks=bc.float().mean().item(), mean_blocks_ref=rc.float().mean().item(),
+                  max_count_diff=int((bc - rc).abs().max()))
+        del q, k, m
+    T = T_attn
+    q, k, v = bk.rnd(1, T, H, D), bk.rnd(1, T, 2, D), bk.rnd(1, T, 2, D)
+    _, (bi, bc) = hip_attention_prefill(q, k, v, dense_below=0, estimator="mass", top_p=0.9, n_local=2, return_blocks=True)
+    o = block_sparse_attention(q, k, v, bi, bc, BS, BS, out=bk.poisoned(q.shape))
+    err = bk.rel(o, block_sparse_attention_naive(q.double(), k.double(), v.double(), bi, bc, BS, BS))
+    check("block_sparse_attention (hip mass lists)", err, err < 1e-2)
+    o, (bi, bc) = block_sparse_prefill(q, k, v, dense_below=0, return_blocks=True, out=bk.poisoned(q.shape))
+    err = bk.rel(o, block_sparse_attention_naive(q.double(), k.double(), v.double(), bi, bc, BS, BS))
+    check("block_sparse_prefill (vs mass)", err, err < 1e-2, mean_blocks=bc.float().mean().item())
+
+
+def dump(out, name="kernels_long_h200.json"):
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "kernels_long_h200.json"), "w") as f:
+    with open(os.path.join(out, name), "w") as f:
         json.dump(LONG, f, indent=1, default=str)
 
 
@@ -322,10 +399,37 @@ def main():
     ap.add_argument("--qblocks", type=int, default=64)
     ap.add_argument("--skip-main", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU (Triton interpreter), tiny sizes")
+    ap.add_argument("--sparse-only", action="store_true", help="selection checks + section 2 at the recorded densities")
+    ap.add_argument("--densities", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                        "kernels_long_h200.json"))
     args = ap.parse_args()
     import triton
 
     t0 = time.time()
+    if args.sparse_only:
+        with open(args.densities) as f:
+            recorded = json.load(f)["smollm2_summary"]
+        summary = {Ts: {key: {"density_mean": recorded[Ts][key]["density_mean"]} for key in ("hip_mass_p0.95", "vs_mass_p0.95")}
+                   for Ts in recorded if int(Ts) in args.lens}
+        if args.smoke:
+            bk.DEV, bk.BF16 = "cpu", torch.float32
+            LONG["env"] = {"device": "cpu"}
+            summary = {"1024": next(iter(summary.values()))}
+            guarded("checks", sparse_checks, 2, 32, (300,), (1024,), 4, 300)
+            guarded("projected", projected_section, summary, 2, 32, ("density_mean",))
+        else:
+            LONG["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                           "cuda": torch.version.cuda, "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+            log(LONG["env"])
+            guarded("checks", sparse_checks)
+            dump(args.out, "kernels_sparse_h200.json")
+            guarded("projected", projected_section, summary, 32, 128, ("density_mean",))
+        LONG["wall_s"] = time.time() - t0
+        dump(args.out, "kernels_sparse_h200.json")
+        projected_table()
+        log(f"errors: {len(LONG['errors'])}; checks failed: {sum(not c['ok'] for c in LONG['checks'])}; "
+            f"wall {time.time() - t0:.0f}s")
+        return
     if args.smoke:
         bk.DEV, bk.BF16 = "cpu", torch.float32
         LONG["env"] = {"device": "cpu"}

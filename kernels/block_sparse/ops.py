@@ -63,7 +63,7 @@ def block_sparse_fwd_kernel(
         kb_full = tl.minimum(tl.maximum(m0 + T_k - T_q + 1, 0) // BLOCK_N, T_k // BLOCK_N)
     else:
         kb_full = T_k // BLOCK_N
-    n_full = 0
+    n_full = tl.zeros([], dtype=tl.int32)
     for j0 in range(0, cnt, 128):
         offs_j = j0 + tl.arange(0, 128)
         e = tl.load(idx_base + offs_j, mask=offs_j < cnt, other=kb_full)
@@ -169,28 +169,38 @@ def _mass_tile(q_rows, k_base, stride_kt, offs_k, offs_d, pos, T_k, qk_scale, m_
     return m_new, l_i
 
 
+_MASS_MAX_M = 128  # the largest BLOCK_M of the configs below: the scratch's rows are padded to it
+
+
 def _mass_configs():
     if is_interpret():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (4, 3), (4, 4), (8, 3))]
+        return [triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st)
+            for m, w, st in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 8, 2), (128, 8, 3))]
 
 
-@triton.autotune(configs=_mass_configs(), key=["D", "G", "R", "BLOCK_Q", "BLOCK_N", "IS_CAUSAL"])
+def _mass_prune(configs, named_args, **kwargs):
+    r = named_args.get("R", kwargs.get("R"))
+    return [c for c in configs if c.kwargs["BLOCK_M"] >= r]
+
+
+@triton.autotune(configs=_mass_configs(), key=["D", "G", "R", "BLOCK_Q", "BLOCK_N", "IS_CAUSAL"],
+                 prune_configs_by={"early_config_prune": _mass_prune})
 @triton.jit
 def block_mass_fwd_kernel(
     q, k, blk, mass,
     T_q, T_k, NQB, NKB, N_ROWS, qk_scale,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
-    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, QB_PER_PROG: tl.constexpr,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
 ):
     """Attention mass per (query block, key block) from the exact attention of R sampled rows of
     each query block over every key block.
 
-    A program takes QB_PER_PROG query blocks of one query head (BLOCK_M = QB_PER_PROG * R rows, so each
-    key tile read serves them all); row r is query block qb0 + r // R, token
+    A program takes BLOCK_M // R query blocks of one query head (BLOCK_M rows, so each key tile read
+    serves them all); row r is query block qb0 + r // R, token
     qb * BLOCK_Q + BLOCK_Q - 1 - (r % R) * (BLOCK_Q // R) (clamped to the last token). Pass 1 writes the
     base-2 log-sum-exp of every key block and row to the scratch blk [B * HQ, NKB, N_ROWS] (a key
     block's rows contiguous: coalesced stores) while accumulating each row's total; pass 2 reads them
@@ -206,7 +216,7 @@ def block_mass_fwd_kernel(
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
-    qb = i_p * QB_PER_PROG + offs_r // R
+    qb = i_p * (BLOCK_M // R) + offs_r // R
     t = qb * BLOCK_Q + BLOCK_Q - 1 - (offs_r % R) * (BLOCK_Q // R)
     t = tl.minimum(t, T_q - 1)
     row_ok = qb < NQB
@@ -235,18 +245,17 @@ def block_mass_fwd_kernel(
     lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), 0.0)
     tl.debug_barrier()  # pass 2 reads what other threads of this program wrote
     offs_e = tl.arange(0, BLOCK_E)
-    qbs = i_p * QB_PER_PROG + tl.arange(0, QB_PER_PROG)
+    qbs = i_p * (BLOCK_M // R) + tl.arange(0, BLOCK_M // R)
     mass_rows = mass + (i_bh.to(tl.int64) * NQB + qbs[:, None]) * NKB
     for e0 in range(0, NKB, BLOCK_E):
         kbs = e0 + offs_e
         x = tl.load(blk_base[:, None] + kbs[None, :] * N_ROWS, mask=row_ok[:, None] & (kbs < n_blk)[None, :],
                     other=float("-inf"))
-        p = tl.reshape(tl.math.exp2(x - lse[:, None]), [QB_PER_PROG, R, BLOCK_E])
+        p = tl.reshape(tl.math.exp2(x - lse[:, None]), [BLOCK_M // R, R, BLOCK_E])
         tl.store(mass_rows + kbs[None, :], tl.sum(p, 1) / R, mask=(qbs < NQB)[:, None] & (kbs < NKB)[None, :])
 
 
-def sampled_block_mass(q, k, block_size_q=64, block_size_k=64, rows=4, causal=True, scale=None,
-                       qb_per_prog=None):
+def sampled_block_mass(q, k, block_size_q=64, block_size_k=64, rows=4, causal=True, scale=None):
     """Attention mass per (query block, key block), from `rows` sampled query rows of each query
     block (exact over all keys, averaged over the rows). q: [B, T, HQ, D]; k: [B, S, HKV, D].
     Returns [B, HQ, cdiv(T, block_size_q), cdiv(S, block_size_k)] float32, each row summing to 1
@@ -256,32 +265,34 @@ def sampled_block_mass(q, k, block_size_q=64, block_size_k=64, rows=4, causal=Tr
     check_head_dim(D)
     G = check_gqa(HQ, HKV)
     check_last_dim_contiguous(q, k)
-    if block_size_q % rows or rows & (rows - 1):
-        raise ValueError(f"rows ({rows}) must be a power of two dividing block_size_q ({block_size_q})")
+    max_m = 16 if is_interpret() else _MASS_MAX_M
+    if block_size_q % rows or rows & (rows - 1) or rows > max_m:
+        raise ValueError(f"rows ({rows}) must be a power of two dividing block_size_q ({block_size_q}), "
+                         f"at most {max_m}")
     scale = default_scale(D, scale)
     nqb, nkb = triton.cdiv(T, block_size_q), triton.cdiv(S, block_size_k)
-    if qb_per_prog is None:
-        qb_per_prog = max(1, (16 if is_interpret() else 64) // rows)
-    block_m = max(16, next_pow2(qb_per_prog * rows))
-    qb_per_prog = block_m // rows
-    n_prog = triton.cdiv(nqb, qb_per_prog)
     mass = torch.empty((B, HQ, nqb, nkb), device=q.device, dtype=torch.float32)
     if not (B and T and S):
         return mass.zero_()
-    blk = torch.empty((B * HQ, nkb, n_prog * block_m), device=q.device, dtype=torch.float32)
-    block_mass_fwd_kernel[(n_prog, B * HQ)](
-        q, k, blk, mass, T, S, nqb, nkb, n_prog * block_m, scale * LOG2E,
+    n_rows = triton.cdiv(nqb * rows, _MASS_MAX_M) * _MASS_MAX_M  # fits every config's programs
+    blk = torch.empty((B * HQ, nkb, n_rows), device=q.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(nqb, meta["BLOCK_M"] // rows), B * HQ)
+
+    block_mass_fwd_kernel[grid](
+        q, k, blk, mass, T, S, nqb, nkb, n_rows, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        HQ=HQ, G=G, D=D, R=rows, QB_PER_PROG=qb_per_prog, BLOCK_Q=block_size_q, BLOCK_M=block_m,
-        BLOCK_N=block_size_k, BLOCK_E=16 if is_interpret() else 64, IS_CAUSAL=bool(causal),
+        HQ=HQ, G=G, D=D, R=rows, BLOCK_Q=block_size_q, BLOCK_N=block_size_k,
+        BLOCK_E=16 if is_interpret() else 64, IS_CAUSAL=bool(causal),
     )
     return mass
 
 
 @triton.jit
 def topp_block_list_fwd_kernel(
-    mass, nvis, extra, block_idx, block_cnt,
-    H, NQB, NKB, E, top_p, max_blocks,
+    mass, nvis, hit, block_idx, block_cnt,
+    H, NQB, NKB, top_p, max_blocks,
     N_SINK: tl.constexpr, N_LOCAL: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_MAX: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -297,8 +308,7 @@ def topp_block_list_fwd_kernel(
     m = tl.load(mass + row * NKB + kb, mask=vis, other=0.0)
     base = vis & ((kb < N_SINK) | (kb >= nv - N_LOCAL))
     if HAS_EXTRA:
-        for e in range(0, E):
-            base = base | (vis & (kb == tl.load(extra + row * E + e)))
+        base = base | (tl.load(hit + row * (NKB + 1) + kb, mask=vis, other=0) != 0)
     cand = vis & ~base
     covered = tl.sum(tl.where(base, m, 0.0), 0)
     w = tl.where(cand, m, 0.0)
@@ -356,10 +366,15 @@ def topp_block_list(mass, kend, block_size_k, top_p=0.95, n_sink=1, n_local=2, m
     if mass.numel() == 0:
         return idx[..., :1].zero_(), cnt
     has_extra = extra_idx is not None and extra_idx.shape[-1] > 0
-    extra = extra_idx.to(torch.int32).contiguous() if has_extra else cnt
+    hit = cnt
+    if has_extra:
+        # one pass of plain stores (duplicates write the same 1) instead of a per-row loop over the entries
+        extra_idx = extra_idx.long()
+        hit = torch.zeros((B, H, NQB, NKB + 1), device=mass.device, dtype=torch.int8)
+        hit.scatter_(-1, torch.where((extra_idx >= 0) & (extra_idx < NKB), extra_idx, NKB), 1)
     block_k = next_pow2(NKB)
     topp_block_list_fwd_kernel[(B * H * NQB,)](
-        mass, nvis, extra, idx, cnt, H, NQB, NKB, extra.shape[-1] if has_extra else 0, float(top_p),
+        mass, nvis, hit, idx, cnt, H, NQB, NKB, float(top_p),
         -1 if max_blocks is None else int(max_blocks),
         N_SINK=n_sink, N_LOCAL=n_local, HAS_EXTRA=has_extra, HAS_MAX=max_blocks is not None,
         BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else (8 if block_k <= 8192 else 16),
