@@ -10,6 +10,8 @@ visits are the sink blocks, a selected list, and the local blocks at the end of 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -89,11 +91,9 @@ def flash_decode_fwd_kernel(
         else:
             k_off = i_b.to(tl.int64) * stride_kb + offs_n.to(tl.int64) * stride_kt
             v_off = i_b.to(tl.int64) * stride_vb + offs_n.to(tl.int64) * stride_vt
-        # [BLOCK_N, D]; read once: keep it out of L2, where the partials below should stay
-        kk = tl.load(k + k_off[:, None] + i_hk * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0,
-                     eviction_policy="evict_first")
-        vv = tl.load(v + v_off[:, None] + i_hk * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0,
-                     eviction_policy="evict_first")
+        # [BLOCK_N, D]
+        kk = tl.load(k + k_off[:, None] + i_hk * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        vv = tl.load(v + v_off[:, None] + i_hk * stride_vh + offs_d[None, :], mask=kmask[:, None], other=0.0)
         # [BLOCK_H, BLOCK_N]
         s = tl.dot(qt, tl.trans(kk)) * qk_scale
         s = tl.where(kmask[None, :] & (offs_n[None, :] <= pos_r[:, None]), s, float("-inf"))
@@ -123,7 +123,8 @@ def flash_decode_fwd_kernel(
         m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
         den = tl.zeros([BLOCK_R], dtype=tl.float32)
         out = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-        for s0 in range(0, num_splits, BLOCK_S):
+        # not software-pipelined: its buffers would cost the main loop occupancy
+        for s0 in tl.range(0, num_splits, BLOCK_S, num_stages=1):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             msk = (offs_s < num_splits)[:, None] & rr_ok[None, :]
             rows = (i_bk * num_splits + offs_s).to(tl.int64)[:, None] * BLOCK_H + offs_rr[None, :]
@@ -146,6 +147,7 @@ def flash_decode_fwd_kernel(
         tl.store(counter + i_bk, 0)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -215,9 +217,10 @@ def _decode_launch(q, k, v, seqlens, block_table, sel, n_sink, n_local, n_logica
         raise ValueError(f"page size {page_size} must be a multiple of the key block {block_n}")
     n_sel = sel.shape[-1] if sparse else 0
     sel_t = sel.reshape(B * HKV, n_sel) if sparse else dummy
-    # the combine reads [BLOCK_S splits, valid rows, D] tiles: up to 8k floats in registers
+    # the combine reads [BLOCK_S splits, valid rows, D] tiles: up to 4k floats in registers, few enough
+    # not to lower the occupancy of the main loop
     block_r = next_pow2(TQ * G)
-    block_s = max(1, min(64, 8192 // (block_r * D)))
+    block_s = max(1, min(32, 4096 // (block_r * D)))
     flash_decode_fwd_kernel[(B * HKV, num_splits)](
         q, k, v, out, o_part, lse_part, _split_counters(q.device, B * HKV), seqlens,
         block_table if paged else dummy, sel_t,
