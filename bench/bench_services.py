@@ -3,8 +3,8 @@
     python bench/bench_services.py --index IDX [--retriever-index IDX2] [--duration 60] [--clients 64]
 
 Phases (each against a server started here in its own process, `retrogram serve SERVICE`):
-  engine      the in-process engine's single-core rate: `count` one call per query, and `count_many`
-              in batches (one thread, same queries)
+  engine      the in-process engine's single-core rate: `count` one call per query, `count_many` and
+              `count_packed` in batches (one thread, same queries)
   latency     one client, one Count at a time (grpc I/O variants, interleaved rounds, fresh processes each):
               p50/p99 round trip of NgramClient.count (over its Session stream) and of unary calls;
               gRPC overhead = round trip minus the engine's own time for the same query (its in-process p50)
@@ -137,7 +137,8 @@ def run_load(kind: str, address: str, payload: bytes, clients: int, procs: int, 
 # ------------------------------------------------------------------------------------------- phases
 
 def engine_rates(engine, queries, batch: int, seconds: float = 3.0) -> dict:
-    """Single-core (one thread) in-process rates: count per call, count_many in batches."""
+    """Single-core (one thread) in-process rates: count per call, count_many and count_packed in batches
+    (the fastest of them is the single-core rate gRPC is compared with)."""
     for q in queries[:1000]:
         engine.count(q)
     lat = []
@@ -161,8 +162,18 @@ def engine_rates(engine, queries, batch: int, seconds: float = 3.0) -> dict:
             engine.count_many(b)
             n += len(b)
     many_rate = n / (time.perf_counter() - t0)
+    packed = [(np.array([t for q in b for t in q]), np.array([len(q) for q in b])) for b in batches]
+    n = 0
+    t0 = time.perf_counter()
+    t_end = t0 + seconds
+    while time.perf_counter() < t_end:
+        for ids, lengths in packed:
+            engine.count_packed(ids, lengths)
+            n += len(lengths)
+    packed_rate = n / (time.perf_counter() - t0)
     return {"count_per_s": count_rate, "count_p50_us": pct(lat, 50) * 1e6, "count_many_per_s": many_rate,
-            "count_many_batch": batch, "single_core_rate": max(count_rate, many_rate)}
+            "count_packed_per_s": packed_rate, "count_many_batch": batch,
+            "single_core_rate": max(count_rate, many_rate, packed_rate)}
 
 
 def latency(address: str, queries, engine_p50_us: float, n: int = 3000) -> dict:
@@ -265,7 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per load phase (default 60)")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--client-procs", type=int, default=2, help="worker processes the clients run in")
-    ap.add_argument("--batch", type=int, default=1000, help="queries per CountMany (default 1000)")
+    ap.add_argument("--batch", type=int, default=10000, help="queries per CountMany (default 10000)")
     ap.add_argument("--phases", default="engine,latency,count,count_session,count_many,retrieve")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "services.json")
     ap.add_argument("--reps", type=int, default=3, help="rounds of the latency variants (default 3)")

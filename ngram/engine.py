@@ -232,6 +232,31 @@ class Engine:
         flat, offsets = self._many_ids("list_of_ids", list_of_ids)
         return kernels.count_many(self._table, flat, offsets)
 
+    def count_packed(self, ids, lengths) -> np.ndarray:
+        """count_many over queries packed in two flat arrays: query i is ids[sum(lengths[:i]) :
+        sum(lengths[:i + 1])]. No list per query is built (the gRPC CountMany path)."""
+        ids = np.asarray(ids)
+        lengths = np.asarray(lengths)
+        for name, a in (("ids", ids), ("lengths", lengths)):
+            if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+                raise QueryError(f"{name}: expected a 1-d array of integers, got {a.dtype} with shape {a.shape}")
+        if lengths.size and int(lengths.min()) < 1:
+            i = int(np.argmax(lengths < 1))
+            raise QueryError(f"list_of_ids[{i}]: empty query; give at least one token id")
+        total = int(lengths.sum()) if lengths.size else 0
+        if total != ids.size:
+            raise QueryError(f"lengths: they add up to {total:,} but there are {ids.size:,} ids")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            k = int(np.argmax((ids < 0) | (ids >= self.vocab_size)))
+            bad = int(ids[k])
+            what = "the document separator" if bad == self.sep else f"outside the vocabulary [0, {self.vocab_size})"
+            i = int(np.searchsorted(np.cumsum(lengths), k, side="right"))
+            raise QueryError(f"list_of_ids[{i}]: token id {bad} is {what}")
+        offsets = np.zeros(lengths.size + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        offsets *= self.width
+        return kernels.count_many(self._table, ids.astype(self.token_dtype).view(np.uint8), offsets)
+
     def _many_ids(self, name: str, list_of_ids: list | tuple) -> tuple[np.ndarray, np.ndarray]:
         """Many queries -> (their bytes concatenated, byte offsets [n + 1]). Lists of ints are converted
         and checked all at once; anything else, or any bad id, goes query by query (naming the bad one)."""

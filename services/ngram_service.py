@@ -5,7 +5,10 @@ Each method runs on a worker thread (serving.Server), where the engine's compile
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
+
+import numpy as np
 
 from ..index.errors import UserError
 from ..protos import common_pb2 as cpb
@@ -154,30 +157,32 @@ class NgramServicer(Service):
             raise invalid("CountMany: give queries or packed, not both")
         if request.HasField("packed"):
             p = request.packed
-            lengths = list(p.lengths)
-            if sum(lengths) != len(p.ids):
-                raise invalid(f"packed: the lengths add up to {sum(lengths):,} but there are {len(p.ids):,} ids")
-            if len(lengths) > MAX_BATCH_QUERIES:
-                raise too_large(f"CountMany: {len(lengths):,} queries; the limit is {MAX_BATCH_QUERIES:,}")
-            if len(p.ids) > MAX_BATCH_TOKENS:
-                raise too_large(f"CountMany: {len(p.ids):,} tokens; the limit is {MAX_BATCH_TOKENS:,}")
-            ids = list(p.ids)
-            queries, pos = [], 0
-            for n in lengths:
-                queries.append(ids[pos:pos + n])
-                pos += n
+            n, n_ids = len(p.lengths), len(p.ids)
         else:
-            if len(request.queries) > MAX_BATCH_QUERIES:
-                raise too_large(f"CountMany: {len(request.queries):,} queries; the limit is {MAX_BATCH_QUERIES:,}")
+            n = len(request.queries)
+        if n > MAX_BATCH_QUERIES:
+            raise too_large(f"CountMany: {n:,} queries; the limit is {MAX_BATCH_QUERIES:,}")
+        if request.HasField("packed"):
+            if n_ids > MAX_BATCH_TOKENS:
+                raise too_large(f"CountMany: {n_ids:,} tokens; the limit is {MAX_BATCH_TOKENS:,}")
+            ids = np.array(p.ids, dtype=np.int64)   # repeated scalars convert in one copy
+            lengths = np.array(p.lengths, dtype=np.int64)
+            if int(lengths.sum()) != ids.size:
+                raise invalid(f"packed: the lengths add up to {int(lengths.sum()):,} but there are {ids.size:,} ids")
+        else:
             queries = [self._ids(q, f"query {i}") for i, q in enumerate(request.queries)]
-            if sum(map(len, queries)) > MAX_BATCH_TOKENS:
+            lengths = np.array([len(q) for q in queries], dtype=np.int64)
+            if int(lengths.sum()) > MAX_BATCH_TOKENS:
                 raise too_large(f"CountMany: more than {MAX_BATCH_TOKENS:,} tokens in all")
+            ids = np.fromiter(chain.from_iterable(queries), dtype=np.int64, count=int(lengths.sum()))
+        ends = np.concatenate([[0], np.cumsum(lengths)])
         out = pb.CountManyResponse()
-        for start in range(0, len(queries), BATCH_STEP):
+        for start in range(0, n, BATCH_STEP):   # in steps, checking for cancellation between them
             ctx.check()
-            counts = self.engine.count_many(queries[start:start + BATCH_STEP])
-            out.counts.extend(_counts(counts))
-        out.approx.extend([False] * len(out.counts))
+            stop = min(start + BATCH_STEP, n)
+            counts = self.engine.count_packed(ids[ends[start]:ends[stop]], lengths[start:stop])
+            out.counts.extend(counts.tolist())
+        out.approx.extend([False] * n)
         return out
 
     def CountCnf(self, request: pb.CountCnfRequest, ctx: CallContext):
@@ -315,12 +320,6 @@ def _ok(r):
     if isinstance(r, dict) and "error" in r:
         raise UserError(str(r["error"]))
     return r
-
-
-def _counts(counts) -> list[int]:
-    if hasattr(counts, "tolist"):
-        return counts.tolist()
-    return [c["count"] if isinstance(c, dict) else int(c) for c in counts]
 
 
 def _doc(d: dict) -> pb.DocResult:

@@ -345,6 +345,8 @@ def test_count_many_matches_brute_force(shards, width, queries, data):
         got = e.count_many(qs)
         assert got.dtype == np.int64 and list(got) == [c.count(q) for q in qs]
         assert list(e.count_many(tuple(np.array(q) for q in qs))) == list(got)   # the slow path agrees
+        flat = np.array([t for q in qs for t in q], np.int64)
+        assert list(e.count_packed(flat, [len(q) for q in qs])) == list(got)
     finally:
         c.close()
 
@@ -364,6 +366,16 @@ def test_count_many_names_the_bad_query():
             assert message in str(ei.value), (message, str(ei.value))
         with pytest.raises(QueryError, match="list_of_ids: expected a list"):
             e.count_many(np.zeros((2, 2), np.int64))
+        assert list(e.count_packed([], [])) == []
+        for ids, lengths, message in (([1, 2, 10], [1, 2], "list_of_ids[1]: token id 10 is outside the vocabulary"),
+                                      ([1, 2], [1, 0, 1], "list_of_ids[1]: empty query"),
+                                      ([1, -1], [1, 1], "list_of_ids[1]: token id -1"),
+                                      ([1, 2], [1], "lengths: they add up to 1 but there are 2 ids"),
+                                      ([1.5], [1], "ids: expected a 1-d array of integers"),
+                                      ([[1]], [1], "ids: expected a 1-d array of integers")):
+            with pytest.raises(QueryError) as ei:
+                e.count_packed(ids, lengths)
+            assert message in str(ei.value), (message, str(ei.value))
     finally:
         c.close()
 
