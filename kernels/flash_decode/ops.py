@@ -154,13 +154,16 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-# Launch configurations per shape class, from the sweep in bench/bench_kernels.py (decode_sweep, H200):
+# Launch configurations per shape class, from the sweep in bench/bench_kernels.py (decode_sweep, H200,
+# one-launch kernel; bench/results/kernels_decode_h200.json):
 # (paged, GQA group > 1, batch * KV heads >= 64) -> (num_warps, num_stages, waves of programs per SM, block_n)
 DECODE_CONFIGS = {
-    (True, False, True): (8, 4, 4, 128),   # paged MHA batch 8: 3.47 -> 4.41 TB/s at 32k (128-token tiles)
-    (True, True, False): (4, 2, 4, 64),
-    (False, True, False): (4, 2, 4, 64),   # GQA batch 1: 2.59 -> 2.74 TB/s at 32k
-    (False, False, False): (4, 2, 4, 64),
+    (True, False, True): (8, 4, 4, 128),   # paged MHA batch 8 (128-token tiles)
+    (True, False, False): (4, 2, 4, 64),
+    (False, False, False): (4, 4, 4, 128),
+    (True, True, True): (4, 4, 2, 128),
+    (True, True, False): (4, 2, 2, 128),
+    (False, True, False): (4, 3, 2, 64),   # GQA batch 1 32k: 45 us, 70% of copy (two launches: 49 us)
 }
 _DEFAULT_DECODE_CONFIG = (4, 4, 4, 64)
 
