@@ -46,7 +46,7 @@ def _prefer_low_latency_io() -> bool:
     """Route client and listener sockets through grpc core's posix iomgr polling instead of its EventEngine:
     the thread that waits on the completion queue polls the socket itself, one thread hand-off less per call
     in each process (on this 2-core box ~60 µs p50 off a loopback round trip; bench/results/
-    services_latency.json). Not done when GRPC_EXPERIMENTS is already set, when grpc was imported before
+    services.json, latency_variants). Not done when GRPC_EXPERIMENTS is already set, when grpc was imported before
     this module, or with RETROGRAM_GRPC_EVENT_ENGINE=1."""
     import sys
 

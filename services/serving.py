@@ -247,7 +247,7 @@ class ServeConfig:
     inline_small_calls: bool = True         # see Service.inline
     # pin the event loop and grpc's completion-queue thread to this CPU (engine threads stay on every CPU):
     # the two hand every call to each other, and a wake-up on the same core is cheaper than one across
-    # cores (~70 µs p50 off a loopback round trip on the 2-core box; bench/results/services_latency.json)
+    # cores (~70 µs p50 off a loopback round trip on the 2-core box; bench/results/services.json, latency_variants)
     io_cpu: int | None = None
     extra: dict = field(default_factory=dict)
 
