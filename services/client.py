@@ -577,12 +577,20 @@ class _Base:
                     s = self._sessions[k] = make(self.channels[k], f"/{self.service_name}/Session", self.metadata)
         return s
 
-    def _drop_session(self, k: int, s) -> None:
+    def _session_failed(self, k: int, s, exc: BaseException, method: str, timeout: float | None) -> None:
+        """A session call raised: the stream is dropped (a new one next time). A call past its deadline
+        raises DEADLINE_EXCEEDED, an interruption (KeyboardInterrupt, cancellation) goes on up; after
+        any other stream failure this returns, and the caller sends the call again as a unary one."""
         with self._session_lock:
             if self._sessions[k] is s:
                 self._sessions[k] = None
                 self._session_retry_at[k] = time.monotonic() + SESSION_RETRY_S
         s.close()
+        if not isinstance(exc, _SessionBroken):
+            raise exc
+        if s.expired:
+            raise ServiceError(self.targets[k], method, grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"no answer within {timeout} s") from None
 
     def _close_sessions(self) -> None:
         for k, s in enumerate(self._sessions):
@@ -604,13 +612,8 @@ class _SyncBase(_Base):
         if s is not None and s.lock.acquire(blocking=False):
             try:
                 resp = s.call(method, request, t)
-            except BaseException as e:   # the stream failed (or the caller was interrupted): a new one next time
-                self._drop_session(k, s)
-                if isinstance(e, _SessionBroken) and s.expired:
-                    raise ServiceError(self.targets[k], method, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                       f"no answer within {t} s") from None
-                if not isinstance(e, _SessionBroken):
-                    raise
+            except BaseException as e:
+                self._session_failed(k, s, e, method, t)   # raises, unless the call should go unary
             else:
                 return _session_answer(self.targets[k], method, resp, self.response_classes[method])
             finally:
@@ -678,13 +681,8 @@ class _AsyncBase(_Base):
             async with s.lock:
                 try:
                     resp = await s.call(method, request, t)
-                except BaseException as e:   # the stream failed (or the task was cancelled): a new one next time
-                    self._drop_session(k, s)
-                    if isinstance(e, _SessionBroken) and s.expired:
-                        raise ServiceError(self.targets[k], method, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                           f"no answer within {t} s") from None
-                    if not isinstance(e, _SessionBroken):
-                        raise
+                except BaseException as e:
+                    self._session_failed(k, s, e, method, t)   # raises, unless the call should go unary
                 else:
                     return _session_answer(self.targets[k], method, resp, self.response_classes[method])
         try:
