@@ -52,6 +52,20 @@ from retrogram.kernels.hip_attention import (hip_attention_prefill, hip_block_li
 
 DEV = "cuda"
 BF16 = torch.bfloat16
+BASELINE = None  # another flash_decode ops.py timed beside this one (--decode-baseline)
+
+
+def load_baseline(path):
+    """flash_decode from another copy of kernels/flash_decode/ops.py (e.g. `git show HEAD~1:...`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("retrogram.kernels.flash_decode._baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "retrogram.kernels.flash_decode"
+    spec.loader.exec_module(mod)
+    return mod
+
+
 RESULTS: dict = {"checks": [], "prefill": [], "decode": [], "hip_prefill": [], "hip_decode": [],
                  "vs_prefill": [], "cca": [], "errors": []}
 
@@ -207,6 +221,15 @@ def decode_checks(f=1):
             kp, vp, table = to_paged(k, v, page)
             flash_decode(q, kp, vp, seqlens=seqlens, block_table=table, out=o)
         check("flash_decode", rel(o, ref), shape=[B, TQ, HQ, HKV, S], page=page)
+        if B == 3:
+            # other program counts (split counts per (batch, KV head))
+            for waves in (1, 3):
+                o = poisoned(q.shape)
+                if page is None:
+                    flash_decode(q, k, v, seqlens=seqlens, out=o, waves=waves)
+                else:
+                    flash_decode(q, kp, vp, seqlens=seqlens, block_table=table, out=o, waves=waves)
+                check("flash_decode", rel(o, ref), shape=[B, TQ, HQ, HKV, S], page=page, waves=waves)
 
     for B, HQ, HKV, S, page in [(2, 32, 8, 70000, None), (2, 32, 8, 70000, 256), (1, 32, 32, 50000, None)]:
         S = S // f
@@ -394,6 +417,10 @@ def decode(lens, batches=(1, 8), H=32, D=128, hkv_list=(32, 8), hip_cfg=None, re
                 o = torch.empty_like(q)
                 seqlens = torch.full((B,), S, device=DEV, dtype=torch.int32)
                 timed("flash", lambda i: flash_decode(q, ks[i], vs[i], seqlens=seqlens, max_seqlen=S, out=o))
+                if BASELINE is not None:
+                    row["base_graph_ms"] = bench_layers_ms(
+                        [lambda i=i: BASELINE.flash_decode(q, ks[i], vs[i], seqlens=seqlens, max_seqlen=S, out=o)
+                         for i in range(L)], graph=True)
                 row["flash_dobench_graph_ms"] = bench_graph_ms(
                     lambda: flash_decode(q, ks[0], vs[0], seqlens=seqlens, max_seqlen=S, out=o))
                 kp, vp, table = to_paged(k, v, 256)
@@ -402,6 +429,10 @@ def decode(lens, batches=(1, 8), H=32, D=128, hkv_list=(32, 8), hip_cfg=None, re
                 torch.cuda.empty_cache()
                 timed("paged", lambda i: flash_decode(q, kp, vp, seqlens=seqlens, block_table=tables[i], max_seqlen=S,
                                                       out=o))
+                if BASELINE is not None:
+                    row["base_paged_graph_ms"] = bench_layers_ms(
+                        [lambda i=i: BASELINE.flash_decode(q, kp, vp, seqlens=seqlens, block_table=tables[i],
+                                                           max_seqlen=S, out=o) for i in range(L)], graph=True)
                 # HiP decode over the paged cache: the selection is refreshed every `refresh_every` steps
                 timed("hip_select", lambda i: hip_decode_select(q, kp, seqlens, S, block_table=tables[i], **hip_cfg))
                 # the multi-launch hierarchical selection it replaces (same blocks), for comparison
@@ -413,7 +444,7 @@ def decode(lens, batches=(1, 8), H=32, D=128, hkv_list=(32, 8), hip_cfg=None, re
                                                        n_local=hip_cfg["n_local"], out=o))
                 row["flash_dobench_graph_TBps"] = nbytes / row["flash_dobench_graph_ms"] / 1e9
                 for sfx in ("", "_graph"):
-                    for name in ("sdpa", "flash", "paged"):
+                    for name in ("sdpa", "flash", "paged", "base", "base_paged"):
                         if name + sfx + "_ms" in row:
                             row[name + sfx + "_TBps"] = nbytes / row[name + sfx + "_ms"] / 1e9
                     row["hip_step" + sfx + "_TBps"] = hip_bytes / row["hip_step" + sfx + "_ms"] / 1e9
@@ -527,6 +558,11 @@ def table():
             f"{r['paged_graph_TBps']:5.2f} ({100 * r['paged_graph_TBps'] / copy:3.0f}%) | "
             f"{r['hip_amortized_graph_ms']*1e3:7.1f} ({r['hip_speedup_vs_dense_graph']:4.1f}x)        | "
             f"{r['hip_speedup_vs_dense']:.1f}x")
+    if any("base_graph_TBps" in r for r in RESULTS["decode"]):
+        log(f"decode, baseline kernel ({RESULTS.get('baseline')})  B      S HKV | flash TB/s     | paged TB/s")
+        for r in RESULTS["decode"]:
+            log(f"{r['B']:>45} {r['S']:>6} {r['HKV']:>3} | {r['base_graph_TBps']:5.2f} ({100 * r['base_graph_TBps'] / copy:3.0f}%) | "
+                f"{r['base_paged_graph_TBps']:5.2f} ({100 * r['base_paged_graph_TBps'] / copy:3.0f}%)")
     bad = [c for c in RESULTS["checks"] if not c["ok"]]
     log(f"checks: {len(RESULTS['checks']) - len(bad)}/{len(RESULTS['checks'])} ok; errors: {len(RESULTS['errors'])}")
 
@@ -560,8 +596,14 @@ def main():
     ap.add_argument("--decode", action="store_true",
                     help="decode only: checks, launch sweep of the batch-1 classes, decode and HiP decode timings "
                          "(kernels_decode_h200.json)")
+    ap.add_argument("--decode-baseline", default=None,
+                    help="another flash_decode ops.py, timed beside this one in the decode section")
     args = ap.parse_args()
     t0 = time.time()
+    if args.decode_baseline:
+        global BASELINE
+        BASELINE = load_baseline(args.decode_baseline)
+        RESULTS["baseline"] = args.decode_baseline
     if args.smoke:
         smoke(args)
         return
@@ -576,6 +618,8 @@ def main():
                              (1, 32768, 32, True), (8, 32768, 8, True)),
                      grid=[(4, st, wv, bn) for bn in (64, 128) for st in (2, 3, 4) for wv in (1, 2, 4)],
                      rep_ms=40)
+        if not args.skip_checks:
+            decode_checks()  # again, with the configs the sweep installed
         decode([n for n in (32768, 131072) if n <= args.max_len])
         RESULTS["wall_s"] = time.time() - t0
         table()
