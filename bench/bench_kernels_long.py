@@ -52,6 +52,7 @@ TOP_PS = (0.9, 0.95, 0.96, 0.97, 0.98)  # top-p of the estimated mass; recall la
 # HiP with 128-row query blocks (one list per 128 queries; the attention core then runs 128-row tiles, as
 # flash_prefill does): coarser lists, half the estimator's sampled rows
 Q128_TOP_PS = (0.95, 0.96, 0.97)
+Q128_ROWS = {"hip128": 4, "hip128r2": 2}   # variant name -> sampled rows per 128-row block
 LONG: dict = {"smollm2": [], "projected_32x128": [], "checks": [], "errors": []}
 
 
@@ -216,11 +217,13 @@ def smollm2_section(pack_path, lens, layer_step, n_qb, dev):
                 sel[f"hip_mass_p{tp}"] = block_stats(P, qbs, bi[0], bc[0], nvis)
                 bi, bc = vertical_slash_blocks(qq, kk, estimator="mass", top_p=tp, **vs_kw)
                 sel[f"vs_mass_p{tp}"] = block_stats(P, qbs, bi[0], bc[0], nvis)
-            for tp in Q128_TOP_PS:   # lists of 128-row blocks, scored at the 64-row blocks they cover
-                _, (bi, bc) = hip_attention_prefill(qq, kk, vv, dense_below=0, estimator="mass", top_p=tp,
-                                                    block_size_q=128, return_blocks=True, **hip_kw)
-                bi64, bc64 = (x[0].repeat_interleave(2, dim=1)[:, :nqb] for x in (bi, bc))
-                sel[f"hip128_mass_p{tp}"] = block_stats(P, qbs, bi64, bc64, nvis)
+            for name, rows in Q128_ROWS.items():
+                for tp in Q128_TOP_PS:   # lists of 128-row blocks, scored at the 64-row blocks they cover
+                    _, (bi, bc) = hip_attention_prefill(qq, kk, vv, dense_below=0, estimator="mass", top_p=tp,
+                                                        block_size_q=128, return_blocks=True,
+                                                        **{**hip_kw, "sample_rows": rows})
+                    bi64, bc64 = (x[0].repeat_interleave(2, dim=1)[:, :nqb] for x in (bi, bc))
+                    sel[f"{name}_mass_p{tp}"] = block_stats(P, qbs, bi64, bc64, nvis)
             bi, bc = vertical_slash_blocks(qq, kk, estimator="last_q", **vs_kw)
             sel["vs_last_q"] = block_stats(P, qbs, bi[0], bc[0], nvis)
             row["selections"] = sel
@@ -260,7 +263,7 @@ def summarize_smollm2():
                       "density_max_layer": max(x["density"] for x in xs)}
         for m in rows[0]["ms"]:
             s[f"{m}_ms_sum"] = sum(r["ms"][m] for r in rows)
-        for name, tps in (("hip", TOP_PS), ("vs", TOP_PS), ("hip128", Q128_TOP_PS)):
+        for name, tps in (("hip", TOP_PS), ("vs", TOP_PS), *((n, Q128_TOP_PS) for n in Q128_ROWS)):
             # the smallest top-p whose mean recall meets the bound (else the largest)
             keys = [f"{name}_mass_p{tp}" for tp in tps]
             s[f"{name}_at_bound"] = next((key for key in keys if s[key]["recall_mean"] >= RECALL_BOUND), keys[-1])
@@ -305,20 +308,23 @@ def projected_section(summary, H=32, D=128, stats=("density_mean", "density_max_
         row["vs_select_ms"] = bench_ms(vs_sel)
         del mass, vert, slash, cand
         kend128 = prefill_kend(T, T, 128, True, bk.DEV)
-        row["estimate128_ms"] = bench_ms(lambda: sampled_block_mass(q, k, 128, BS, 4))
-        mass = sampled_block_mass(q, k, 128, BS, 4)
-        row["topp128_ms"] = bench_ms(lambda: topp_block_list(mass, kend128, BS, 0.95, 1, 4))
-        del mass
-        if "hip128_at_bound" in s:
-            dkey = s["hip128_at_bound"]
-            row["hip128_selection"] = {"key": dkey, "recall_mean": s[dkey].get("recall_mean")}
+        for name, rows in Q128_ROWS.items():
+            if f"{name}_at_bound" not in s:
+                continue
+            est = bench_ms(lambda: sampled_block_mass(q, k, 128, BS, rows))
+            mass = sampled_block_mass(q, k, 128, BS, rows)
+            sel_ms = bench_ms(lambda: topp_block_list(mass, kend128, BS, 0.96, 1, 4))
+            del mass
+            dkey = s[f"{name}_at_bound"]
+            row[f"{name}_selection"] = {"key": dkey, "recall_mean": s[dkey].get("recall_mean"), "estimate_ms": est,
+                                        "select_ms": sel_ms}
             for stat in stats:
                 d = s[dkey][stat]
                 bi, bc = density_lists(T, H, max(0.0, d), dev=bk.DEV, block_size_q=128)
                 attn = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, 128, BS, out=o), rep=100)
                 got = bc.float().sum().item() / (((kend128 + BS - 1) // BS).float().sum().item() * H)
-                tot = row["estimate128_ms"] + row["topp128_ms"] + attn
-                row[f"hip128_{stat}"] = {"target_density": d, "density": got, "attn_ms": attn, "total_ms": tot,
+                tot = est + sel_ms + attn
+                row[f"{name}_{stat}"] = {"target_density": d, "density": got, "attn_ms": attn, "total_ms": tot,
                                          "x_sdpa": sdpa / tot,
                                          "attn_vs_flash_at_density": attn / (got * row["flash_prefill_ms"])}
                 del bi, bc
@@ -353,11 +359,13 @@ def projected_table():
     for r in LONG["projected_32x128"]:
         h, v = r["hip_density_mean"], r["vs_density_mean"]
         log(f"        HiP {r['hip_selection']}, VS {r['vs_selection']}")
-        if "hip128_density_mean" in r:
-            h8 = r["hip128_density_mean"]
-            log(f"        HiP 128-row blocks {r['hip128_selection']}: estimate {r['estimate128_ms']:.2f}, select "
-                f"{r['topp128_ms']:.2f}, attn {h8['attn_ms']:.1f} ({h8['density']:.3f}), total {h8['total_ms']:.1f} "
-                f"({h8['x_sdpa']:.2f}x), attn / (dens x flash) {h8['attn_vs_flash_at_density']:.2f}")
+        for name in Q128_ROWS:
+            if f"{name}_density_mean" in r:
+                h8, sel = r[f"{name}_density_mean"], r[f"{name}_selection"]
+                log(f"        HiP 128-row blocks, {Q128_ROWS[name]} rows, {sel['key']} recall {sel['recall_mean']:.4f}: "
+                    f"estimate {sel['estimate_ms']:.2f}, select {sel['select_ms']:.2f}, attn {h8['attn_ms']:.1f} "
+                    f"({h8['density']:.3f}), total {h8['total_ms']:.1f} ({h8['x_sdpa']:.2f}x), "
+                    f"attn / (dens x flash) {h8['attn_vs_flash_at_density']:.2f}")
         log(f"{r['T']:>7} | {r['sdpa_ms']:5.1f} | {r['flash_prefill_ms']:5.1f} | {r['estimate_ms']:8.2f} | "
             f"{r['topp_ms']:10.2f} | {h['attn_ms']:6.1f} ({h['density']:.3f}) | {h['total_ms']:6.1f} ({h['x_sdpa']:.2f}x) | "
             f"{r['vs_select_ms']:9.2f} | {v['attn_ms']:5.1f} ({v['density']:.3f}) | {v['total_ms']:5.1f} ({v['x_sdpa']:.2f}x) | "
@@ -450,7 +458,8 @@ def main():
         with open(args.densities) as f:
             recorded = json.load(f)["smollm2_summary"]
         summary = {Ts: {key: val for key, val in recorded[Ts].items() if key.endswith("_at_bound") or key.startswith(
-                   ("hip_mass_p", "vs_mass_p", "hip128_mass_p"))} for Ts in recorded if int(Ts) in args.lens}
+                   ("hip_mass_p", "vs_mass_p", *(f"{n}_mass_p" for n in Q128_ROWS)))} for Ts in recorded
+                   if int(Ts) in args.lens}
         if args.smoke:
             bk.DEV, bk.BF16 = "cpu", torch.float32
             LONG["env"] = {"device": "cpu"}
@@ -508,7 +517,7 @@ def main():
     log("      T | oracle.95 | HiP p.95 recall/min/dens | VS p.95 recall/min/dens | VS last_q rec/dens | "
         "layer ms sum: SDPA / HiP (x) / VS (x)")
     for Ts, s in summary.items():
-        for name in ("hip", "vs", "hip128"):
+        for name in ("hip", "vs", *Q128_ROWS):
             b = s[s[f"{name}_at_bound"]]
             log(f"{int(Ts):>7} {name} at the recall bound: {s[f'{name}_at_bound']} recall {b['recall_mean']:.3f} "
                 f"(worst layer {b['recall_min_layer']:.3f}) density {b['density_mean']:.3f}")
