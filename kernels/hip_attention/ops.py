@@ -27,6 +27,19 @@ _BIG = 1 << 30
 
 
 @triton.jit
+def key_rows(k, block_table, i_b, i_hk, pos, ok, offs_d, page_size, stride_kb, stride_kt, stride_kh, stride_btb,
+             PAGED: tl.constexpr):
+    """The keys at token positions pos ([N]) of sequence i_b, KV head i_hk: [N, D] (zeros where not ok),
+    from a contiguous cache or through the block table of a paged one."""
+    if PAGED:
+        page = tl.load(block_table + i_b.to(tl.int64) * stride_btb + pos // page_size, mask=ok, other=0)
+        off = page.to(tl.int64) * stride_kb + (pos % page_size) * stride_kt
+    else:
+        off = i_b.to(tl.int64) * stride_kb + pos.to(tl.int64) * stride_kt
+    return tl.load(k + off[:, None] + i_hk * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
 def hip_score_fwd_kernel(
     q, k, rep, score, block_table,
     T_q, NHS, NQB, C, page_size,
@@ -57,13 +70,9 @@ def hip_score_fwd_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         pos = tl.load(rep + u.to(tl.int64) * C + offs_c, mask=offs_c < C, other=-1)
         ok = pos >= 0
-        if PAGED:
-            page = tl.load(block_table + i_b.to(tl.int64) * stride_btb + pos // page_size, mask=ok, other=0)
-            off = page.to(tl.int64) * stride_kb + (pos % page_size) * stride_kt
-        else:
-            off = i_b.to(tl.int64) * stride_kb + pos.to(tl.int64) * stride_kt
         # [BLOCK_C, D]
-        kk = tl.load(k + off[:, None] + i_hk * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
+        kk = key_rows(k, block_table, i_b, i_hk, pos, ok, offs_d, page_size, stride_kb, stride_kt, stride_kh,
+                      stride_btb, PAGED)
         s = tl.dot(qt, tl.trans(kk))
         s = tl.where(row_ok[:, None], s, float("-inf"))
         best = tl.where(ok, tl.max(s, 0), float("-inf"))
@@ -394,13 +403,9 @@ def hip_decode_select_fwd_kernel(
             # n_rep keys spread evenly over each half
             pos = cs * BLOCK_K + ((ce - cs) * BLOCK_K * (2 * r + 1)) // (2 * N_REP)
             ok = (ce > cs) & (pos < seqlen)
-            if PAGED:
-                page = tl.load(block_table + i_b.to(tl.int64) * stride_btb + pos // page_size, mask=ok, other=0)
-                off = page.to(tl.int64) * stride_kb + (pos % page_size) * stride_kt
-            else:
-                off = i_b.to(tl.int64) * stride_kb + pos.to(tl.int64) * stride_kt
             # [2 TOPK, D]
-            kk = tl.load(k + off[:, None] + i_hk * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
+            kk = key_rows(k, block_table, i_b, i_hk, pos, ok, offs_d, page_size, stride_kb, stride_kt, stride_kh,
+                          stride_btb, PAGED)
             sc = tl.where(row_ok[:, None], tl.dot(qt, tl.trans(kk)), float("-inf"))
             score = tl.where(ok, tl.maximum(score, tl.max(sc, 0)), score)
         # rank in (score descending, index ascending) order; slot i takes the candidate of rank i
