@@ -121,6 +121,14 @@ def test_answers_equal_the_engine(client, engine, queries):
     assert info["vocab_size"] == engine.vocab_size and info["tokenizer"] == "smollm2"
 
 
+def test_count_many_in_several_steps(client, engine, queries):
+    """More queries than the server counts in one step (it checks for cancellation between steps)."""
+    from retrogram.services.ngram_service import BATCH_STEP
+
+    many = [queries[i % len(queries)][: 1 + i % 3] for i in range(BATCH_STEP + 1234)]
+    assert client.count_many(many) == engine.count_many(many).tolist()
+
+
 def test_text_queries_are_tokenized_by_the_server(client, engine):
     r = client.count("my lord")
     assert r["tokens"] == engine.tokenize("my lord")
