@@ -381,6 +381,44 @@ def _parse(cls, raw: bytes):
     return msg
 
 
+class _CallScope:
+    """One unary or server-streaming call's bookkeeping around its handler: the in-flight counts, the status
+    an error answers (logged, through Server._fail), the metrics and the access log."""
+
+    __slots__ = ("server", "svc", "method", "context", "in_flight", "peer", "t0", "code", "ctx")
+
+    def __init__(self, server: "Server", svc: Service, method: str, context, in_flight):
+        self.server, self.svc, self.method, self.context, self.in_flight = server, svc, method, context, in_flight
+        self.ctx: CallContext | None = None   # set by the handler once the call is admitted
+
+    async def __aenter__(self) -> "_CallScope":
+        self.t0 = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        # the peer is read now: a call's context must not be touched once the call is over
+        self.peer = self.context.peer() if self.server.config.access_log else ""
+        self.in_flight.inc()
+        self.server._in_flight += 1
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None or issubclass(exc_type, grpc.aio.AbortError):
+                return False
+            if issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):   # the client went away
+                self.code = grpc.StatusCode.CANCELLED
+                if self.ctx is not None:
+                    self.ctx.cancelled = True
+                return False
+            if issubclass(exc_type, Exception):   # every error becomes a status
+                self.code = status_for(exc)[0]
+                await self.server._fail(self.context, self.svc, self.method, exc)   # raises AbortError
+            return False
+        finally:
+            self.in_flight.dec()
+            self.server._in_flight -= 1
+            self.server._observe(self.svc, self.method, self.code, self.t0, self.peer)
+
+
 class Server:
     """One grpc.aio server hosting some services on one address."""
 
@@ -490,40 +528,17 @@ class Server:
 
     def _unary(self, svc: Service, method: str, run):
         in_flight = self._metrics.in_flight.labels(svc.name)
-        access_log = self.config.access_log
 
         async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            t0 = time.perf_counter()
-            code = grpc.StatusCode.OK
-            ctx = None
-            # the peer is read now: a call's context must not be touched once the call is over
-            peer = context.peer() if access_log else ""
-            in_flight.inc()
-            self._in_flight += 1
-            try:
-                ctx = self._begin(svc, method, context)
-                return await run(raw, ctx)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                if ctx is not None:
-                    ctx.cancelled = True
-                raise
-            except grpc.aio.AbortError:
-                raise
-            except Exception as e:  # noqa: BLE001 - every error becomes a status
-                code = status_for(e)[0]
-                await self._fail(context, svc, method, e)
-            finally:
-                in_flight.dec()
-                self._in_flight -= 1
-                self._observe(svc, method, code, t0, peer)
+            async with _CallScope(self, svc, method, context, in_flight) as call:
+                call.ctx = self._begin(svc, method, context)
+                return await run(raw, call.ctx)
 
         return handler
 
     def _stream(self, svc: Service, method: str, fn: Callable, req_cls):
         executor = self._executor
         in_flight = self._metrics.in_flight.labels(svc.name)
-        access_log = self.config.access_log
 
         def start(req, ctx):
             return iter(fn(req, ctx))
@@ -541,16 +556,9 @@ class Server:
             return out, False
 
         async def handler(raw: bytes, context: grpc.aio.ServicerContext):
-            t0 = time.perf_counter()
-            code = grpc.StatusCode.OK
-            ctx = None
-            # the peer is read now: a call's context must not be touched once the call is over
-            peer = context.peer() if access_log else ""
-            in_flight.inc()
-            self._in_flight += 1
             loop = asyncio.get_running_loop()
-            try:
-                ctx = self._begin(svc, method, context)
+            async with _CallScope(self, svc, method, context, in_flight) as call:
+                ctx = call.ctx = self._begin(svc, method, context)
                 req = _parse(req_cls, raw)
                 it = await loop.run_in_executor(executor, start, req, ctx)
                 done = False
@@ -559,20 +567,6 @@ class Server:
                     items, done = await loop.run_in_executor(executor, step, it)
                     for item in items:
                         yield item
-            except (asyncio.CancelledError, GeneratorExit):   # the client went away (or the deadline passed)
-                code = grpc.StatusCode.CANCELLED
-                if ctx is not None:
-                    ctx.cancelled = True
-                raise
-            except grpc.aio.AbortError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                code = status_for(e)[0]
-                await self._fail(context, svc, method, e)
-            finally:
-                in_flight.dec()
-                self._in_flight -= 1
-                self._observe(svc, method, code, t0, peer)
 
         return handler
 
