@@ -307,6 +307,23 @@ def projected_section(summary, H=32, D=128, stats=("density_mean", "density_max_
 
         row["vs_select_ms"] = bench_ms(vs_sel)
         del mass, vert, slash, cand
+
+        def at_densities(name, dkey, select_ms, bq, kend_q):
+            """The attention on block lists of the selection's densities: row[name_stat] per stat."""
+            row[f"{name}_selection"]["key"] = dkey
+            row[f"{name}_selection"]["recall_mean"] = s[dkey].get("recall_mean")
+            for stat in stats:
+                d = s[dkey][stat]
+                # density_lists keeps a fraction of the visible blocks plus 1 sink + 4 local ones
+                bi, bc = density_lists(T, H, max(0.0, d), dev=bk.DEV, block_size_q=bq)
+                attn = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, bq, BS, out=o), rep=100)
+                got = bc.float().sum().item() / (((kend_q + BS - 1) // BS).float().sum().item() * H)
+                tot = select_ms + attn
+                row[f"{name}_{stat}"] = {"target_density": d, "density": got, "attn_ms": attn, "total_ms": tot,
+                                         "x_sdpa": sdpa / tot,
+                                         "attn_vs_flash_at_density": attn / (got * row["flash_prefill_ms"])}
+                del bi, bc
+
         kend128 = prefill_kend(T, T, 128, True, bk.DEV)
         for name, rows in Q128_ROWS.items():
             if f"{name}_at_bound" not in s:
@@ -315,33 +332,11 @@ def projected_section(summary, H=32, D=128, stats=("density_mean", "density_max_
             mass = sampled_block_mass(q, k, 128, BS, rows)
             sel_ms = bench_ms(lambda: topp_block_list(mass, kend128, BS, 0.96, 1, 4))
             del mass
-            dkey = s[f"{name}_at_bound"]
-            row[f"{name}_selection"] = {"key": dkey, "recall_mean": s[dkey].get("recall_mean"), "estimate_ms": est,
-                                        "select_ms": sel_ms}
-            for stat in stats:
-                d = s[dkey][stat]
-                bi, bc = density_lists(T, H, max(0.0, d), dev=bk.DEV, block_size_q=128)
-                attn = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, 128, BS, out=o), rep=100)
-                got = bc.float().sum().item() / (((kend128 + BS - 1) // BS).float().sum().item() * H)
-                tot = est + sel_ms + attn
-                row[f"{name}_{stat}"] = {"target_density": d, "density": got, "attn_ms": attn, "total_ms": tot,
-                                         "x_sdpa": sdpa / tot,
-                                         "attn_vs_flash_at_density": attn / (got * row["flash_prefill_ms"])}
-                del bi, bc
+            row[f"{name}_selection"] = {"estimate_ms": est, "select_ms": sel_ms}
+            at_densities(name, s[f"{name}_at_bound"], est + sel_ms, 128, kend128)
         for name, sel_ms in (("hip", row["topp_ms"]), ("vs", row["vs_select_ms"])):
-            dkey = s.get(f"{name}_at_bound", f"{name}_mass_p0.95")
-            row[f"{name}_selection"] = {"key": dkey, "recall_mean": s[dkey].get("recall_mean")}
-            for stat in stats:
-                d = s[dkey][stat]
-                # density_lists keeps a fraction of the visible blocks plus 1 sink + 4 local ones
-                bi, bc = density_lists(T, H, max(0.0, d), dev=bk.DEV)
-                attn = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, BS, BS, out=o), rep=100)
-                got = bc.float().sum().item() / (((kend + BS - 1) // BS).float().sum().item() * H)
-                tot = row["estimate_ms"] + sel_ms + attn
-                row[f"{name}_{stat}"] = {"target_density": d, "density": got, "attn_ms": attn, "total_ms": tot,
-                                         "x_sdpa": sdpa / tot,
-                                         "attn_vs_flash_at_density": attn / (got * row["flash_prefill_ms"])}
-                del bi, bc
+            row[f"{name}_selection"] = {}
+            at_densities(name, s.get(f"{name}_at_bound", f"{name}_mass_p0.95"), row["estimate_ms"] + sel_ms, BS, kend)
         LONG["projected_32x128"].append(row)
         log(f"32x128 T={T}: sdpa {sdpa:.1f} ms, flash_prefill {row['flash_prefill_ms']:.1f}, estimate {row['estimate_ms']:.2f}, "
             f"top-p {row['topp_ms']:.2f} (sort-based {row['topp_naive_ms']:.2f}), vs select {row['vs_select_ms']:.2f} "

@@ -151,6 +151,10 @@ class Engine:
 
     # -- argument checks (the boundary) ---------------------------------------------------------------
 
+    def _bad_id(self, name: str, bad: int) -> QueryError:
+        what = "the document separator" if bad == self.sep else f"outside the vocabulary [0, {self.vocab_size})"
+        return QueryError(f"{name}: token id {bad} is {what}")
+
     def _ids(self, name: str, ids: Any, allow_empty: bool = False) -> np.ndarray:
         """Token ids -> the query's bytes (little-endian tokens of the index's width)."""
         if type(ids) is list and ids:   # the fast path: array() accepts only ints that fit the width
@@ -178,9 +182,7 @@ class Engine:
         if arr.size == 0 and not allow_empty:
             raise QueryError(f"{name}: empty query; give at least one token id")
         if lo < 0 or hi >= self.vocab_size:
-            bad = next(int(x) for x in arr if not 0 <= int(x) < self.vocab_size)
-            what = "the document separator" if bad == self.sep else f"outside the vocabulary [0, {self.vocab_size})"
-            raise QueryError(f"{name}: token id {bad} is {what}")
+            raise self._bad_id(name, next(int(x) for x in arr if not 0 <= int(x) < self.vocab_size))
         return arr.astype(self.token_dtype).view(np.uint8)
 
     def _not_longer_than_corpus(self, name: str, q: np.ndarray) -> None:
@@ -248,10 +250,8 @@ class Engine:
             raise QueryError(f"lengths: they add up to {total:,} but there are {ids.size:,} ids")
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             k = int(np.argmax((ids < 0) | (ids >= self.vocab_size)))
-            bad = int(ids[k])
-            what = "the document separator" if bad == self.sep else f"outside the vocabulary [0, {self.vocab_size})"
             i = int(np.searchsorted(np.cumsum(lengths), k, side="right"))
-            raise QueryError(f"list_of_ids[{i}]: token id {bad} is {what}")
+            raise self._bad_id(f"list_of_ids[{i}]", int(ids[k]))
         offsets = np.zeros(lengths.size + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         offsets *= self.width

@@ -729,20 +729,21 @@ class _AsyncBase(_Base):
 
 # ------------------------------------------------------------------------------------------- n-gram
 
-# the per-token queries a decoder or a scoring loop makes one after another
-_NGRAM_SESSION_METHODS = frozenset({"Count", "Prob", "InfgramProb", "Ntd", "InfgramNtd"})
+class _NgramService:
+    """What the sync and async n-gram clients share: the service, its stubs, the calls sent over a session."""
 
-
-class NgramClient(_SyncBase):
-    """The n-gram engine over gRPC (one server, or several shard servers whose answers are combined)."""
-
-    service_name = "retrogram.v1.NgramService"
-    session_methods = _NGRAM_SESSION_METHODS
+    service_name = npb.DESCRIPTOR.services_by_name["NgramService"].full_name
+    # the per-token queries a decoder or a scoring loop makes one after another
+    session_methods = frozenset({"Count", "Prob", "InfgramProb", "Ntd", "InfgramNtd"})
     response_classes = _response_classes(npb.DESCRIPTOR.services_by_name["NgramService"])
 
     def __init__(self, targets: str | Sequence[str], **kw):
         super().__init__(targets, **kw)
         self.stubs = [ngrpc.NgramServiceStub(c) for c in self.channels]
+
+
+class NgramClient(_NgramService, _SyncBase):
+    """The n-gram engine over gRPC (one server, or several shard servers whose answers are combined)."""
 
     def count(self, input_ids, timeout=None) -> dict:
         return _merge_count(self._call_all("Count", npb.CountRequest(query=query_msg(input_ids)), timeout), input_ids)
@@ -833,16 +834,8 @@ def _count_many_req(list_of_ids) -> npb.CountManyRequest:
     return npb.CountManyRequest(packed=packed_msg(seqs))
 
 
-class AsyncNgramClient(_AsyncBase):
+class AsyncNgramClient(_NgramService, _AsyncBase):
     """NgramClient's methods as coroutines (grpc.aio); same arguments and results."""
-
-    service_name = "retrogram.v1.NgramService"
-    session_methods = _NGRAM_SESSION_METHODS
-    response_classes = _response_classes(npb.DESCRIPTOR.services_by_name["NgramService"])
-
-    def __init__(self, targets: str | Sequence[str], **kw):
-        super().__init__(targets, **kw)
-        self.stubs = [ngrpc.NgramServiceStub(c) for c in self.channels]
 
     async def count(self, input_ids, timeout=None) -> dict:
         return _merge_count(await self._call_all("Count", npb.CountRequest(query=query_msg(input_ids)), timeout), input_ids)
