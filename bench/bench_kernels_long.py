@@ -50,10 +50,16 @@ BS = 64
 RECALL_BOUND = 0.95               # the issue's bound on the mean attention-mass recall
 TOP_PS = (0.9, 0.95, 0.96, 0.97, 0.98)  # top-p of the estimated mass; recall lands a little under it
 # HiP with 128-row query blocks (one list per 128 queries; the attention core then runs 128-row tiles, as
-# flash_prefill does): coarser lists, half the estimator's sampled rows
-Q128_TOP_PS = (0.95, 0.96, 0.97)
-Q128_ROWS = {"hip128": 4, "hip128r2": 2}   # variant name -> sampled rows per 128-row block
+# flash_prefill does): coarser lists, half the estimator's sampled rows; "k128" also 128-key blocks (the
+# 128 x 128 tiles flash_prefill runs)
+Q128_TOP_PS = (0.95, 0.955, 0.96, 0.97)
+# variant name -> (sampled rows per 128-row block, key block size, local blocks)
+Q128_ROWS = {"hip128": (4, 64, 4), "hip128r2": (2, 64, 4), "hip128k128": (4, 128, 2)}
 LONG: dict = {"smollm2": [], "projected_32x128": [], "checks": [], "errors": []}
+# SmolLM2's own block lists of the 128-row variants, kept for timing the 32-head shape on real sparsity
+# patterns: (T, variant, top_p) -> per captured layer (block_idx, block_cnt) of REAL_LIST_HEADS, on the CPU
+REAL_LISTS: dict = {}
+REAL_LIST_HEADS = (0, 3, 5, 8)  # 4 of SmolLM2's 9 query heads x 8 captured layers = the 32 heads timed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,11 +223,16 @@ def smollm2_section(pack_path, lens, layer_step, n_qb, dev):
                 sel[f"hip_mass_p{tp}"] = block_stats(P, qbs, bi[0], bc[0], nvis)
                 bi, bc = vertical_slash_blocks(qq, kk, estimator="mass", top_p=tp, **vs_kw)
                 sel[f"vs_mass_p{tp}"] = block_stats(P, qbs, bi[0], bc[0], nvis)
-            for name, rows in Q128_ROWS.items():
-                for tp in Q128_TOP_PS:   # lists of 128-row blocks, scored at the 64-row blocks they cover
+            for name, (rows, bkk, nloc) in Q128_ROWS.items():
+                for tp in Q128_TOP_PS:   # lists of 128-row blocks, scored at the 64 x 64 blocks they cover
                     _, (bi, bc) = hip_attention_prefill(qq, kk, vv, dense_below=0, estimator="mass", top_p=tp,
-                                                        block_size_q=128, return_blocks=True,
-                                                        **{**hip_kw, "sample_rows": rows})
+                                                        block_size_q=128, block_size_k=bkk, return_blocks=True,
+                                                        **{**hip_kw, "sample_rows": rows, "n_local": nloc})
+                    heads = [h for h in REAL_LIST_HEADS if h < bi.shape[1]]
+                    REAL_LISTS.setdefault((T, name, tp), []).append((bi[0, heads].cpu(), bc[0, heads].cpu()))
+                    if bkk == 2 * BS:  # 128-key block kb -> 64-key blocks 2kb, 2kb + 1
+                        bi = torch.stack([2 * bi, 2 * bi + 1], -1).flatten(-2)
+                        bc = 2 * bc
                     bi64, bc64 = (x[0].repeat_interleave(2, dim=1)[:, :nqb] for x in (bi, bc))
                     sel[f"{name}_mass_p{tp}"] = block_stats(P, qbs, bi64, bc64, nvis)
             bi, bc = vertical_slash_blocks(qq, kk, estimator="last_q", **vs_kw)
@@ -308,16 +319,17 @@ def projected_section(summary, H=32, D=128, stats=("density_mean", "density_max_
         row["vs_select_ms"] = bench_ms(vs_sel)
         del mass, vert, slash, cand
 
-        def at_densities(name, dkey, select_ms, bq, kend_q):
+        def at_densities(name, dkey, select_ms, bq, kend_q, bkk=BS, n_local=4):
             """The attention on block lists of the selection's densities: row[name_stat] per stat."""
             row[f"{name}_selection"]["key"] = dkey
             row[f"{name}_selection"]["recall_mean"] = s[dkey].get("recall_mean")
             for stat in stats:
                 d = s[dkey][stat]
-                # density_lists keeps a fraction of the visible blocks plus 1 sink + 4 local ones
-                bi, bc = density_lists(T, H, max(0.0, d), dev=bk.DEV, block_size_q=bq)
-                attn = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, bq, BS, out=o), rep=100)
-                got = bc.float().sum().item() / (((kend_q + BS - 1) // BS).float().sum().item() * H)
+                # density_lists keeps a fraction of the visible blocks plus 1 sink + n_local local ones
+                bi, bc = density_lists(T, H, max(0.0, d), n_local=n_local, dev=bk.DEV, block_size_q=bq,
+                                       block_size_k=bkk)
+                attn = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, bq, bkk, out=o), rep=100)
+                got = bc.float().sum().item() / (((kend_q + bkk - 1) // bkk).float().sum().item() * H)
                 tot = select_ms + attn
                 row[f"{name}_{stat}"] = {"target_density": d, "density": got, "attn_ms": attn, "total_ms": tot,
                                          "x_sdpa": sdpa / tot,
@@ -325,15 +337,32 @@ def projected_section(summary, H=32, D=128, stats=("density_mean", "density_max_
                 del bi, bc
 
         kend128 = prefill_kend(T, T, 128, True, bk.DEV)
-        for name, rows in Q128_ROWS.items():
+        for name, (rows, bkk, nloc) in Q128_ROWS.items():
             if f"{name}_at_bound" not in s:
                 continue
-            est = bench_ms(lambda: sampled_block_mass(q, k, 128, BS, rows))
-            mass = sampled_block_mass(q, k, 128, BS, rows)
-            sel_ms = bench_ms(lambda: topp_block_list(mass, kend128, BS, 0.96, 1, 4))
+            est = bench_ms(lambda: sampled_block_mass(q, k, 128, bkk, rows))
+            mass = sampled_block_mass(q, k, 128, bkk, rows)
+            sel_ms = bench_ms(lambda: topp_block_list(mass, kend128, bkk, 0.96, 1, nloc))
             del mass
             row[f"{name}_selection"] = {"estimate_ms": est, "select_ms": sel_ms}
-            at_densities(name, s[f"{name}_at_bound"], est + sel_ms, 128, kend128)
+            at_densities(name, s[f"{name}_at_bound"], est + sel_ms, 128, kend128, bkk, nloc)
+            real = REAL_LISTS.get((T, name, float(s[f"{name}_at_bound"].rsplit("_p", 1)[1])))
+            if real and sum(x[0].shape[0] for x in real) >= H:
+                # SmolLM2's own lists (4 heads of each captured layer) on the 32 heads: the sparsity
+                # pattern the selection really produces (vertical stripes shared by neighbouring query
+                # blocks), where the random lists of at_densities share nothing
+                maxk = max(x[0].shape[-1] for x in real)
+                bi = torch.cat([torch.nn.functional.pad(x[0], (0, maxk - x[0].shape[-1])) for x in real])[None, :H]
+                bc = torch.cat([x[1] for x in real])[None, :H]
+                bi, bc = bi.to(bk.DEV), bc.to(bk.DEV)
+                attn = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, 128, bkk, out=o), rep=100)
+                got = bc.float().sum().item() / (((kend128 + bkk - 1) // bkk).float().sum().item() * H)
+                tot = est + sel_ms + attn
+                row[f"{name}_real_lists"] = {"density": got, "attn_ms": attn, "total_ms": tot, "x_sdpa": sdpa / tot,
+                                             "attn_vs_flash_at_density": attn / (got * row["flash_prefill_ms"]),
+                                             "heads": f"SmolLM2 layers {LONG['smollm2_config']['captured_layers']} "
+                                                      f"x query heads {list(REAL_LIST_HEADS)}"}
+                del bi, bc
         for name, sel_ms in (("hip", row["topp_ms"]), ("vs", row["vs_select_ms"])):
             row[f"{name}_selection"] = {}
             at_densities(name, s.get(f"{name}_at_bound", f"{name}_mass_p0.95"), row["estimate_ms"] + sel_ms, BS, kend)
@@ -357,10 +386,15 @@ def projected_table():
         for name in Q128_ROWS:
             if f"{name}_density_mean" in r:
                 h8, sel = r[f"{name}_density_mean"], r[f"{name}_selection"]
-                log(f"        HiP 128-row blocks, {Q128_ROWS[name]} rows, {sel['key']} recall {sel['recall_mean']:.4f}: "
+                log(f"        HiP 128-row blocks, {Q128_ROWS[name][0]} rows, {Q128_ROWS[name][1]}-key blocks, {sel['key']} recall {sel['recall_mean']:.4f}: "
                     f"estimate {sel['estimate_ms']:.2f}, select {sel['select_ms']:.2f}, attn {h8['attn_ms']:.1f} "
                     f"({h8['density']:.3f}), total {h8['total_ms']:.1f} ({h8['x_sdpa']:.2f}x), "
                     f"attn / (dens x flash) {h8['attn_vs_flash_at_density']:.2f}")
+                if f"{name}_real_lists" in r:
+                    rl = r[f"{name}_real_lists"]
+                    log(f"          on SmolLM2's own lists (density {rl['density']:.3f}): attn {rl['attn_ms']:.1f}, total "
+                        f"{rl['total_ms']:.1f} ({rl['x_sdpa']:.2f}x), attn / (dens x flash) "
+                        f"{rl['attn_vs_flash_at_density']:.2f}")
         log(f"{r['T']:>7} | {r['sdpa_ms']:5.1f} | {r['flash_prefill_ms']:5.1f} | {r['estimate_ms']:8.2f} | "
             f"{r['topp_ms']:10.2f} | {h['attn_ms']:6.1f} ({h['density']:.3f}) | {h['total_ms']:6.1f} ({h['x_sdpa']:.2f}x) | "
             f"{r['vs_select_ms']:9.2f} | {v['attn_ms']:5.1f} ({v['density']:.3f}) | {v['total_ms']:5.1f} ({v['x_sdpa']:.2f}x) | "

@@ -49,12 +49,12 @@ def mass_checks(f=1):
     bk.check("hip_prefill mass", rel(o, ref), blocks_mean=bc.float().mean().item())
 
 
-def density_lists(T, H, d, n_sink=1, n_local=4, dev="cuda", block_size_q=64):
-    """Block lists keeping a fraction d of each query block's visible 64-key blocks (random ones, plus
+def density_lists(T, H, d, n_sink=1, n_local=4, dev="cuda", block_size_q=64, block_size_k=64):
+    """Block lists keeping a fraction d of each query block's visible key blocks (random ones, plus
     sink/local)."""
-    nqb, nkb = triton_cdiv(T, block_size_q), triton_cdiv(T, 64)
+    nqb, nkb = triton_cdiv(T, block_size_q), triton_cdiv(T, block_size_k)
     kend = prefill_kend(T, T, block_size_q, True, dev)
-    nvis = (kend + 63) // 64
+    nvis = (kend + block_size_k - 1) // block_size_k
     r = torch.rand(1, H, nqb, nkb, device=dev)
     kb = torch.arange(nkb, device=dev)
     vis = kb[None, :] < nvis[:, None]

@@ -30,20 +30,20 @@ def attn_block_step(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
         kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
     else:
         kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None])
-    # [BLOCK_M, BLOCK_N]
-    s = tl.dot(q, kt) * qk_scale
+    # [BLOCK_M, BLOCK_N], unscaled: scaling and the shift by the max are then one FMA per score
+    s = tl.dot(q, kt)
     if MASK:
         valid = kmask[None, :]
         if IS_CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_qpos[:, None])
         s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     if MASK:
         # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead to avoid NaN
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_sub = m_new
-    p = tl.math.exp2(s - m_sub[:, None])
+    p = tl.math.exp2(s * qk_scale - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASK:
