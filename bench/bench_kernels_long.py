@@ -329,10 +329,12 @@ def projected_section(summary, H=32, D=128, stats=("density_mean", "density_max_
                 bi, bc = density_lists(T, H, max(0.0, d), n_local=n_local, dev=bk.DEV, block_size_q=bq,
                                        block_size_k=bkk)
                 attn = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, bq, bkk, out=o), rep=100)
+                # the same lists with the K/V tiles loaded by pointers instead of TMA (the default on Hopper)
+                attn_ptr = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, bq, bkk, out=o, tma=False), rep=100)
                 got = bc.float().sum().item() / (((kend_q + bkk - 1) // bkk).float().sum().item() * H)
                 tot = select_ms + attn
                 row[f"{name}_{stat}"] = {"target_density": d, "density": got, "attn_ms": attn, "total_ms": tot,
-                                         "x_sdpa": sdpa / tot,
+                                         "x_sdpa": sdpa / tot, "attn_ms_pointer_loads": attn_ptr,
                                          "attn_vs_flash_at_density": attn / (got * row["flash_prefill_ms"])}
                 del bi, bc
 
@@ -388,7 +390,8 @@ def projected_table():
                 h8, sel = r[f"{name}_density_mean"], r[f"{name}_selection"]
                 log(f"        HiP 128-row blocks, {Q128_ROWS[name][0]} rows, {Q128_ROWS[name][1]}-key blocks, {sel['key']} recall {sel['recall_mean']:.4f}: "
                     f"estimate {sel['estimate_ms']:.2f}, select {sel['select_ms']:.2f}, attn {h8['attn_ms']:.1f} "
-                    f"({h8['density']:.3f}), total {h8['total_ms']:.1f} ({h8['x_sdpa']:.2f}x), "
+                    f"({h8['density']:.3f}; pointer loads {h8.get('attn_ms_pointer_loads', float('nan')):.1f}), total "
+                    f"{h8['total_ms']:.1f} ({h8['x_sdpa']:.2f}x), "
                     f"attn / (dens x flash) {h8['attn_vs_flash_at_density']:.2f}")
                 if f"{name}_real_lists" in r:
                     rl = r[f"{name}_real_lists"]

@@ -53,10 +53,11 @@ def random_lists(B, HI, nqb, nkb, maxk):
     (1, 45, 45, 6, 2, True, True, 32, 16),    # lists shared by a GQA group; bq != bk
     (1, 33, 50, 2, 1, False, False, 16, 16),  # non-causal
 ])
-def test_block_sparse_core(B, T, S, HQ, HKV, shared, causal, bq, bk):
+@pytest.mark.parametrize("tma", [False, True])  # K/V tiles by pointers or by tensor descriptors
+def test_block_sparse_core(B, T, S, HQ, HKV, shared, causal, bq, bk, tma):
     q, k, v = rnd(B, T, HQ, 32), rnd(B, S, HKV, 32), rnd(B, S, HKV, 32)
     idx, cnt = random_lists(B, HKV if shared else HQ, -(-T // bq), -(-S // bk), 3)
-    o = block_sparse_attention(q, k, v, idx, cnt, bq, bk, causal=causal, out=poisoned(q))
+    o = block_sparse_attention(q, k, v, idx, cnt, bq, bk, causal=causal, out=poisoned(q), tma=tma)
     ref = block_sparse_attention_naive(q.double(), k.double(), v.double(), idx, cnt, bq, bk, causal=causal)
     assert rel(o, ref) < TOL
     # empty lists give zeros, as the reference does

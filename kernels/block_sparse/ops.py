@@ -23,7 +23,7 @@ def _configs():
     return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3))]
 
 
-@triton.autotune(configs=_configs(), key=["D", "G", "IS_CAUSAL", "BLOCK_M", "BLOCK_N"])
+@triton.autotune(configs=_configs(), key=["D", "G", "IS_CAUSAL", "BLOCK_M", "BLOCK_N", "USE_TMA"])
 @triton.jit
 def block_sparse_fwd_kernel(
     q, k, v, o, block_idx, block_cnt,
@@ -34,7 +34,7 @@ def block_sparse_fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
     HQ: tl.constexpr, G: tl.constexpr, IDX_G: tl.constexpr, D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -53,6 +53,10 @@ def block_sparse_fwd_kernel(
                  + offs_d[None, :], mask=(offs_m < T_q)[:, None], other=0.0)
     k_base = k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
     v_base = v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
+    if USE_TMA:
+        # the listed blocks are scattered: bulk tensor copies of [BLOCK_N, D] tiles
+        k_base = tl.make_tensor_descriptor(k_base, shape=[T_k, D], strides=[stride_kt, 1], block_shape=[BLOCK_N, D])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[T_k, D], strides=[stride_vt, 1], block_shape=[BLOCK_N, D])
     offs_qpos = offs_m + (T_k - T_q)
 
     idx_base = block_idx + i_b.to(tl.int64) * stride_ib + i_hi * stride_ih + i_m * stride_iq
@@ -75,12 +79,12 @@ def block_sparse_fwd_kernel(
         kb = tl.load(idx_base + j)
         acc, l_i, m_i = attn_block_step(acc, l_i, m_i, qb, k_base, v_base, stride_kt, stride_vt,
                                         kb * BLOCK_N + offs_nb, offs_d, offs_qpos, T_k, qk_scale,
-                                        MASK=False, IS_CAUSAL=IS_CAUSAL)
+                                        MASK=False, IS_CAUSAL=IS_CAUSAL, TMA=USE_TMA, n0=kb * BLOCK_N)
     for j in range(n_full, cnt):
         kb = tl.load(idx_base + j)
         acc, l_i, m_i = attn_block_step(acc, l_i, m_i, qb, k_base, v_base, stride_kt, stride_vt,
                                         kb * BLOCK_N + offs_nb, offs_d, offs_qpos, T_k, qk_scale,
-                                        MASK=True, IS_CAUSAL=IS_CAUSAL)
+                                        MASK=True, IS_CAUSAL=IS_CAUSAL, TMA=USE_TMA, n0=kb * BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
@@ -98,10 +102,12 @@ def block_sparse_attention(
     causal: bool = True,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """q: [B, T, HQ, D]; k, v: [B, S, HKV, D]; block_idx [B, HI, cdiv(T, block_size_q), MAXK] int32
     (key blocks of block_size_k tokens, ascending, the first block_cnt[b, hi, qb] valid), HI = HQ or
-    HKV. Causal masking (bottom-right aligned) applies inside the listed blocks. Returns [B, T, HQ, D]."""
+    HKV. Causal masking (bottom-right aligned) applies inside the listed blocks. Returns [B, T, HQ, D].
+    tma: load the K/V tiles with the Hopper bulk tensor copy (default: on GPUs that have it)."""
     B, T, HQ, D = q.shape
     S, HKV = k.shape[1], k.shape[2]
     check_head_dim(D)
@@ -121,6 +127,7 @@ def block_sparse_attention(
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if T == 0 or B == 0:
         return out
+    use_tma = _tma_ok(q.device, k, v) if tma is None else bool(tma)
     block_sparse_fwd_kernel[(triton.cdiv(T, block_size_q), B * HQ)](
         q, k, v, out, block_idx, block_cnt, T, S, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
@@ -130,9 +137,31 @@ def block_sparse_attention(
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
         block_cnt.stride(0), block_cnt.stride(1),
         HQ=HQ, G=G, IDX_G=HQ // HI, D=D, IS_CAUSAL=bool(causal),
-        BLOCK_M=block_size_q, BLOCK_N=block_size_k,
+        BLOCK_M=block_size_q, BLOCK_N=block_size_k, USE_TMA=use_tma,
     )
     return out
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _tma_ok(device: torch.device, *ts: torch.Tensor) -> bool:
+    """Bulk tensor copies for the K/V tiles: Hopper or newer, row strides in whole 16 bytes (TMA's rule).
+    Device-side descriptors need Triton's scratch allocator: a torch one is installed unless the
+    application set its own (~1% at 128k on the H200, bench/bench_kernels_variants.py)."""
+    if device.type != "cuda" or is_interpret() or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    if any(t.data_ptr() % 16 or any(x * t.element_size() % 16 for x in t.stride()[:-1]) for t in ts):
+        return False
+    try:
+        from triton.runtime import _allocation
+
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_torch_scratch)
+    except (ImportError, AttributeError):  # another Triton: no way to tell whether one is set
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,14 +19,19 @@ from ..utils import (LOG2E, check_gqa, check_head_dim, check_last_dim_contiguous
 
 @triton.jit
 def attn_block_step(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n, offs_d,
-                    offs_qpos, T_k, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr):
+                    offs_qpos, T_k, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    TMA: tl.constexpr = False, n0=0):
     """One key block of the online softmax. Scores are kept in base-2 units (scaled by log2 e).
 
     offs_qpos: [BLOCK_M] position of each query on the key axis (causal: key j visible iff j <= pos).
     MASK=False is the fast path for blocks fully inside the sequence and below the diagonal.
+    TMA=True: k_base / v_base are [T_k, D] tensor descriptors and the block starts at key n0 (rows past
+    T_k come back as zeros).
     """
-    if MASK:
-        kmask = offs_n < T_k
+    kmask = offs_n < T_k
+    if TMA:
+        kt = tl.trans(k_base.load([n0, 0]))
+    elif MASK:
         kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0)
     else:
         kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None])
@@ -46,7 +51,9 @@ def attn_block_step(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
     p = tl.math.exp2(s * qk_scale - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASK:
+    if TMA:
+        v = v_base.load([n0, 0])
+    elif MASK:
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kmask[:, None], other=0.0)
     else:
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
