@@ -8,6 +8,7 @@
    FMA for scale and shift, tried here first as a copy, is now the kernel.)
 3. The block-sparse core at 128k, density 0.253: TMA (device-side tensor descriptors), two key blocks per
    iteration, Triton's automatic warp specialization.
+4. flash_prefill with its K/V tiles by TMA and by pointers, beside SDPA, at 16k and 64k.
 Prints a table per section; writes $OUT/kernels_variants_h200.json.
 
     python bench/bench_kernels_variants.py          # on the GPU
@@ -457,11 +458,36 @@ def read_section(S=32768, HKV=8, H=32, D=128):
         log(f"read {name:<34} {ms * 1e3:7.1f} us  {tbs:5.2f} TB/s  {100 * tbs / 4.24:5.1f}% of 4.24")
 
 
+def flash_section(lens=(16384, 65536), H=32, D=128):
+    """flash_prefill with K/V tiles by TMA and by pointers, beside SDPA (causal, bf16)."""
+    from retrogram.kernels.flash_prefill import flash_prefill
+
+    for T in lens:
+        q, k, v = bk.rnd(1, T, H, D), bk.rnd(1, T, H, D), bk.rnd(1, T, H, D)
+        qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        flops = bk.prefill_flops(T, H, D)
+        row = {"T": T, "sdpa_ms": bk.bench_ms(lambda: bk.sdpa_flash(qs, ks, vs, True))}
+        del qs, ks, vs
+        o = torch.empty_like(q)
+        ref = flash_prefill(q, k, v, causal=True, tma=False).float()
+        for tma in (False, True):
+            got = flash_prefill(q, k, v, causal=True, out=torch.full_like(q, float("nan")), tma=tma)
+            check(f"flash_prefill T={T} tma={tma} vs pointer loads", rel(got, ref), 1e-2)
+            row[f"tma{int(tma)}_ms"] = bk.bench_ms(lambda: flash_prefill(q, k, v, causal=True, out=o, tma=tma))
+        for key in ("sdpa_ms", "tma0_ms", "tma1_ms"):
+            row[key.replace("_ms", "_TFLOPs")] = flops / row[key] / 1e9
+        R.setdefault("flash", []).append(row)
+        log(f"flash T={T}: SDPA {row['sdpa_TFLOPs']:.0f} TFLOP/s, pointer loads {row['tma0_TFLOPs']:.0f}, "
+            f"TMA {row['tma1_TFLOPs']:.0f} ({row['tma0_ms'] / row['tma1_ms']:.3f}x)")
+        del q, k, v, o
+
+
 def main():
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", nargs="*", default=["read", "est", "core"], choices=["read", "est", "core"])
+    ap.add_argument("--sections", nargs="*", default=["read", "est", "core", "flash"],
+                    choices=["read", "est", "core", "flash"])
     args = ap.parse_args()
     smoke = DEV != "cuda"
     if not smoke:
@@ -470,7 +496,8 @@ def main():
     t0 = time.time()
     sections = {"read": (read_section, () if not smoke else (256, 2, 4, 16)),
                 "est": (estimator_section, (131072,) if not smoke else (300, 2, 16, 32, 4)),
-                "core": (core_section, (131072, 0.253) if not smoke else (300, 0.5, 2, 16, 32))}
+                "core": (core_section, (131072, 0.253) if not smoke else (300, 0.5, 2, 16, 32)),
+                "flash": (flash_section, () if not smoke else ((100,), 2, 16))}
     for sec, sargs in (sections[name] for name in args.sections):
         try:
             sec(*sargs)

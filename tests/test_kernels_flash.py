@@ -37,10 +37,11 @@ def poisoned(like):
     (1, 40, 40, 2, 2, 128, True),
     (1, 20, 24, 2, 1, 256, True),
 ])
-def test_flash_prefill_matches_reference(B, T, S, HQ, HKV, D, causal):
+@pytest.mark.parametrize("tma", [False, True])  # K/V tiles by pointers or by tensor descriptors
+def test_flash_prefill_matches_reference(B, T, S, HQ, HKV, D, causal, tma):
     q, k, v = rnd(B, T, HQ, D), rnd(B, S, HKV, D), rnd(B, S, HKV, D)
     out = poisoned(q)
-    o, lse = flash_prefill(q, k, v, causal=causal, out=out, return_lse=True)
+    o, lse = flash_prefill(q, k, v, causal=causal, out=out, return_lse=True, tma=tma)
     ref, ref_lse = flash_prefill_naive(q.double(), k.double(), v.double(), causal=causal)
     assert o is out
     assert rel(o, ref) < TOL
@@ -50,24 +51,25 @@ def test_flash_prefill_matches_reference(B, T, S, HQ, HKV, D, causal):
     assert torch.allclose(lse[fin].double(), ref_lse[fin], atol=1e-4)
 
 
-def test_flash_prefill_strided_hf_layout_and_scale():
+@pytest.mark.parametrize("tma", [False, True])
+def test_flash_prefill_strided_hf_layout_and_scale(tma):
     # HF hands [B, H, T, D]; the kernel reads the transposed view without a copy
     qh, kh, vh = rnd(2, 4, 29, 32), rnd(2, 2, 29, 32), rnd(2, 2, 29, 32)
     q, k, v = qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2)
     assert not q.is_contiguous()
-    o = flash_prefill(q, k, v, causal=True, scale=0.3, out=poisoned(q.contiguous()))
+    o = flash_prefill(q, k, v, causal=True, scale=0.3, out=poisoned(q.contiguous()), tma=tma)
     ref, _ = flash_prefill_naive(q.double(), k.double(), v.double(), causal=True, scale=0.3)
     assert rel(o, ref) < TOL
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_flash_prefill_varlen(causal):
+@pytest.mark.parametrize("causal,tma", [(True, False), (False, False), (True, True)])
+def test_flash_prefill_varlen(causal, tma):
     # sequences of 5, 35, 0 (empty) and 36 queries; keys longer than queries (cached prefix)
     cu_q = torch.tensor([0, 5, 40, 40, 76], dtype=torch.int32, device=DEV)
     cu_k = torch.tensor([0, 9, 44, 47, 90], dtype=torch.int32, device=DEV)
     q, k, v = rnd(1, 76, 4, 32), rnd(1, 90, 2, 32), rnd(1, 90, 2, 32)
     o, lse = flash_prefill(q, k, v, causal=causal, cu_seqlens=cu_q, cu_seqlens_k=cu_k, out=poisoned(q),
-                           return_lse=True)
+                           return_lse=True, tma=tma)
     ref, ref_lse = flash_prefill_naive(q.double(), k.double(), v.double(), causal, cu_seqlens=cu_q, cu_seqlens_k=cu_k)
     assert rel(o, ref) < TOL
     assert torch.allclose(lse.double(), ref_lse, atol=1e-4)

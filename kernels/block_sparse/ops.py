@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..flash_prefill.ops import attn_block_step
 from ..utils import (LOG2E, check_gqa, check_head_dim, check_last_dim_contiguous, default_scale,
-                     is_interpret, next_pow2)
+                     is_interpret, next_pow2, tma_ok)
 
 
 def _configs():
@@ -127,7 +127,7 @@ def block_sparse_attention(
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if T == 0 or B == 0:
         return out
-    use_tma = _tma_ok(q.device, k, v) if tma is None else bool(tma)
+    use_tma = tma_ok(q.device, k, v) if tma is None else bool(tma)
     block_sparse_fwd_kernel[(triton.cdiv(T, block_size_q), B * HQ)](
         q, k, v, out, block_idx, block_cnt, T, S, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
@@ -141,27 +141,6 @@ def block_sparse_attention(
     )
     return out
 
-
-def _torch_scratch(size: int, alignment: int, stream):
-    return torch.empty(size, device="cuda", dtype=torch.int8)
-
-
-def _tma_ok(device: torch.device, *ts: torch.Tensor) -> bool:
-    """Bulk tensor copies for the K/V tiles: Hopper or newer, row strides in whole 16 bytes (TMA's rule).
-    Device-side descriptors need Triton's scratch allocator: a torch one is installed unless the
-    application set its own (~1% at 128k on the H200, bench/bench_kernels_variants.py)."""
-    if device.type != "cuda" or is_interpret() or torch.cuda.get_device_capability(device)[0] < 9:
-        return False
-    if any(t.data_ptr() % 16 or any(x * t.element_size() % 16 for x in t.stride()[:-1]) for t in ts):
-        return False
-    try:
-        from triton.runtime import _allocation
-
-        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-            triton.set_allocator(_torch_scratch)
-    except (ImportError, AttributeError):  # another Triton: no way to tell whether one is set
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..utils import (LOG2E, check_gqa, check_head_dim, check_last_dim_contiguous, default_scale,
-                     is_interpret)
+                     is_interpret, tma_ok)
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64] or configs
 
 
-@triton.autotune(configs=_configs(), key=["D", "G", "IS_CAUSAL", "IS_VARLEN"],
+@triton.autotune(configs=_configs(), key=["D", "G", "IS_CAUSAL", "IS_VARLEN", "USE_TMA"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def flash_prefill_fwd_kernel(
@@ -94,7 +94,7 @@ def flash_prefill_fwd_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_LSE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -135,6 +135,10 @@ def flash_prefill_fwd_kernel(
     qb = tl.load(q_ptrs, mask=(offs_m < T_q)[:, None], other=0.0)
     k_base = k + off_k + i_hk * stride_kh
     v_base = v + off_v + i_hk * stride_vh
+    if USE_TMA:
+        # [T_k, D] of this sequence and KV head: bulk tensor copies, rows past T_k read as zeros
+        k_base = tl.make_tensor_descriptor(k_base, shape=[T_k, D], strides=[stride_kt, 1], block_shape=[BLOCK_N, D])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[T_k, D], strides=[stride_vt, 1], block_shape=[BLOCK_N, D])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -151,11 +155,11 @@ def flash_prefill_fwd_kernel(
     for n0 in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = attn_block_step(acc, l_i, m_i, qb, k_base, v_base, stride_kt, stride_vt,
                                         n0 + offs_nb, offs_d, offs_qpos, T_k, qk_scale,
-                                        MASK=False, IS_CAUSAL=IS_CAUSAL)
+                                        MASK=False, IS_CAUSAL=IS_CAUSAL, TMA=USE_TMA, n0=n0)
     for n0 in range(n_full, n_end, BLOCK_N):
         acc, l_i, m_i = attn_block_step(acc, l_i, m_i, qb, k_base, v_base, stride_kt, stride_vt,
                                         n0 + offs_nb, offs_d, offs_qpos, T_k, qk_scale,
-                                        MASK=True, IS_CAUSAL=IS_CAUSAL)
+                                        MASK=True, IS_CAUSAL=IS_CAUSAL, TMA=USE_TMA, n0=n0)
 
     # rows that saw no key (causal with T_q > T_k) output 0 and lse -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -179,6 +183,7 @@ def flash_prefill(
     max_seqlen_q: int | None = None,
     out: torch.Tensor | None = None,
     return_lse: bool = False,
+    tma: bool | None = None,
 ):
     """Flash attention forward.
 
@@ -187,6 +192,7 @@ def flash_prefill(
     cu_seqlens_k those of the keys (default: cu_seqlens, i.e. self-attention).
     Returns o [B, T, HQ, D] (written into `out` when given) and, with return_lse,
     lse [B, HQ, T] float32 (varlen: [HQ, T_total]).
+    tma: load the K/V tiles with the Hopper bulk tensor copy (default: on GPUs that have it).
     """
     B, T, HQ, D = q.shape
     S, HKV = k.shape[1], k.shape[2]
@@ -229,5 +235,6 @@ def flash_prefill(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         HQ=HQ, G=G, D=D, IS_CAUSAL=bool(causal), IS_VARLEN=varlen, STORE_LSE=bool(return_lse),
+        USE_TMA=tma_ok(q.device, k, v) if tma is None else bool(tma),
     )
     return (out, lse) if return_lse else out
