@@ -10,22 +10,7 @@ import torch  # noqa: E402
 from retrogram.kernels.flash_decode import flash_decode, flash_decode_naive, sparse_decode  # noqa: E402
 from retrogram.kernels.flash_prefill import flash_prefill, flash_prefill_naive  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu"
-DTYPE = torch.float32  # the interpreter computes bf16 wrongly
-TOL = 1e-4
-
-
-def rel(out, ref):
-    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) or NaN output"
-    return ((out.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-
-
-def rnd(*shape):
-    return torch.randn(*shape, device=DEV, dtype=DTYPE)
-
-
-def poisoned(like):
-    return torch.full(like.shape, float("nan"), device=like.device, dtype=like.dtype)
+from kernel_helpers import DEV, DTYPE, TOL, poisoned, rel, rnd  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("B,T,S,HQ,HKV,D,causal", [

@@ -23,22 +23,7 @@ from retrogram.kernels.hip_attention import (bound_rows, bound_score_naive, boun
                                              score_naive, score_triton)
 from retrogram.kernels.quality import sparse_quality  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu"
-DTYPE = torch.float32
-TOL = 1e-4
-
-
-def rel(out, ref):
-    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) or NaN output"
-    return ((out.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-
-
-def rnd(*shape):
-    return torch.randn(*shape, device=DEV, dtype=DTYPE)
-
-
-def poisoned(like):
-    return torch.full(like.shape, float("nan"), device=like.device, dtype=like.dtype)
+from kernel_helpers import DEV, DTYPE, TOL, poisoned, rel, rnd  # noqa: E402,F401
 
 
 def random_lists(B, HI, nqb, nkb, maxk):
