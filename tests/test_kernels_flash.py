@@ -85,11 +85,13 @@ def to_paged(k, v, page):
     (1, 3, 6, 2, 64, 77, 3),     # a few query tokens, causal among themselves; GQA 3
     (3, 1, 4, 4, 16, 40, 1),     # one split: no combine across splits
     (2, 2, 8, 2, 128, 150, 64),  # more splits than blocks: empty splits
+    (2, 2, 8, 2, 128, 400, 40),  # 25 splits: more than one combine tile (16 splits of 8 rows x 128)
 ])
 def test_flash_decode_contiguous_and_paged(B, TQ, HQ, HKV, D, S, splits):
     q, k, v = rnd(B, TQ, HQ, D), rnd(B, S, HKV, D), rnd(B, S, HKV, D)
     seqlens = torch.randint(TQ, S + 1, (B,), dtype=torch.int32, device=DEV)
     seqlens[0] = TQ  # shortest possible cache
+    seqlens[-1] = S if B > 1 else TQ  # and the longest
     ref = flash_decode_naive(q.double(), k.double(), v.double(), seqlens)
     o = flash_decode(q, k, v, seqlens=seqlens, num_splits=splits, out=poisoned(q))
     assert rel(o, ref) < TOL
