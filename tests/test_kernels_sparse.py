@@ -164,6 +164,7 @@ def test_block_sparse_long_lists():
     (2, 150, 170, 4, 2, 32, 16, 4, True),   # GQA, T < S, partial last blocks, bq != bk
     (1, 100, 100, 3, 1, 16, 32, 2, True),   # bk > bq
     (1, 40, 90, 2, 2, 16, 16, 8, False),    # non-causal
+    (1, 130, 300, 2, 1, 32, 128, 4, True),  # 128-key blocks: one key block per tile (KPT 1; else 2)
 ])
 def test_sampled_block_mass_kernel(B, T, S, HQ, HKV, bq, bk, rows, causal):
     q, k = rnd(B, T, HQ, 32), 2 * rnd(B, S, HKV, 32)
