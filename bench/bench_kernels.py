@@ -138,6 +138,11 @@ def poisoned(shape, dtype=None):
     return torch.full(shape, float("nan"), device=DEV, dtype=dtype or BF16)
 
 
+def per_layer(x, B, L):
+    """The L layers' [B, ...] slices of x [L * B, ...] (one cache per layer, as a decoder has)."""
+    return [x[i * B : (i + 1) * B] for i in range(L)]
+
+
 # ----------------------------------------------------------------------------------------------
 @guarded("ceilings")
 def ceilings():
@@ -398,8 +403,7 @@ def decode(lens, batches=(1, 8), H=32, D=128, hkv_list=(32, 8), hip_cfg=None, re
                 L = max(1, math.ceil(max(2**30 / nbytes, 150e6 / hip_bytes))) if DEV == "cuda" else 2
                 q = rnd(B, 1, H, D)
                 k, v = rnd(L * B, S, HKV, D), rnd(L * B, S, HKV, D)
-                ks = [k[i * B : (i + 1) * B] for i in range(L)]
-                vs = [v[i * B : (i + 1) * B] for i in range(L)]
+                ks, vs = per_layer(k, B, L), per_layer(v, B, L)
                 row = {"B": B, "S": S, "H": H, "HKV": HKV, "D": D, "kv_bytes": nbytes, "layers": L,
                        "hip_step_bytes": hip_bytes}
 
@@ -424,7 +428,7 @@ def decode(lens, batches=(1, 8), H=32, D=128, hkv_list=(32, 8), hip_cfg=None, re
                 row["flash_dobench_graph_ms"] = bench_graph_ms(
                     lambda: flash_decode(q, ks[0], vs[0], seqlens=seqlens, max_seqlen=S, out=o))
                 kp, vp, table = to_paged(k, v, 256)
-                tables = [table[i * B : (i + 1) * B] for i in range(L)]
+                tables = per_layer(table, B, L)
                 del k, v, ks, vs
                 torch.cuda.empty_cache()
                 timed("paged", lambda i: flash_decode(q, kp, vp, seqlens=seqlens, block_table=tables[i], max_seqlen=S,
@@ -484,9 +488,9 @@ def decode_sweep(shapes=((8, 32768, 32, True), (8, 131072, 32, True), (1, 32768,
         seqlens = torch.full((B,), S, device=DEV, dtype=torch.int32)
         if paged:
             kp, vp, table = to_paged(k, v, 256)
-            caches = [(kp, vp, table[i * B:(i + 1) * B]) for i in range(L)]
+            caches = [(kp, vp, t) for t in per_layer(table, B, L)]
         else:
-            caches = [(k[i * B:(i + 1) * B], v[i * B:(i + 1) * B], None) for i in range(L)]
+            caches = [(kk, vv, None) for kk, vv in zip(per_layer(k, B, L), per_layer(v, B, L))]
         o = torch.empty_like(q)
         k0, v0, t0 = caches[0]
         ref = flash_decode(q, k0, v0, seqlens=seqlens, block_table=t0, max_seqlen=S).float()

@@ -319,6 +319,14 @@ def projected_section(summary, H=32, D=128, stats=("density_mean", "density_max_
         row["vs_select_ms"] = bench_ms(vs_sel)
         del mass, vert, slash, cand
 
+        def on_lists(bi, bc, select_ms, bq, kend_q, bkk):
+            """The attention on block lists bi, bc: its density, time, and the total with the selection."""
+            attn = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, bq, bkk, out=o), rep=100)
+            got = bc.float().sum().item() / (((kend_q + bkk - 1) // bkk).float().sum().item() * H)
+            tot = select_ms + attn
+            return {"density": got, "attn_ms": attn, "total_ms": tot, "x_sdpa": sdpa / tot,
+                    "attn_vs_flash_at_density": attn / (got * row["flash_prefill_ms"])}
+
         def at_densities(name, dkey, select_ms, bq, kend_q, bkk=BS, n_local=4):
             """The attention on block lists of the selection's densities: row[name_stat] per stat."""
             row[f"{name}_selection"]["key"] = dkey
@@ -328,14 +336,10 @@ def projected_section(summary, H=32, D=128, stats=("density_mean", "density_max_
                 # density_lists keeps a fraction of the visible blocks plus 1 sink + n_local local ones
                 bi, bc = density_lists(T, H, max(0.0, d), n_local=n_local, dev=bk.DEV, block_size_q=bq,
                                        block_size_k=bkk)
-                attn = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, bq, bkk, out=o), rep=100)
+                row[f"{name}_{stat}"] = {"target_density": d, **on_lists(bi, bc, select_ms, bq, kend_q, bkk)}
                 # the same lists with the K/V tiles loaded by pointers instead of TMA (the default on Hopper)
-                attn_ptr = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, bq, bkk, out=o, tma=False), rep=100)
-                got = bc.float().sum().item() / (((kend_q + bkk - 1) // bkk).float().sum().item() * H)
-                tot = select_ms + attn
-                row[f"{name}_{stat}"] = {"target_density": d, "density": got, "attn_ms": attn, "total_ms": tot,
-                                         "x_sdpa": sdpa / tot, "attn_ms_pointer_loads": attn_ptr,
-                                         "attn_vs_flash_at_density": attn / (got * row["flash_prefill_ms"])}
+                row[f"{name}_{stat}"]["attn_ms_pointer_loads"] = bench_ms(
+                    lambda: block_sparse_attention(q, k, v, bi, bc, bq, bkk, out=o, tma=False), rep=100)
                 del bi, bc
 
         kend128 = prefill_kend(T, T, 128, True, bk.DEV)
@@ -357,11 +361,7 @@ def projected_section(summary, H=32, D=128, stats=("density_mean", "density_max_
                 bi = torch.cat([torch.nn.functional.pad(x[0], (0, maxk - x[0].shape[-1])) for x in real])[None, :H]
                 bc = torch.cat([x[1] for x in real])[None, :H]
                 bi, bc = bi.to(bk.DEV), bc.to(bk.DEV)
-                attn = bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, 128, bkk, out=o), rep=100)
-                got = bc.float().sum().item() / (((kend128 + bkk - 1) // bkk).float().sum().item() * H)
-                tot = est + sel_ms + attn
-                row[f"{name}_real_lists"] = {"density": got, "attn_ms": attn, "total_ms": tot, "x_sdpa": sdpa / tot,
-                                             "attn_vs_flash_at_density": attn / (got * row["flash_prefill_ms"]),
+                row[f"{name}_real_lists"] = {**on_lists(bi, bc, est + sel_ms, 128, kend128, bkk),
                                              "heads": f"SmolLM2 layers {LONG['smollm2_config']['captured_layers']} "
                                                       f"x query heads {list(REAL_LIST_HEADS)}"}
                 del bi, bc

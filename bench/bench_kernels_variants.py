@@ -6,8 +6,10 @@
 2. The HiP estimator (sampled_block_mass) at 128k, 128-row query blocks, held to each of a list of launch
    configurations (rows per program, KPT key blocks per tile, warps, stages). (Its variant with KPT and one
    FMA for scale and shift, tried here first as a copy, is now the kernel.)
-3. The block-sparse core at 128k, density 0.253: TMA (device-side tensor descriptors), two key blocks per
-   iteration, Triton's automatic warp specialization.
+3. The block-sparse core at 128k, density 0.253: the kernel held to launch configurations with its K/V
+   tiles by pointers and by TMA, and a copy taking two key blocks per iteration (optionally with Triton's
+   automatic warp specialization). (The first runs timed a one-loop copy of the core with TMA, before
+   TMA went into the kernel: `kernels_variants_h200.log`.)
 4. flash_prefill with its K/V tiles by TMA and by pointers, beside SDPA, at 16k and 64k.
 Prints a table per section; writes $OUT/kernels_variants_h200.json.
 
@@ -58,77 +60,7 @@ def held_to(tuner, config):
 
 
 # ------------------------------------------------------------------------------------------------
-# core variant: FMA scaling, optional TMA (device-side tensor descriptors) for K/V tiles
-@triton.jit
-def core_v_fwd_kernel(
-    q, k, v, o, block_idx, block_cnt, T_q, T_k, qk_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_ih, stride_iq, stride_ch,
-    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-):
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_hk = i_h // G
-    m0 = i_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    offs_nb = tl.arange(0, BLOCK_N)
-    qb = tl.load(q + i_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=(offs_m < T_q)[:, None],
-                 other=0.0)
-    k_base = k + i_hk * stride_kh
-    v_base = v + i_hk * stride_vh
-    if TMA:
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[T_k, D], strides=[stride_kt, 1], block_shape=[BLOCK_N, D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[T_k, D], strides=[stride_vt, 1], block_shape=[BLOCK_N, D])
-    offs_qpos = offs_m + (T_k - T_q)
-    idx_base = block_idx + i_h * stride_ih + i_m * stride_iq
-    cnt = tl.load(block_cnt + i_h * stride_ch + i_m)
-    kb_full = tl.minimum(tl.maximum(m0 + T_k - T_q + 1, 0) // BLOCK_N, T_k // BLOCK_N)
-    n_full = tl.zeros([], dtype=tl.int32)
-    for j0 in range(0, cnt, 128):
-        offs_j = j0 + tl.arange(0, 128)
-        e = tl.load(idx_base + offs_j, mask=offs_j < cnt, other=kb_full)
-        n_full += tl.sum((e < kb_full).to(tl.int32), 0)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for j in range(0, cnt):
-        kb = tl.load(idx_base + j)
-        offs_n = kb * BLOCK_N + offs_nb
-        if TMA:
-            kk = k_desc.load([kb * BLOCK_N, 0])
-            vv = v_desc.load([kb * BLOCK_N, 0])
-        else:
-            kk = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=(offs_n < T_k)[:, None], other=0.0)
-            vv = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=(offs_n < T_k)[:, None], other=0.0)
-        s = tl.dot(qb, tl.trans(kk))
-        if j >= n_full:
-            s = tl.where((offs_n[None, :] <= offs_qpos[:, None]) & (offs_n < T_k)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s * qk_scale - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(vv.dtype), vv, acc)
-        m_i = m_new
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    tl.store(o + i_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], (acc / l_safe[:, None]).to(o.dtype.element_ty),
-             mask=(offs_m < T_q)[:, None])
-
-
-def core_v(q, k, v, bi, bc, bq, bn, tma, num_warps, num_stages, out):
-    _, T, HQ, D = q.shape
-    S, HKV = k.shape[1], k.shape[2]
-    core_v_fwd_kernel[(triton.cdiv(T, bq), HQ)](
-        q, k, v, out, bi, bc, T, S, D ** -0.5 * LOG2E,
-        q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1), out.stride(2),
-        bi.stride(1), bi.stride(2), bc.stride(1),
-        HQ=HQ, G=HQ // HKV, D=D, BLOCK_M=bq, BLOCK_N=bn, TMA=tma, num_warps=num_warps, num_stages=num_stages)
-    return out
-
-
+# block-sparse core variant: two listed key blocks per iteration
 @triton.jit
 def core2_fwd_kernel(
     q, k, v, o, block_idx, block_cnt, T_q, T_k, qk_scale,
@@ -331,12 +263,26 @@ def check(name, err, tol):
 EST_VARIANTS = [  # sampled_block_mass's configurations: (rows per program, key blocks per tile, warps, stages)
     (64, 2, 4, 3), (64, 2, 4, 2), (64, 2, 4, 4), (64, 1, 4, 3), (128, 2, 8, 2), (128, 2, 8, 3), (128, 1, 8, 3),
 ]
-CORE_VARIANTS = [  # (tma, warps, stages)
-    (False, 8, 3), (True, 8, 3),
+CORE_VARIANTS = [  # block_sparse_attention's K/V loads and launch configuration: (tma, warps, stages)
+    (False, 8, 3), (True, 8, 3), (False, 4, 2), (True, 4, 2), (True, 8, 2),
 ]
 CORE2_VARIANTS = [  # (warp_specialize, warps, stages)
     (False, 8, 2), (False, 8, 3), (False, 8, 4), (True, 4, 2), (True, 4, 3), (True, 8, 3),
 ]
+
+
+def timed_variant(section, label, run, err_of, tol, base, **info):
+    """Run a variant once (checked against the current code by err_of), then time it; a variant that
+    fails (e.g. out of shared memory, a compiler error) is logged and skipped."""
+    try:
+        err = err_of(run())
+        check(f"{section} {label}", err, tol)
+        ms = bk.bench_ms(run, rep=50)
+    except Exception as e:
+        log(f"  {section} variant {label} failed: {e!r}"[:300])
+        return
+    R[section].append({**info, "variant": label, "ms": ms, "x_current": base / ms, "err": err})
+    log(f"  {section} {label}: {ms:.2f} ms ({base / ms:.2f}x current)")
 
 
 def estimator_section(T, H=32, D=128, bq=128, rows=4):
@@ -347,18 +293,10 @@ def estimator_section(T, H=32, D=128, bq=128, rows=4):
     R["est"].append({"T": T, "variant": "current", "ms": base, "cfg": str(cfg)})
     log(f"estimator T={T}: current {base:.2f} ms ({cfg})")
     for bm, kpt, w, st in EST_VARIANTS if not INTERP else [(16, 1, 4, 1), (16, 2, 4, 1)]:
-        try:
-            with held_to(bso.block_mass_fwd_kernel, triton.Config({"BLOCK_M": bm, "KPT": kpt}, num_warps=w,
-                                                                  num_stages=st)):
-                got = sampled_block_mass(q, k, bq, 64, rows)
-                err = (got - ref).abs().max().item()
-                check(f"est T={T} bm={bm} kpt={kpt} w={w} s={st}", err, 1e-3)
-                ms = bk.bench_ms(lambda: sampled_block_mass(q, k, bq, 64, rows), rep=50)
-        except Exception as e:  # out of resources etc.
-            log(f"  est variant {(bm, kpt, w, st)} failed: {e!r}"[:300])
-            continue
-        R["est"].append({"T": T, "variant": [bm, kpt, w, st], "ms": ms, "x_current": base / ms, "max_err": err})
-        log(f"  est bm={bm} kpt={kpt} w={w} s={st}: {ms:.2f} ms ({base / ms:.2f}x current)")
+        with held_to(bso.block_mass_fwd_kernel, triton.Config({"BLOCK_M": bm, "KPT": kpt}, num_warps=w,
+                                                              num_stages=st)):
+            timed_variant("est", f"bm={bm} kpt={kpt} w={w} s={st}", lambda: sampled_block_mass(q, k, bq, 64, rows),
+                          lambda got: (got - ref).abs().max().item(), 1e-3, base, T=T)
     del q, k
 
 
@@ -373,34 +311,19 @@ def core_section(T, density, H=32, D=128, bq=128):
     cfg = getattr(bso.block_sparse_fwd_kernel, "best_config", None)
     R["core"].append({"T": T, "density": density, "variant": "current", "ms": base, "cfg": str(cfg)})
     log(f"core T={T} density {density}: current {base:.2f} ms ({cfg})")
+    o2 = torch.full_like(q, float("nan"))
     for tma, w, st in CORE_VARIANTS:
         if INTERP and tma:
             continue
-        try:
-            o2 = torch.full_like(q, float("nan"))
-            core_v(q, k, v, bi, bc, bq, 64, tma, w, st, o2)
-            err = rel(o2, ref)
-            check(f"core T={T} tma={tma} w={w} s={st}", err, 1e-2)
-            ms = bk.bench_ms(lambda: core_v(q, k, v, bi, bc, bq, 64, tma, w, st, o2), rep=30)
-        except Exception as e:
-            log(f"  core variant {(tma, w, st)} failed: {e!r}"[:300])
-            continue
-        R["core"].append({"T": T, "density": density, "variant": [tma, w, st], "ms": ms, "x_current": base / ms})
-        log(f"  core tma={tma} w={w} s={st}: {ms:.2f} ms ({base / ms:.2f}x current)")
+        with held_to(bso.block_sparse_fwd_kernel, triton.Config({}, num_warps=w, num_stages=st)):
+            timed_variant("core", f"tma={tma} w={w} s={st}",
+                          lambda: block_sparse_attention(q, k, v, bi, bc, bq, 64, out=o2, tma=tma),
+                          lambda got: rel(got, ref), 1e-2, base, T=T, density=density)
     for ws, w, st in CORE2_VARIANTS:
         if INTERP:
             continue
-        try:
-            o2 = torch.full_like(q, float("nan"))
-            core2(q, k, v, bi, bc, bq, 64, ws, w, st, o2)
-            err = rel(o2, ref)
-            check(f"core2 T={T} ws={ws} w={w} s={st}", err, 1e-2)
-            ms = bk.bench_ms(lambda: core2(q, k, v, bi, bc, bq, 64, ws, w, st, o2), rep=30)
-        except Exception as e:
-            log(f"  core2 variant {(ws, w, st)} failed: {e!r}"[:300])
-            continue
-        R["core"].append({"T": T, "density": density, "variant": ["pair", ws, w, st], "ms": ms, "x_current": base / ms})
-        log(f"  core2 pair ws={ws} w={w} s={st}: {ms:.2f} ms ({base / ms:.2f}x current)")
+        timed_variant("core", f"pair ws={ws} w={w} s={st}", lambda: core2(q, k, v, bi, bc, bq, 64, ws, w, st, o2),
+                      lambda got: rel(got, ref), 1e-2, base, T=T, density=density)
     del q, k, v, o, bi, bc
 
 

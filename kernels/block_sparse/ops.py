@@ -142,7 +142,6 @@ def block_sparse_attention(
     return out
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Adaptive block selection from sampled query rows (per head and query block, top-p of the mass)
 @triton.jit
