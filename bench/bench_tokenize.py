@@ -17,19 +17,18 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
+from retrogram.services.launch import retrogram_command
 
 
 def baseline(files: list[Path]) -> dict:
-    from transformers import AutoTokenizer
-
     from retrogram.index.corpus import iter_documents
     from retrogram.index.tokenizer import load_tokenizer
+    from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(load_tokenizer(None).files[0].parent))   # SmolLM2's, via transformers
     t0, n_tok, batch = time.perf_counter(), 0, []
@@ -45,7 +44,7 @@ def baseline(files: list[Path]) -> dict:
 
 def run_build_measured(corpus: list[Path], out: Path) -> dict:
     """`retrogram build-index --stages tokenize` in a subprocess; wall time and peak tree RSS."""
-    cmd = [sys.executable, "-m", "retrogram.services.cli", "build-index", "--stages", "tokenize", "--out", str(out),
+    cmd = [*retrogram_command(), "build-index", "--stages", "tokenize", "--out", str(out),
            "--json", "--no-progress"] + [a for f in corpus for a in ("--corpus", str(f))]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

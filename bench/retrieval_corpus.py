@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from retrogram.services.launch import retrogram_command
+
 
 def write_sample(corpora: Path, out: Path, mb: float) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +40,7 @@ def main() -> int:
     ap.add_argument("--stages", default="tokenize,chunks,embeddings")
     args = ap.parse_args()
     sample = write_sample(args.corpora, args.out.parent / "sample.jsonl", args.mb)
-    cmd = [sys.executable, "-m", "retrogram.services.cli", "build-index", "--corpus", str(sample), "--out",
+    cmd = [*retrogram_command(), "build-index", "--corpus", str(sample), "--out",
            str(args.out), "--stages", args.stages, "--no-progress", "--json"]
     return subprocess.call(cmd)
 

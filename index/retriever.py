@@ -63,6 +63,20 @@ def _as_int(name: str, v) -> int:
     return int(v)
 
 
+# What a query's scores promise: the same query scores the same, alone or inside any batch, to within
+# SCORE_ATOL (cosine / inner product). Batches pad queries to their longest, which changes the order of the
+# encoder's floating-point sums (the 7th-8th digit on CPU); neighbours are the same and in the same order
+# unless two of their scores lie within SCORE_ATOL of each other.
+SCORE_ATOL = 1e-5
+
+
+def same_neighbours(a: list[dict], b: list[dict], atol: float = SCORE_ATOL) -> bool:
+    """Whether two neighbour lists (`Neighbour.to_dict()` or the client's dicts) agree as SCORE_ATOL promises:
+    every field equal except the scores, which may differ by atol."""
+    return len(a) == len(b) and all(
+        {**x, "score": 0.0} == {**y, "score": 0.0} and abs(x["score"] - y["score"]) <= atol for x, y in zip(a, b))
+
+
 class Retriever:
     """Nearest-chunk search over one index directory (see the module docstring for the API)."""
 

@@ -11,12 +11,20 @@
 Tensors are [batch, tokens, heads, head_dim] with a contiguous head dim (other strides free).
 """
 
-from .block_sparse import block_sparse_attention
-from .block_sparse_prefill import block_sparse_prefill
-from .cca_attention import cca_attention
-from .flash_decode import flash_decode, sparse_decode
-from .flash_prefill import flash_prefill
-from .hip_attention import hip_attention_prefill, hip_decode, hip_decode_select
+if __name__ == "kernels":
+    # Imported under the bare name: the repository root is on sys.path (`python -m ...` or a script run
+    # from the root), so this folder stands where Hugging Face's `kernels` distribution is meant to be
+    # found (transformers imports it). Hand the name over to that package, or fail as a missing one would.
+    from ._bare_name import hand_over
 
-__all__ = ["flash_prefill", "flash_decode", "sparse_decode", "block_sparse_attention", "hip_attention_prefill",
-           "hip_decode", "hip_decode_select", "block_sparse_prefill", "cca_attention"]
+    hand_over(__name__, __file__)
+else:
+    from .block_sparse import block_sparse_attention
+    from .block_sparse_prefill import block_sparse_prefill
+    from .cca_attention import cca_attention
+    from .flash_decode import flash_decode, sparse_decode
+    from .flash_prefill import flash_prefill
+    from .hip_attention import hip_attention_prefill, hip_decode, hip_decode_select
+
+    __all__ = ["flash_prefill", "flash_decode", "sparse_decode", "block_sparse_attention", "hip_attention_prefill",
+               "hip_decode", "hip_decode_select", "block_sparse_prefill", "cca_attention"]

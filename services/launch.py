@@ -17,14 +17,21 @@ from typing import Sequence
 from ..index.errors import UserError
 
 
+def retrogram_command(*args: str) -> list[str]:
+    """The argv that runs `retrogram ARGS...` with this interpreter. `-P` keeps the working directory off
+    sys.path, so a process started from the repository root imports the installed packages, not the
+    top-level folders (see kernels/_bare_name.py)."""
+    return [sys.executable, "-P", "-m", "retrogram.services.cli", *args]
+
+
 class ServerProcess:
     """`retrogram serve SERVICE --index DIR --port P` in a child process, its stdout events read on a thread."""
 
     def __init__(self, service: str, index_dir: Path | str, port: int = 0, host: str = "127.0.0.1",
                  extra_args: Sequence[str] = (), env: dict | None = None, capture_stderr: bool = True):
         self.service = service
-        self.argv = [sys.executable, "-m", "retrogram.services.cli", "serve", service, "--index", str(index_dir),
-                     "--port", str(port), "--host", host, *map(str, extra_args)]
+        self.argv = retrogram_command("serve", service, "--index", str(index_dir), "--port", str(port),
+                                      "--host", host, *map(str, extra_args))
         e = dict(os.environ)
         e.update(env or {})
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,

@@ -7,20 +7,18 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-
+from conftest import write_jsonl
 from retrogram.index.manifest import Manifest, sha256_file
 from retrogram.index.store import open_store
 from retrogram.index.tokenize import TokenStream
 from retrogram.index.tokenizer import load_index_tokenizer
 from retrogram.services.cli import main
-
-from conftest import write_jsonl
+from retrogram.services.launch import retrogram_command
 
 DOCS = [{"id": "d0", "text": "to be or not to be", "act": 1},
         {"id": "d1", "text": "that is the question ✓"},
@@ -193,7 +191,7 @@ def test_disk_full_leaves_nothing(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
-    proc = subprocess.run([sys.executable, "-m", "retrogram.services.cli", "build-index", "--corpus", str(corpus),
+    proc = subprocess.run([*retrogram_command(), "build-index", "--corpus", str(corpus),
                            "--out", str(out), "--tokenizer", "bytes", "--stages", "tokenize", "--no-progress"],
                           preexec_fn=limit, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
@@ -204,7 +202,7 @@ def test_disk_full_leaves_nothing(tmp_path):
 
 # -- resume after a real kill --------------------------------------------------------------------------
 def build_cmd(corpus: Path, out: Path, stages: str) -> list[str]:
-    return [sys.executable, "-m", "retrogram.services.cli", "build-index", "--corpus", str(corpus), "--out",
+    return [*retrogram_command(), "build-index", "--corpus", str(corpus), "--out",
             str(out), "--stages", stages, "--workers", "1", "--no-progress", "--json"]
 
 

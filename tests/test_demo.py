@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
+
+from retrogram.services.launch import retrogram_command
 
 
 def test_demo_end_to_end_on_a_small_corpus(tmp_path, small_corpus):
     out = tmp_path / "demo-index"
-    proc = subprocess.run([sys.executable, "-m", "retrogram.services.cli", "demo", "--corpus", str(small_corpus),
+    proc = subprocess.run([*retrogram_command(), "demo", "--corpus", str(small_corpus),
                            "--out", str(out), "--json"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)

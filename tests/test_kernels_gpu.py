@@ -18,6 +18,6 @@ def test_kernels_on_gpu():
             "bad = [c for c in b.RESULTS['checks'] if not c['ok']]; "
             "sys.exit(1 if bad or b.RESULTS['errors'] or not b.RESULTS['checks'] else 0)")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(ROOT, "bench"), env=env,
+    r = subprocess.run([sys.executable, "-P", "-c", code], cwd=os.path.join(ROOT, "bench"), env=env,
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+from retrogram.services.launch import retrogram_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,9 +31,39 @@ def test_hf_kernels_and_retrogram_kernels_import_side_by_side(tmp_path):
     code = ("import kernels, retrogram.kernels as rk; "
             "assert kernels.__file__ != rk.__file__; "
             "assert hasattr(kernels, 'get_kernel'), kernels.__file__; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_from_the_repository_root_the_bare_name_kernels_is_hugging_faces():
+    # `python -c` (and `python -m`, a script) run from the root put the root first on sys.path, where the
+    # folder kernels/ stands; transformers imports `kernels` (CUDAProperties) when it loads a model.
+    code = ("import sys, os; assert os.path.abspath(sys.path[0] or '.') == os.getcwd(); "
+            "import kernels, retrogram.kernels as rk; from kernels import CUDAProperties; "
+            "assert 'site-packages' in kernels.__file__ and kernels.__file__ != rk.__file__, kernels.__file__; "
+            "assert callable(rk.flash_prefill); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_from_the_repository_root_without_hf_kernels_the_bare_name_is_missing():
+    # -S: no site-packages, so no Hugging Face `kernels`: the folder must not stand in for it.
+    code = ("try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('missing', e.name)\n"
+            "else:\n    print('imported', kernels.__file__)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "missing kernels"
+
+
+def test_the_embedder_loads_in_a_process_started_from_the_repository_root():
+    # What broke the retriever server: transformers 5 imports Hugging Face's `kernels` while loading MiniLM.
+    code = "from retrogram.index.embed import Embedder; print(Embedder.load(device='cpu').dim)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "384"
 
 
 def test_cli_help_for_every_subcommand():
@@ -40,7 +73,7 @@ def test_cli_help_for_every_subcommand():
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     assert {"build-index", "info"} <= set(sub.choices)
     for name in sub.choices:
-        out = subprocess.run([sys.executable, "-m", "retrogram.services.cli", name, "--help"],
+        out = subprocess.run([*retrogram_command(), name, "--help"],
                              capture_output=True, text=True)
         assert out.returncode == 0, (name, out.stderr)
         assert "usage:" in out.stdout

@@ -35,7 +35,7 @@ def test_stale_check_detects_an_edited_proto(tmp_path, monkeypatch):
 
 
 def test_check_command_exit_code():
-    r = subprocess.run([sys.executable, "-m", "retrogram.protos.generate", "--check"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-P", "-m", "retrogram.protos.generate", "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "up to date" in r.stdout
 

@@ -7,17 +7,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-
 from retrogram.index.embeddings import PARTIAL_DIR, chunk_texts, load_embeddings
+from retrogram.services.launch import retrogram_command
 
 
 def _cmd(corpus, out):
-    return [sys.executable, "-m", "retrogram.services.cli", "build-index", "--corpus", str(corpus), "--out",
+    return [*retrogram_command(), "build-index", "--corpus", str(corpus), "--out",
             str(out), "--stages", "embeddings", "--embed-batch-tokens", "384", "--workers", "1", "--no-progress",
             "--json", "--device", "cpu"]
 

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from conftest import write_jsonl
 from retrogram.protos import common_pb2 as cpb
 from retrogram.protos import ngram_pb2 as npb
 from retrogram.protos import ngram_pb2_grpc as ngrpc
 from retrogram.services.client import AsyncNgramClient, NgramClient, ServiceError
-from retrogram.services.launch import ServerProcess, ThreadServer
+from retrogram.services.launch import ServerProcess, ThreadServer, retrogram_command
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -430,7 +429,7 @@ def test_health_reflection_metrics(server, client):
             file_containing_symbol="retrogram.v1.NgramService")])))
         assert resp[0].file_descriptor_response.file_descriptor_proto
     # the compose health check command
-    out = subprocess.run([sys.executable, "-m", "retrogram.services.cli", "health", server.address,
+    out = subprocess.run([*retrogram_command(), "health", server.address,
                           "--service", "retrogram.v1.NgramService"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "SERVING"
     client.count([1, 2])
@@ -445,7 +444,7 @@ def test_health_reflection_metrics(server, client):
 
 
 def test_health_of_nothing_listening():
-    out = subprocess.run([sys.executable, "-m", "retrogram.services.cli", "health", f"127.0.0.1:{_free_port()}",
+    out = subprocess.run([*retrogram_command(), "health", f"127.0.0.1:{_free_port()}",
                           "--timeout", "2"], capture_output=True, text=True)
     assert out.returncode == 1 and out.stdout.strip() == "UNREACHABLE"
 
@@ -481,7 +480,7 @@ def test_api_keys(ngram_index, tmp_path):
     with pytest.raises(UserError, match="API keys"):
         validate_config(ServeConfig(host="0.0.0.0"))
     validate_config(ServeConfig(host="0.0.0.0", api_keys=("k",)))
-    out = subprocess.run([sys.executable, "-m", "retrogram.services.cli", "serve", "ngram", "--index", str(ngram_index),
+    out = subprocess.run([*retrogram_command(), "serve", "ngram", "--index", str(ngram_index),
                           "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True,
                          env={**os.environ, "RETROGRAM_API_KEY": ""})
     assert out.returncode == 2 and "API keys" in out.stderr
@@ -591,7 +590,7 @@ def test_client_recovers_after_restart(ngram_index):
 
 
 def _serve_fails(index: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "retrogram.services.cli", "serve", "ngram", "--index", str(index),
+    return subprocess.run([*retrogram_command(), "serve", "ngram", "--index", str(index),
                            "--port", "0"], capture_output=True, text=True, timeout=120)
 
 
@@ -668,7 +667,7 @@ def test_sigterm_under_load_loses_no_accepted_call(ngram_index, queries):
 # --------------------------------------------------------------------------------------------- CLI
 
 def _cli(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "retrogram.services.cli", *map(str, argv)], capture_output=True,
+    return subprocess.run([*retrogram_command(), *map(str, argv)], capture_output=True,
                           text=True, timeout=120)
 
 
@@ -700,7 +699,7 @@ def test_grpc_io_choice_is_made_before_grpc_loads():
     base = {k: v for k, v in os.environ.items() if k not in ("GRPC_EXPERIMENTS", "RETROGRAM_GRPC_EVENT_ENGINE")}
 
     def run(**env):
-        return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-P", "-c", code], env={**base, **env}, capture_output=True, text=True,
                               check=True).stdout.split()
 
     assert run() == ["True", "-event_engine_client,-event_engine_listener"]
