@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import UserError
+from .hf_quiet import quiet_hf
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
@@ -131,8 +132,9 @@ class Embedder:
         cfg = _st_config(path)
         self.pooling, self.normalize, max_len = cfg
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+            with quiet_hf():   # no weight-loading bar from the library (the CLI hides it for itself)
+                self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # transformers raises many types for a broken directory
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"--embedder {path}: does not load as a Hugging Face encoder ({first})") from None

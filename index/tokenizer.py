@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import IndexFormatError, UserError
+from .hf_quiet import quiet_hf
 
 DEFAULT_TOKENIZER = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -131,7 +132,8 @@ def _from_directory(path: Path, name: str) -> HFTokenizer:
 
 def _convert_to_fast(load, out: Path) -> None:
     """Save a transformers tokenizer (`load()` returns it) as a fast tokenizer directory at `out`, atomically."""
-    hf = load()
+    with quiet_hf():
+        hf = load()
     if not getattr(hf, "is_fast", False):
         raise UserError(f"tokenizer at {out.name}: only fast (tokenizer.json) tokenizers are supported")
     out.parent.mkdir(parents=True, exist_ok=True)
