@@ -1,0 +1,32 @@
+"""A real small n-gram index (the `small_corpus` slice of the demo corpus, SmolLM2 tokens) for the ∞-gram
+tests of retro/. Import the fixtures into a test module: `from ngram_fixtures import ngram_index, engine`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def build_ngram_index(out: Path, corpus: Path) -> Path:
+    from retrogram.index.build import run_build
+    from retrogram.ngram.build import NGRAM
+    from retrogram.services.stages import pipeline_stages
+
+    stages = list(pipeline_stages())
+    if NGRAM.name not in [s.name for s in stages]:
+        stages.append(NGRAM)
+    run_build(out, [str(corpus)], None, stages, ["tokenize", "ngram"], options={"workers": 1})
+    return out
+
+
+@pytest.fixture(scope="module")
+def ngram_index(tmp_path_factory, small_corpus) -> Path:
+    return build_ngram_index(tmp_path_factory.mktemp("retro_ngram") / "idx", small_corpus)
+
+
+@pytest.fixture(scope="module")
+def engine(ngram_index):
+    from retrogram.ngram.engine import Engine
+
+    return Engine(ngram_index)
