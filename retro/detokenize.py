@@ -15,7 +15,7 @@ completes it. `StopChecker` holds back text that may be the start of a stop stri
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..index.errors import UserError
 from .sampling import SamplingParams

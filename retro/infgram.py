@@ -23,7 +23,8 @@ reads a table of (min_suffix_len, lambda) pairs; SamplingParams.ngram_lambda_by_
 
 from __future__ import annotations
 
-from typing import Any, Generator, Sequence
+from collections.abc import Generator, Sequence
+from typing import Any
 
 import torch
 
@@ -109,20 +110,20 @@ class InfgramState:
         except StopIteration:
             pass
 
-    def start(self, prompt_ids: Sequence[int]) -> "InfgramState":
+    def start(self, prompt_ids: Sequence[int]) -> InfgramState:
         """Begin a context (the prompt; it may be empty): one infgram_ntd call."""
         self._run(self._start_steps(prompt_ids))
         return self
 
-    def append(self, token: int) -> "InfgramState":
+    def append(self, token: int) -> InfgramState:
         self._run(self._append_steps(token))
         return self
 
-    async def start_async(self, prompt_ids: Sequence[int]) -> "InfgramState":
+    async def start_async(self, prompt_ids: Sequence[int]) -> InfgramState:
         await self._run_async(self._start_steps(prompt_ids))
         return self
 
-    async def append_async(self, token: int) -> "InfgramState":
+    async def append_async(self, token: int) -> InfgramState:
         await self._run_async(self._append_steps(token))
         return self
 

@@ -25,8 +25,10 @@ one when mixing), before the sampling knobs of steps 2-4 reshape it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from itertools import pairwise
+from typing import NamedTuple
 
 import torch
 
@@ -53,7 +55,7 @@ class SamplingParams:
     ngram_lambda_by_length: tuple[tuple[int, float], ...] | None = None
     ignore_eos: bool = False
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         def bad(field: str, expected: str):
             raise SamplingError(f"{field}: expected {expected}, got {getattr(self, field)!r}")
 
@@ -85,7 +87,7 @@ class SamplingParams:
         if table is not None:
             ok = bool(table) and all(isinstance(e, (tuple, list)) and len(e) == 2 and integer(e[0]) and e[0] >= 0
                                      and real(e[1]) and 0 <= e[1] <= 1 for e in table)
-            if not ok or any(a[0] >= b[0] for a, b in zip(table, table[1:])):
+            if not ok or any(a[0] >= b[0] for a, b in pairwise(table)):
                 bad("ngram_lambda_by_length", "a non-empty list of (min_suffix_len >= 0, lambda in [0, 1]) "
                                               "pairs with strictly increasing min_suffix_len")
         if not isinstance(self.ignore_eos, bool):

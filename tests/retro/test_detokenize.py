@@ -9,7 +9,7 @@ import pytest
 
 from retrogram.index.errors import UserError
 from retrogram.index.tokenizer import load_tokenizer
-from retrogram.retro.detokenize import (IncrementalDetokenizer, StopChecker, TextStream, apply_chat_template)
+from retrogram.retro.detokenize import IncrementalDetokenizer, StopChecker, TextStream, apply_chat_template
 from retrogram.retro.sampling import SamplingParams
 
 TEXTS = [

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+from itertools import pairwise
 
 import pytest
 import torch
 
-from ngram_fixtures import engine, ngram_index  # noqa: F401 - fixtures
+from ngram_fixtures import engine_fixture, ngram_index_fixture  # noqa: F401 - the fixtures engine, ngram_index
 from retrogram.retro.infgram import InfgramState, lambda_for_length, mix, ngram_probs
 from retrogram.retro.sampling import SamplingParams, make_generator, sample
 
@@ -86,7 +87,7 @@ def test_incremental_suffix_equals_brute_force_and_infgram_ntd(engine, seed, oov
         lengths.append(L)
     # the walk exercises long matches, breaks and the empty suffix
     assert max(lengths) >= 15 and lengths.count(0) > 10
-    assert any(0 < b <= a for a, b in zip(lengths, lengths[1:]))   # shrunk to a shorter, non-empty match
+    assert any(0 < b <= a for a, b in pairwise(lengths))   # shrunk to a shorter, non-empty match
     # engine calls: one to start, then one per append plus one per dropped token (<= 2 per token), plus the
     # unigram once
     assert counting.calls == state.calls
@@ -184,8 +185,10 @@ def test_sampling_through_the_infgram_mix(engine):
     for _ in range(10):
         logits = torch.randn(2, V)
         lams = [p.lambda_for(state.suffix_len) for p in params]
-        out = sample(logits, params, gens, mix=lambda probs: torch.stack(
-            [mix(probs[i], state.ntd, lams[i]) for i in range(2)]))
+
+        def mix_rows(probs, lams=lams):
+            return torch.stack([mix(probs[i], state.ntd, lams[i]) for i in range(2)])
+        out = sample(logits, params, gens, mix=mix_rows)
         dist = state.ntd["result_by_token_id"]
         best = max(dist, key=lambda t: dist[t]["cont_cnt"])
         assert dist[int(out.tokens[0])]["cont_cnt"] == dist[best]["cont_cnt"]

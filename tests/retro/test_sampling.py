@@ -9,8 +9,7 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from retrogram.retro.sampling import (SamplingError, SamplingParams, draw, make_generator, sample,
-                                      sampling_logits)
+from retrogram.retro.sampling import SamplingError, SamplingParams, draw, make_generator, sample, sampling_logits
 
 V = 500
 
@@ -18,8 +17,8 @@ V = 500
 def random_case(seed: int, B: int = 12):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, V, generator=g) * 3
-    choices = dict(temperature=[0.3, 0.7, 1.0, 1.8], top_k=[0, 1, 7, 60, V + 5], top_p=[1.0, 0.95, 0.6, 0.2, 1e-6],
-                   repetition_penalty=[1.0, 1.3, 0.7, 2.5])
+    choices = {"temperature": [0.3, 0.7, 1.0, 1.8], "top_k": [0, 1, 7, 60, V + 5],
+               "top_p": [1.0, 0.95, 0.6, 0.2, 1e-6], "repetition_penalty": [1.0, 1.3, 0.7, 2.5]}
     params, prev = [], []
     for _ in range(B):
         pick = {k: v[int(torch.randint(len(v), (1,), generator=g))] for k, v in choices.items()}
