@@ -3,7 +3,7 @@
     state = InfgramState(engine)              # Engine, NgramClient, or AsyncNgramClient (the *_async methods)
     state.start(prompt_ids)                   # one infgram_ntd call for the whole prompt
     ...
-    probs = mix(lm_probs, state.ntd, params.lambda_for(state.suffix_len))
+    probs = mix(lm_probs, state.ntd, params.lambda_for(state.suffix_len))   # [V]; mix_batch for [B, V]
     state.append(token)                       # amortised O(1) engine calls per token
 
 The ∞-gram distribution after a context is the next-token distribution (`ntd`) of the longest suffix of
@@ -153,3 +153,9 @@ def mix(lm_probs: torch.Tensor, ntd: dict | None, lam: float) -> torch.Tensor:
     if p_ngram is None:
         return lm_probs
     return (1 - lam) * lm_probs + lam * p_ngram.to(lm_probs.dtype)
+
+
+def mix_batch(probs: torch.Tensor, ntds: Sequence[dict | None], lams: Sequence[float]) -> torch.Tensor:
+    """`mix` row by row for probs [B, V] (row i with ntds[i], lams[i]); the `mix` hook of sampling.sample:
+    `sample(logits, params, gens, mix=lambda p: mix_batch(p, ntds, lams))`."""
+    return torch.stack([mix(probs[i], ntds[i], lams[i]) for i in range(probs.shape[0])])

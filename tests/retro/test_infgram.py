@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ngram_fixtures import engine_fixture, ngram_index_fixture  # noqa: F401 - the fixtures engine, ngram_index
-from retrogram.retro.infgram import InfgramState, lambda_for_length, mix, ngram_probs
+from retrogram.retro.infgram import InfgramState, lambda_for_length, mix, mix_batch, ngram_probs
 from retrogram.retro.sampling import SamplingParams, make_generator, sample
 
 
@@ -184,11 +184,8 @@ def test_sampling_through_the_infgram_mix(engine):
     gens = [make_generator(p) for p in params]
     for _ in range(10):
         logits = torch.randn(2, V)
-        lams = [p.lambda_for(state.suffix_len) for p in params]
-
-        def mix_rows(probs, lams=lams):
-            return torch.stack([mix(probs[i], state.ntd, lams[i]) for i in range(2)])
-        out = sample(logits, params, gens, mix=mix_rows)
+        ntds, lams = [state.ntd] * 2, [p.lambda_for(state.suffix_len) for p in params]
+        out = sample(logits, params, gens, mix=lambda probs, ntds=ntds, lams=lams: mix_batch(probs, ntds, lams))
         dist = state.ntd["result_by_token_id"]
         best = max(dist, key=lambda t: dist[t]["cont_cnt"])
         assert dist[int(out.tokens[0])]["cont_cnt"] == dist[best]["cont_cnt"]
