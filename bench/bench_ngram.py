@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrogram.index.tokenize import TokenStream
+from retrogram.index.stages.tokenize import TokenStream
 from retrogram.ngram import Engine
 from retrogram.ngram.build import build_ngram_dir
 from retrogram.ngram.reference import build_table_with_infinigram, copy_shard_inputs, open_infinigram

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrogram.index.tokenize import TokenStream
+from retrogram.index.stages.tokenize import TokenStream
 from retrogram.ngram import Engine
 from retrogram.ngram.build import plan_shards
 from retrogram.ngram.reference import open_infinigram

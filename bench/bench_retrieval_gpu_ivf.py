@@ -29,30 +29,8 @@ idx.__path__ = [str(root / "index")]
 sys.modules.setdefault("retrogram.index", idx)
 
 
-def _stub_faiss_index():
-    """The device has no install (no faiss, click, sqlite_utils): give torch_ivf the three names it takes
-    from faiss_index without importing the build pipeline."""
-    from dataclasses import dataclass
-
-    @dataclass
-    class SearchResult:
-        scores: np.ndarray
-        ids: np.ndarray
-
-    def check_k(k, n):
-        assert 0 < k <= n
-        return int(k)
-
-    m = types.ModuleType("retrogram.index.faiss_index")
-    m.Ranges, m.SearchResult, m.check_k = tuple, SearchResult, check_k
-    sys.modules["retrogram.index.faiss_index"] = m
-
-
-try:
-    import sqlite_utils  # noqa: F401
-except ImportError:
-    _stub_faiss_index()
-from retrogram.index.torch_ivf import TorchIVFSearcher  # noqa: E402
+# index/search/torch_ivf.py needs numpy and torch only (the device has no install: no faiss, sqlite_utils)
+from retrogram.index.search.torch_ivf import TorchIVFSearcher  # noqa: E402
 
 
 def main():

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from .chunks import CHUNKS_BIN, chunk_boundaries, write_chunk_table
 from .corpus import IngestStats, corpus_fingerprint, expand_corpus_paths, iter_documents
-from .embeddings import EMBEDDINGS_BIN, EMBEDDINGS_JSON
 from .errors import IndexFormatError, UserError
 from .manifest import MANIFEST, Manifest, sha256_file, write_json_atomic
+from .stages.chunks import CHUNKS_BIN, chunk_boundaries, write_chunk_table
+from .stages.embeddings import EMBEDDINGS_BIN, EMBEDDINGS_JSON
+from .stages.tokenize import DOC_OFFSETS, TOKENS_BIN, check_fits_stream
 from .store import insert_documents, metadata_json, open_store
-from .tokenize import DOC_OFFSETS, TOKENS_BIN, check_fits_stream
 from .tokenizer import load_index_tokenizer
 
 JOURNAL = ".append-journal.json"
@@ -97,8 +97,8 @@ def append_documents(index_dir: Path | str, corpus_paths: list[str], options: di
         raise UserError(f"--corpus {again[0]}: already in the index; --append takes new documents only")
     embedder = None
     if "embeddings" in manifest.stages:
-        from .embed import Embedder
-        from .embeddings import index_embedder_info
+        from .embedder import Embedder
+        from .stages.embeddings import index_embedder_info
 
         recorded = manifest.stages["embeddings"].params.get("embedder")
         spec = options.get("embedder") or recorded
@@ -177,9 +177,9 @@ def _apply(index_dir, manifest, docs, ids, files, n_docs, n_tokens, n_chunks, em
 
         # -- embeddings and faiss ----------------------------------------------------------------------
         if "embeddings" in manifest.stages and len(rows):
-            from .chunks import ChunkTable
-            from .embeddings import chunk_texts
-            from .tokenize import TokenStream
+            from .stages.chunks import ChunkTable
+            from .stages.embeddings import chunk_texts
+            from .stages.tokenize import TokenStream
 
             tokens = np.memmap(index_dir / TOKENS_BIN, dtype=dtype, mode="r")
             table = ChunkTable(rows, TokenStream(tokens, all_off), chunk_len, np.zeros(0, np.int64))
@@ -216,7 +216,7 @@ def _backup(index_dir: Path, rel: str, journal: dict) -> None:
 def _append_faiss(index_dir: Path, manifest: Manifest, vecs: np.ndarray, journal: dict) -> None:
     import faiss
 
-    from .faiss_index import FAISS_INDEX, FAISS_JSON
+    from .stages.faiss import FAISS_INDEX, FAISS_JSON
 
     index = faiss.read_index(str(index_dir / FAISS_INDEX))
     index.add(np.ascontiguousarray(vecs, dtype=np.float32))

@@ -22,12 +22,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .chunks import ChunkTable
-from .embed import Embedder, resolve_embedder_dir
-from .embeddings import index_embedder_info, load_embeddings
+from .embedder import Embedder, resolve_embedder_dir
 from .errors import UserError
-from .faiss_index import FaissSearcher, Ranges, SearchResult, check_k
 from .manifest import Manifest
+from .search import BACKENDS, Ranges, SearchResult, check_k, open_searcher
+from .search.faiss import FaissSearcher
+from .stages.chunks import ChunkTable
+from .stages.embeddings import index_embedder_info, load_embeddings
 from .store import open_store
 from .tokenizer import load_index_tokenizer
 
@@ -110,34 +111,23 @@ class Retriever:
         indexes, torch-ivf for IVF ones; else faiss).
         """
         index_dir = Path(index_dir)
-        if backend not in ("auto", "faiss", "torch", "torch-ivf"):
+        if backend not in BACKENDS:
             raise UserError(f"backend {backend!r}: expected auto, faiss, torch or torch-ivf")
         manifest = Manifest.load(index_dir)
         manifest.require_stage(index_dir, "faiss")
         table = ChunkTable.open(index_dir)
         emb, _ = load_embeddings(index_dir)
-        searcher = FaissSearcher.open(index_dir, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
+        searcher = open_searcher(index_dir, backend, device=device, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
         if len(table) != searcher.ntotal:
             from .errors import IndexFormatError
 
             raise IndexFormatError(f"{index_dir}/retrieval/faiss.index: {searcher.ntotal} vectors for "
                                    f"{len(table)} chunks; rebuild with --stages faiss --force")
-        if backend == "torch" or (backend == "auto" and searcher.exact and not searcher.on_gpu and _cuda()):
-            from .torch_search import TorchExactSearcher
-
-            searcher = TorchExactSearcher(emb, device=device if device not in (None, "auto") else None)
-        elif backend == "torch-ivf" or (backend == "auto" and not searcher.on_gpu and _cuda() and _plain_ivf(searcher)):
-            from .torch_ivf import TorchIVFSearcher
-
-            if not _plain_ivf(searcher):
-                raise UserError("backend torch-ivf: the FAISS index is not an IVF index without a pre-transform")
-            searcher = TorchIVFSearcher.from_faiss(searcher.index, emb, nprobe=searcher.nprobe,
-                                                   device=device if device not in (None, "auto") else None)
         return cls(index_dir, table, searcher, emb, embedder, device)
 
     # -- embedder --------------------------------------------------------------------------------------
     def _check_embedder_spec(self, spec) -> None:
-        from .embed import _weights_digest
+        from .embedder import _weights_digest
 
         name, path = resolve_embedder_dir(spec)
         if _weights_digest(path) != self.embedder_info.digest:
@@ -157,7 +147,7 @@ class Retriever:
         return self._embedder
 
     def _index_embedder_spec(self):
-        from .embed import DEFAULT_EMBEDDER
+        from .embedder import DEFAULT_EMBEDDER
 
         if self.embedder_info.name == DEFAULT_EMBEDDER:
             return None
@@ -313,7 +303,7 @@ class Retriever:
         docs = self.table.doc_ids
         searcher = self.searcher
         if isinstance(searcher, FaissSearcher) and searcher.exact:   # vectorised own-document masking
-            from .torch_search import TorchExactSearcher
+            from .search.torch_exact import TorchExactSearcher
 
             searcher = TorchExactSearcher(self.emb, device="cpu")
         task_id = progress.add_task("neighbours", total=n) if progress is not None else None
@@ -333,21 +323,3 @@ class Retriever:
             np.save(tmp, ids)
         os.replace(tmp, out)
         return {"out": str(out), "chunks": n, "k": k, "missing": int((ids < 0).sum())}
-
-
-def _plain_ivf(searcher) -> bool:
-    """An IVF FAISS index (any codes) without a pre-transform: what TorchIVFSearcher reads."""
-    import faiss
-
-    index = searcher.index
-    return (not isinstance(faiss.downcast_index(index), faiss.IndexPreTransform)
-            and faiss.try_extract_index_ivf(index) is not None)
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False

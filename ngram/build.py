@@ -31,7 +31,7 @@ import numpy as np
 from ..index.build import Stage, StageContext, StageOutput
 from ..index.errors import UserError
 from ..index.store import open_store
-from ..index.tokenize import DOC_OFFSETS, TOKENS_BIN, TokenStream, default_workers
+from ..index.stages.tokenize import DOC_OFFSETS, TOKENS_BIN, TokenStream, default_workers
 from . import kernels
 from .shards import pointer_size, separator
 

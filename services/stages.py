@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..index.build import Stage
-from ..index.tokenize import TOKENIZE
+from ..index.stages.tokenize import TOKENIZE
 from ..ngram.build import NGRAM
-from ..index.chunks import CHUNKS
-from ..index.embeddings import EMBEDDINGS
-from ..index.faiss_index import FAISS
+from ..index.stages.chunks import CHUNKS
+from ..index.stages.embeddings import EMBEDDINGS
+from ..index.stages.faiss import FAISS
 
 
 def pipeline_stages() -> list[Stage]:

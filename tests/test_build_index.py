@@ -15,7 +15,7 @@ import pytest
 from conftest import write_jsonl
 from retrogram.index.manifest import Manifest, sha256_file
 from retrogram.index.store import open_store
-from retrogram.index.tokenize import TokenStream
+from retrogram.index.stages.tokenize import TokenStream
 from retrogram.index.tokenizer import load_index_tokenizer
 from retrogram.services.cli import main
 from retrogram.services.launch import retrogram_command

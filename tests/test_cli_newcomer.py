@@ -25,7 +25,7 @@ def test_python_api_loads_the_embedder_without_transformers_bars():
     """Embedder.load() (the Python API: no CLI set-up) prints no weight-loading bar, and leaves transformers'
     own settings as it found them."""
     code = ("from transformers.utils import logging as l\n"
-            "from retrogram.index.embed import Embedder\n"
+            "from retrogram.index.embedder import Embedder\n"
             "e = Embedder.load(device='cpu')\n"
             "print(e.dim, l.is_progress_bar_enabled(), l.get_verbosity())\n")
     r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300, env=_env())

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from retrogram.index.errors import IndexFormatError, UserError
-from retrogram.index.tokenize import TokenStream
+from retrogram.index.stages.tokenize import TokenStream
 from retrogram.ngram import Engine, QueryError
 from retrogram.services.cli import main as cli_main
 

@@ -59,7 +59,7 @@ def test_from_the_repository_root_without_hf_kernels_the_bare_name_is_missing():
 
 def test_the_embedder_loads_in_a_process_started_from_the_repository_root():
     # What broke the retriever server: transformers 5 imports Hugging Face's `kernels` while loading MiniLM.
-    code = "from retrogram.index.embed import Embedder; print(Embedder.load(device='cpu').dim)"
+    code = "from retrogram.index.embedder import Embedder; print(Embedder.load(device='cpu').dim)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr

@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from retrogram.index.chunks import ChunkTable
-from retrogram.index.embeddings import load_embeddings
+from retrogram.index.stages.chunks import ChunkTable
+from retrogram.index.stages.embeddings import load_embeddings
 from retrogram.index.errors import UserError
-from retrogram.index.faiss_index import FaissSearcher, exact_search
+from retrogram.index.search import exact_search
+from retrogram.index.search.faiss import FaissSearcher
 from retrogram.index.store import open_store
-from retrogram.index.tokenize import TokenStream
+from retrogram.index.stages.tokenize import TokenStream
 
 STAGES = ["tokenize", "ngram", "chunks", "embeddings", "faiss"]
 

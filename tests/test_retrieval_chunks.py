@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrogram.index.chunks import CHUNK_LEN, ChunkTable, chunk_boundaries
+from retrogram.index.stages.chunks import CHUNK_LEN, ChunkTable, chunk_boundaries
 from retrogram.index.errors import UserError
 from retrogram.index.store import open_store
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrogram.index.embed import Embedder, resolve_embedder_dir
+from retrogram.index.embedder import Embedder, resolve_embedder_dir
 from retrogram.index.errors import UserError
 
 TEXTS = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
@@ -61,7 +61,7 @@ def test_bad_embedder_arguments(tmp_path):
 
 
 def test_cpu_threads(monkeypatch):
-    from retrogram.index.embed import cpu_threads
+    from retrogram.index.embedder import cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})

@@ -9,11 +9,13 @@ import shutil
 import numpy as np
 import pytest
 
-from retrogram.index.chunks import ChunkTable
-from retrogram.index.embeddings import load_embeddings
+from retrogram.index.stages.chunks import ChunkTable
+from retrogram.index.stages.embeddings import load_embeddings
 from retrogram.index.errors import IndexFormatError, UserError
-from retrogram.index.faiss_index import FaissSearcher, choose_factory, exact_search, make_index, train_and_add
-from retrogram.index.torch_search import TorchExactSearcher
+from retrogram.index.search import exact_search
+from retrogram.index.search.faiss import FaissSearcher
+from retrogram.index.stages.faiss import choose_factory, make_index, train_and_add
+from retrogram.index.search.torch_exact import TorchExactSearcher
 
 
 def _build(out, corpus, stages, **options):
@@ -198,7 +200,7 @@ def test_threaded_rerank_is_exact(ridx, monkeypatch):
     brute force over the shortlist, whatever the block size or thread count, with -1 holes in the shortlist."""
     import faiss
 
-    from retrogram.index import faiss_index as fi
+    from retrogram.index.search import faiss as fi
 
     emb, _ = load_embeddings(ridx)
     s = FaissSearcher(make_index("Flat", emb.shape[1]), {"exact": False, "rerank": 4}, emb, gpu=False)

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from retrogram.index.embeddings import PARTIAL_DIR, chunk_texts, load_embeddings
+from retrogram.index.stages.embeddings import PARTIAL_DIR, chunk_texts, load_embeddings
 from retrogram.services.launch import retrogram_command
 
 
@@ -58,8 +58,8 @@ def test_killed_embedding_build_resumes(tmp_path, small_corpus):
     assert not (out / PARTIAL_DIR).exists()
 
     # same vectors as one uninterrupted pass with the same batches
-    from retrogram.index.chunks import ChunkTable
-    from retrogram.index.embed import Embedder
+    from retrogram.index.stages.chunks import ChunkTable
+    from retrogram.index.embedder import Embedder
 
     emb, cfg = load_embeddings(out)
     texts = chunk_texts(out, ChunkTable.open(out))

@@ -8,8 +8,9 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from retrogram.index.faiss_index import exact_search, make_index, train_and_add  # noqa: E402
-from retrogram.index.torch_ivf import TorchIVFSearcher  # noqa: E402
+from retrogram.index.search import exact_search  # noqa: E402
+from retrogram.index.stages.faiss import make_index, train_and_add  # noqa: E402
+from retrogram.index.search.torch_ivf import TorchIVFSearcher  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_from_assignment_and_budget_independence(data):
 def test_retriever_torch_ivf_backend(tmp_path_factory, small_corpus):
     from retrogram.index import Retriever
     from retrogram.index.build import run_build
-    from retrogram.index.embeddings import load_embeddings
+    from retrogram.index.stages.embeddings import load_embeddings
     from retrogram.services.stages import pipeline_stages
 
     out = tmp_path_factory.mktemp("ivfidx") / "idx"

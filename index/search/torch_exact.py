@@ -12,20 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import UserError
-from .faiss_index import Ranges, SearchResult, check_k
-
-
-def _range_arrays(exclude: Sequence[Ranges] | None, m: int) -> tuple[np.ndarray, np.ndarray] | None:
-    if exclude is None or not any(exclude):
-        return None
-    r = max(len(x) for x in exclude)
-    lo = np.zeros((m, r), dtype=np.int64)
-    hi = np.zeros((m, r), dtype=np.int64)
-    for i, ranges in enumerate(exclude):
-        for j, (a, b) in enumerate(ranges):
-            lo[i, j], hi[i, j] = a, b
-    return lo, hi
+from ..errors import UserError
+from .common import Ranges, SearchResult, check_k, range_arrays
 
 
 class TorchExactSearcher:
@@ -68,12 +56,12 @@ class TorchExactSearcher:
             raise UserError(f"queries: expected shape [m, {self.dim}], got {list(q.shape)}")
         k = check_k(k, self.n)
         m = len(q)
-        ranges = _range_arrays(exclude, m)
+        ranges = range_arrays(exclude, m)
         dtype = torch.float16 if self.db is not None else torch.float32
         qt = torch.from_numpy(q).to(self.device, dtype)
         if ranges is None and self.db is not None and self.use_kernel:
             try:
-                from ..kernels.topk_scan import topk_scan
+                from ...kernels.topk_scan import topk_scan
             except ImportError:
                 topk_scan = None
             if topk_scan is not None:

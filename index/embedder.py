@@ -73,7 +73,7 @@ def cpu_threads(requested: int | None = None) -> int | None:
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    from .tokenize import default_workers
+    from .stages.tokenize import default_workers
 
     cores = default_workers()
     try:

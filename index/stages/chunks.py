@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import Stage, StageContext, StageOutput
-from .errors import IndexFormatError, UserError
-from .manifest import Manifest
-from .store import open_store
+from ..build import Stage, StageContext, StageOutput
+from ..errors import IndexFormatError, UserError
+from ..manifest import Manifest
+from ..store import open_store
 from .tokenize import TokenStream
 
 CHUNK_LEN = 64

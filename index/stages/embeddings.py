@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import Stage, StageContext, StageOutput
+from ..build import Stage, StageContext, StageOutput
+from ..embedder import Embedder, EmbedderInfo
+from ..errors import IndexFormatError, UserError
+from ..manifest import Manifest, write_json_atomic
+from ..tokenizer import load_index_tokenizer
 from .chunks import ChunkTable
-from .embed import Embedder, EmbedderInfo
-from .errors import IndexFormatError, UserError
-from .manifest import Manifest, write_json_atomic
-from .tokenizer import load_index_tokenizer
 
 EMBEDDINGS_BIN = "retrieval/embeddings.f16"
 EMBEDDINGS_JSON = "retrieval/embeddings.json"

@@ -23,9 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import UserError
-from .faiss_index import Ranges, SearchResult, check_k
-from .torch_search import _range_arrays
+from ..errors import UserError
+from .common import Ranges, SearchResult, check_k, range_arrays
 
 DEFAULT_MAX_GPU_BYTES = 2 << 30
 
@@ -175,7 +174,7 @@ class TorchIVFSearcher:
         pmask = torch.zeros((m, self.nlist), dtype=torch.bool, device=dev)
         pmask.scatter_(1, probe, True)
         probed = np.flatnonzero(pmask.any(0).cpu().numpy())
-        ranges = _range_arrays(exclude, m)
+        ranges = range_arrays(exclude, m)
         if ranges is not None:
             lo_t = torch.from_numpy(ranges[0]).to(dev)
             hi_t = torch.from_numpy(ranges[1]).to(dev)

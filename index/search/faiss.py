@@ -1,11 +1,5 @@
-"""The `faiss` stage and FAISS search over the chunk embeddings (inner product on unit vectors).
-
-IDX/retrieval/faiss.index   the FAISS index, ids = chunk ids
-IDX/retrieval/faiss.json    {factory, metric, n, dim, exact, trained_on, nprobe, ef_search, rerank}
-
-The factory string is `--faiss-factory` (any FAISS factory string) or chosen by size: exact (`Flat`) below
-`EXACT_MAX` chunks, `IVF{nlist},SQ8` above, trained on a sample, its shortlist re-ranked exactly against the
-float16 embeddings (FAISS's IndexRefine idea without a second copy of the vectors).
+"""`FaissSearcher`: FAISS search over the chunk embeddings (the `faiss` stage's index), exact re-ranking of
+the shortlists of approximate indexes against the float16 embeddings.
 
 `FaissSearcher.search` supports per-query exclusion of chunk-id ranges (a document's chunks are one range):
 queries sharing an exclusion are searched together with a FAISS IDSelector; indexes whose search does not
@@ -15,139 +9,16 @@ take selectors fall back to over-fetching and filtering.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .build import Stage, StageContext, StageOutput
-from .embeddings import load_embeddings
-from .errors import IndexFormatError, UserError
-from .manifest import Manifest, write_json_atomic
-
-FAISS_INDEX = "retrieval/faiss.index"
-FAISS_JSON = "retrieval/faiss.json"
-EXACT_MAX = 200_000
-HNSW_MAX_BYTES = 4 << 30  # HNSW keeps float32 vectors in memory; above this IVF with 8-bit codes
-ADD_BATCH = 65_536
-DEFAULT_RERANK = 4       # shortlist = k * rerank for non-exact indexes
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise UserError("the retriever needs FAISS: pip install faiss-cpu (or faiss-gpu-cu12, the [gpu] extra)") from None
-    return faiss
-
-
-def choose_factory(n: int, dim: int) -> str:
-    """Exact below EXACT_MAX vectors; HNSW over the float32 vectors while they fit HNSW_MAX_BYTES (on the
-    full real corpora, 328k chunks: recall@10 0.978 at 13.5x exact search's q/s, where IVF2048,SQ8 reached
-    only 3.9x at 0.96); IVF with 8-bit scalar quantisation (re-ranked exactly) above."""
-    if n < EXACT_MAX:
-        return "Flat"
-    if n * dim * 4 <= HNSW_MAX_BYTES:
-        return "HNSW32,Flat"
-    nlist = 1 << int(round(math.log2(4 * math.sqrt(n))))
-    return f"IVF{nlist},SQ8"
-
-
-def default_nprobe(nlist: int) -> int:
-    return max(1, min(nlist, nlist // 32))
-
-
-def make_index(factory: str, dim: int):
-    faiss = _faiss()
-    try:
-        return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "invalid"
-        raise UserError(f"--faiss-factory {factory!r}: not a FAISS factory string for dim {dim} ({msg})") from None
-
-
-def is_exact(index) -> bool:
-    faiss = _faiss()
-    return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
-
-
-def training_sample(emb: np.ndarray, n_train: int, seed: int = 0) -> np.ndarray:
-    n = len(emb)
-    if n_train >= n:
-        return np.asarray(emb, dtype=np.float32)
-    ids = np.sort(np.random.default_rng(seed).choice(n, size=n_train, replace=False))
-    return np.asarray(emb[ids], dtype=np.float32)
-
-
-def train_and_add(index, emb: np.ndarray, task=None, max_train: int | None = None, start_id: int = 0) -> int:
-    """Train `index` on a sample (when it needs training) and add every row of `emb` as ids start_id.. ."""
-    faiss = _faiss()
-    trained_on = 0
-    if not index.is_trained:
-        ivf = faiss.try_extract_index_ivf(index)
-        nlist = ivf.nlist if ivf is not None else 256
-        n_train = min(len(emb), max_train or max(64 * nlist, 50_000))
-        if ivf is not None and n_train < nlist:
-            raise UserError(f"--faiss-factory: {nlist} IVF lists need at least {nlist} training vectors, "
-                            f"the index has {len(emb)} chunks; use fewer lists or 'Flat'")
-        sample = training_sample(emb, n_train)
-        index.train(sample)
-        trained_on = len(sample)
-    for lo in range(0, len(emb), ADD_BATCH):
-        x = np.ascontiguousarray(emb[lo: lo + ADD_BATCH], dtype=np.float32)
-        index.add(x)
-        if task is not None:
-            task.advance(len(x))
-    return trained_on
-
-
-def run_faiss(ctx: StageContext) -> StageOutput:
-    faiss = _faiss()
-    emb, cfg = load_embeddings(ctx.index_dir)
-    n, dim = emb.shape
-    factory = ctx.options.get("faiss_factory") or choose_factory(n, dim)
-    index = make_index(factory, dim)
-    task = ctx.track("faiss", total=n)
-    trained_on = train_and_add(index, emb, task)
-    out = ctx.tmp_dir / "retrieval"
-    out.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, str(out / "faiss.index"))
-    ivf = faiss.try_extract_index_ivf(index)
-    meta = {"factory": factory, "metric": "inner_product", "n": int(index.ntotal), "dim": int(dim),
-            "exact": is_exact(index), "trained_on": trained_on,
-            "nprobe": default_nprobe(ivf.nlist) if ivf is not None else None,
-            "ef_search": 64 if "HNSW" in factory else None,
-            "rerank": 1 if is_exact(index) else DEFAULT_RERANK}
-    write_json_atomic(out / "faiss.json", meta)
-    return StageOutput(counts={"vectors": int(index.ntotal), "trained_on": trained_on})
-
-
-FAISS = Stage("faiss", ("embeddings",), run_faiss, option_keys=("faiss_factory",),
-              summary="embeddings -> FAISS index (exact when small, HNSW or IVF + re-ranking when large)")
-
-
-# -- search --------------------------------------------------------------------------------------------
-Ranges = tuple[tuple[int, int], ...]
-
-
-@dataclass
-class SearchResult:
-    """scores float32 [m, k] (-inf where fewer than k were found) and ids int64 [m, k] (-1 there)."""
-
-    scores: np.ndarray
-    ids: np.ndarray
-
-
-def check_k(k, n: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise UserError(f"k {k!r}: expected a positive integer")
-    if k <= 0:
-        raise UserError(f"k {k}: expected a positive number of neighbours")
-    if k > n:
-        raise UserError(f"k {k}: larger than the index ({n} chunks)")
-    return int(k)
+from ..errors import IndexFormatError, UserError
+from ..manifest import Manifest
+from ..stages.embeddings import load_embeddings
+from ..stages.faiss import FAISS_INDEX, FAISS_JSON, import_faiss
+from .common import Ranges, SearchResult, check_k
 
 
 class FaissSearcher:
@@ -172,7 +43,7 @@ class FaissSearcher:
     def _maybe_to_gpu(self, quiet: bool) -> None:
         """faiss-gpu when installed: IVF indexes larger than GPU memory stay on the CPU (or use
         faiss's `useFloat16` / sharding); Flat and IVF indexes that fit are cloned to all GPUs."""
-        faiss = _faiss()
+        faiss = import_faiss()
         if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
             if not quiet:
                 raise UserError("--gpu: faiss has no GPU support here (install the [gpu] extra: faiss-gpu-cu12)")
@@ -184,7 +55,7 @@ class FaissSearcher:
 
     @classmethod
     def open(cls, index_dir: Path | str, **kw) -> "FaissSearcher":
-        faiss = _faiss()
+        faiss = import_faiss()
         index_dir = Path(index_dir)
         manifest = Manifest.load(index_dir)
         manifest.require_stage(index_dir, "faiss")
@@ -206,7 +77,7 @@ class FaissSearcher:
         return int(self.index.ntotal)
 
     def _params(self, sel):
-        faiss = _faiss()
+        faiss = import_faiss()
         if faiss.try_extract_index_ivf(self.index) is not None:
             p = faiss.SearchParametersIVF()
             if self.nprobe:
@@ -222,7 +93,7 @@ class FaissSearcher:
         return p
 
     def _base_search(self, q: np.ndarray, kk: int, ranges: Ranges):
-        faiss = _faiss()
+        faiss = import_faiss()
         sel = keep = None
         if ranges:
             if len(ranges) == 1:
@@ -300,7 +171,7 @@ _POOL: list = [None, 0]
 
 def _omp_threads() -> int:
     try:
-        return max(1, int(_faiss().omp_get_max_threads()))
+        return max(1, int(import_faiss().omp_get_max_threads()))
     except Exception:
         return 1
 
@@ -329,29 +200,3 @@ def _rerank_block(emb: np.ndarray, q: np.ndarray, I: np.ndarray, k: int, out_s: 
         order = np.argsort(-D, axis=1, kind="stable")
     out_s[:] = np.take_along_axis(D, order, 1)
     out_i[:] = np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(I, order, 1), -1)
-
-
-def exact_search(emb: np.ndarray, q: np.ndarray, k: int, exclude: Sequence[Ranges] | None = None,
-                 block: int = 262_144) -> SearchResult:
-    """Brute-force reference (numpy, blocked over the database): exact top-k by inner product."""
-    q = np.asarray(q, dtype=np.float32)
-    m, n = len(q), len(emb)
-    k = check_k(k, n)
-    best_s = np.full((m, k), -np.inf, dtype=np.float32)
-    best_i = np.full((m, k), -1, dtype=np.int64)
-    for lo in range(0, n, block):
-        x = np.asarray(emb[lo: lo + block], dtype=np.float32)
-        s = q @ x.T
-        if exclude is not None:
-            for i, ranges in enumerate(exclude):
-                for a, b in ranges:
-                    a2, b2 = max(a, lo), min(b, lo + len(x))
-                    if a2 < b2:
-                        s[i, a2 - lo: b2 - lo] = -np.inf
-        cand_s = np.concatenate([best_s, s], axis=1)
-        cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(lo, lo + len(x)), s.shape)], axis=1)
-        top = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
-        best_s = np.take_along_axis(cand_s, top, 1)
-        best_i = np.take_along_axis(cand_i, top, 1)
-    best_i = np.where(np.isfinite(best_s), best_i, -1)
-    return SearchResult(best_s, best_i)

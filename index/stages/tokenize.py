@@ -18,11 +18,11 @@ from typing import Iterator
 
 import numpy as np
 
-from .build import Stage, StageContext, StageOutput
-from .corpus import IngestStats, RawBatch, iter_raw_batches, parse_batch
-from .errors import IndexFormatError, UserError
-from .manifest import Manifest
-from .store import STORE, create_store, insert_documents, metadata_json
+from ..build import Stage, StageContext, StageOutput
+from ..corpus import IngestStats, RawBatch, iter_raw_batches, parse_batch
+from ..errors import IndexFormatError, UserError
+from ..manifest import Manifest
+from ..store import STORE, create_store, insert_documents, metadata_json
 
 TOKENS_BIN = "tokens/tokens.bin"
 DOC_OFFSETS = "tokens/doc_offsets.bin"
@@ -63,7 +63,7 @@ _worker_tok = None
 def _init_worker(index_dir: str) -> None:
     global _worker_tok
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one process per core already
-    from .tokenizer import load_index_tokenizer
+    from ..tokenizer import load_index_tokenizer
 
     _worker_tok = load_index_tokenizer(index_dir)
 
