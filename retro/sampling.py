@@ -73,8 +73,8 @@ class SamplingParams:
             bad("top_p", "a number in (0, 1] (1 = off)")
         if not real(self.repetition_penalty) or self.repetition_penalty <= 0:
             bad("repetition_penalty", "a number > 0 (1 = off)")
-        if self.seed is not None and (not integer(self.seed) or not 0 <= self.seed < 2**63):
-            bad("seed", "an integer in [0, 2**63) or none")
+        if self.seed is not None and (not integer(self.seed) or not 0 <= self.seed < 2**64):
+            bad("seed", "an integer in [0, 2**64) or none")   # the proto's uint64; torch takes all of it
         if not integer(self.max_tokens) or self.max_tokens < 1:
             bad("max_tokens", "an integer >= 1")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
