@@ -20,9 +20,10 @@ over several shards are added. Differences, all deliberate:
   with count <= unit * max_support), so their results are identical. `count_cnf`/`find_cnf` subsample a
   clause with more than `max_clause_freq` matches per shard with infini-gram's generator (std::mt19937,
   seed 19260817, libstdc++'s uniform_int_distribution), so approximate CNF counts are identical too.
-  `search_docs`/`search_docs_cnf` draw `maxnum` matches uniformly (with replacement), as infini-gram does
-  with an unseeded generator; ours is numba's per-thread generator, so the documents drawn differ run
-  to run but `cnt`, `approx` and the distribution are the same.
+- `search_docs`/`search_docs_cnf` draw min(maxnum, matches) *distinct* matches uniformly (without
+  replacement; infini-gram draws with replacement, so it can return one match twice, certainly when
+  there are fewer matches than `maxnum`). The generator is unseeded, as infini-gram's is, so the
+  matches drawn differ run to run; `cnt` and `approx` are the same.
 - `count_many` and `score_sequence` are ours (batched forms, one compiled call each).
 
 Opening an engine computes each shard's prefix buckets (kernels.prefix_buckets: the first suffix-array
@@ -62,6 +63,13 @@ def _check_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
         raise QueryError(f"{name}: expected an integer in [{lo}, {hi}], got {value!r}")
     return int(value)
+
+
+def distinct_draws(n: int, k: int) -> np.ndarray:
+    """min(k, n) distinct integers of [0, n), uniformly at random (unseeded), ascending: the matches a
+    search shows. Drawing with replacement (infini-gram's way) shows one match twice whenever n < k, and
+    often when n is small."""
+    return np.sort(np.random.default_rng().choice(n, size=min(k, n), replace=False)).astype(np.int64)
 
 
 class Engine:
@@ -362,7 +370,7 @@ class Engine:
         return self._doc(s, *r)
 
     def search_docs(self, input_ids, maxnum: int | None = None, max_disp_len: int | None = None) -> dict:
-        """{'cnt', 'approx', 'idxs', 'documents'}: `maxnum` occurrences drawn uniformly (with replacement),
+        """{'cnt', 'approx', 'idxs', 'documents'}: min(maxnum, cnt) distinct occurrences drawn uniformly,
         each with its document: up to max_disp_len tokens around the match ('needle_offset' is where the
         match starts in 'token_ids'). idxs: each draw's index among all cnt occurrences."""
         maxnum = self.maxnum if maxnum is None else _check_int("maxnum", maxnum)
@@ -372,13 +380,15 @@ class Engine:
         cnt, seg = kernels.find(self._table, q)
         if cnt == 0:
             return {"cnt": 0, "approx": False, "idxs": [], "documents": []}
-        idxs, shards, ptrs = kernels.sample_matches(self._table, seg, maxnum)
+        idxs = distinct_draws(int(cnt), maxnum)
+        shards, ptrs = kernels.match_pointers(self._table, seg, idxs)
         docs = [self._doc_at_ptr(int(s), int(p), max_disp_len) for s, p in zip(shards, ptrs)]
         return {"cnt": int(cnt), "approx": False, "idxs": idxs.tolist(), "documents": docs}
 
     def search_docs_cnf(self, cnf, maxnum: int | None = None, max_disp_len: int | None = None,
                         max_clause_freq: int | None = None, max_diff_tokens: int | None = None) -> dict:
-        """`search_docs` for a CNF query: draws among its matches (idxs scaled to cnt, as infini-gram does)."""
+        """`search_docs` for a CNF query: draws among its distinct match locations (find_cnf lists one location
+        once per pairing of its clauses, so cnt counts some twice), idxs scaled to cnt as infini-gram does."""
         maxnum = self.maxnum if maxnum is None else _check_int("maxnum", maxnum)
         max_disp_len = self.max_disp_len if max_disp_len is None else _check_int("max_disp_len", max_disp_len)
         mcf = self.max_clause_freq if max_clause_freq is None else _check_int("max_clause_freq", max_clause_freq)
@@ -387,10 +397,12 @@ class Engine:
         cnt, approx, ptrs, off = kernels.find_cnf(self._table, q, term_off, clause_off, self.width, self.sep, mcf, mdt)
         if cnt == 0:
             return {"cnt": 0, "approx": False, "idxs": [], "documents": []}
-        picks = np.random.default_rng().integers(0, len(ptrs), maxnum)
-        shard_of = np.searchsorted(off, picks, side="right") - 1
+        shard_of = np.repeat(np.arange(len(off) - 1), np.diff(off))   # [len(ptrs)]
+        keep = np.sort(np.unique(np.stack([shard_of, ptrs]), axis=1, return_index=True)[1])   # each location once
+        ptrs, shard_of = ptrs[keep], shard_of[keep]
+        picks = distinct_draws(len(ptrs), maxnum)
         idxs = [int(i / len(ptrs) * cnt) for i in picks.tolist()]
-        docs = [self._doc_at_ptr(int(s), int(ptrs[i]), max_disp_len) for s, i in zip(shard_of, picks)]
+        docs = [self._doc_at_ptr(int(shard_of[i]), int(ptrs[i]), max_disp_len) for i in picks]
         return {"cnt": int(cnt), "approx": bool(approx), "idxs": idxs, "documents": docs}
 
     def get_num_shards(self) -> int:

@@ -955,27 +955,22 @@ def rank_to_ptr(table, s, rank):
 
 
 @njit(nogil=True, cache=True)
-def sample_matches(table, seg, maxnum):
-    """maxnum draws, uniform over all matches (shards weighted by their counts, as infini-gram does):
-    (global match index, shard, byte pointer) each. numba's generator is per thread."""
-    S = table.shape[0]
-    total = 0
-    for s in range(S):
-        total += seg[s, 1] - seg[s, 0]
-    idxs = np.empty(maxnum, np.int64)
-    shards = np.empty(maxnum, np.int64)
-    ptrs = np.empty(maxnum, np.int64)
-    for d in range(maxnum):
-        idx = np.random.randint(0, total)
-        idxs[d] = idx
+def match_pointers(table, seg, idxs):
+    """(shard, byte pointer) of each match idxs[i], matches numbered as infini-gram does: shard by shard,
+    in suffix-array order within a shard (seg: each shard's rank range)."""
+    n = idxs.shape[0]
+    shards = np.empty(n, np.int64)
+    ptrs = np.empty(n, np.int64)
+    for d in range(n):
+        idx = idxs[d]
         s = 0
         while idx >= seg[s, 1] - seg[s, 0]:
             idx -= seg[s, 1] - seg[s, 0]
             s += 1
         shards[d] = s
-        ds, sa, ps, n = _shard(table, s)
+        ds, sa, ps, _ = _shard(table, s)
         ptrs[d] = _ptr(sa, ps, seg[s, 0] + idx)
-    return idxs, shards, ptrs
+    return shards, ptrs
 
 
 # -- building ------------------------------------------------------------------------------------------

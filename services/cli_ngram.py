@@ -60,7 +60,8 @@ def register(sub) -> None:
             q.add_argument("--max-diff-tokens", type=int, default=100, metavar="N",
                            help="the most tokens between the terms of a CNF match (default 100)")
         if op == "search":
-            q.add_argument("--maxnum", type=int, default=1, metavar="N", help="documents drawn (default 1)")
+            q.add_argument("--maxnum", type=int, default=1, metavar="N",
+                           help="matches drawn, each a different occurrence (default 1)")
             q.add_argument("--max-disp-len", type=int, default=100, metavar="N",
                            help="tokens shown around each match (default 100)")
         q.set_defaults(func=cmd_ngram)

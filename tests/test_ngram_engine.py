@@ -224,7 +224,8 @@ def test_search_docs_draws_real_matches(shards, q, maxnum):
         if r["cnt"] == 0:
             assert r["idxs"] == r["documents"] == []
             return
-        assert len(r["idxs"]) == len(r["documents"]) == maxnum
+        assert len(r["idxs"]) == len(r["documents"]) == min(maxnum, r["cnt"])
+        assert len(set(r["idxs"])) == len(r["idxs"]), "one match drawn twice"
         seg = e.find(q)["segment_by_shard"]
         for idx, d in zip(r["idxs"], r["documents"]):
             assert 0 <= idx < r["cnt"]
