@@ -10,7 +10,7 @@ import torch  # noqa: E402
 
 from retrogram.kernels.cca_attention import cca_attention, cca_attention_naive  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu"
+from retrogram.kernels.testing import DEV  # noqa: E402
 
 
 @pytest.mark.parametrize("B,T,C,L,N,HQ,HKV", [(2, 50, 16, 4, 24, 4, 2), (1, 64, 16, 4, 8, 2, 2), (2, 10, 16, 2, 20, 3, 1)])

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from retrogram.kernels.flash_decode import flash_decode, flash_decode_naive, sparse_decode  # noqa: E402
 from retrogram.kernels.flash_prefill import flash_prefill, flash_prefill_naive  # noqa: E402
 
-from kernel_helpers import DEV, DTYPE, TOL, poisoned, rel, rnd  # noqa: E402,F401
+from retrogram.kernels.testing import DEV, DTYPE, TOL, poisoned, rel, rnd, to_paged  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("B,T,S,HQ,HKV,D,causal", [
@@ -65,19 +65,6 @@ def test_flash_prefill_rejects_bad_shapes():
         flash_prefill(rnd(1, 4, 2, 48), rnd(1, 4, 2, 48), rnd(1, 4, 2, 48))
     with pytest.raises(ValueError, match="multiple"):
         flash_prefill(rnd(1, 4, 3, 32), rnd(1, 4, 2, 32), rnd(1, 4, 2, 32))
-
-
-def to_paged(k, v, page):
-    """Shuffled pages and their block table."""
-    B, S, H, D = k.shape
-    npg = -(-S // page)
-    perm = torch.randperm(B * npg, device=k.device).view(B, npg).to(torch.int32)
-    pad = npg * page - S
-    kp = torch.full((B * npg, page, H, D), float("nan"), device=k.device, dtype=k.dtype)
-    vp = torch.full_like(kp, float("nan"))
-    kp[perm.flatten().long()] = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(B * npg, page, H, D)
-    vp[perm.flatten().long()] = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)).view(B * npg, page, H, D)
-    return kp, vp, perm
 
 
 @pytest.mark.parametrize("B,TQ,HQ,HKV,D,S,splits", [

@@ -1,23 +1,96 @@
-"""The kernels compiled for a real GPU (bf16): runs bench/bench_kernels.py's correctness checks in a
-separate process (the CPU tests run Triton's interpreter in this one). Skips without CUDA."""
+"""The kernels compiled for a real GPU, in bf16 at sizes that reach every launch path, each against its float64
+reference (retrogram.kernels.testing: the same checks bench.kernels records beside its timings).
+
+Under the `gpu` marker; they skip without CUDA, and under Triton's interpreter, which the CPU kernel tests
+switch on for the whole process: run them as `TRITON_INTERPRET=0 pytest -m gpu`.
+"""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from retrogram.kernels import testing as kt
+from retrogram.kernels.testing import (FLASH_DECODE_CASES, FLASH_PREFILL_CASES, HIP_DECODE_SELECT_CASES,
+                                       HIP_PREFILL_MASS_CASES, MASS_BIG_T, MASS_SMALL_T, TOPK_SCAN_CASES,
+                                       TOPP_VARIANTS)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                       reason="Triton's interpreter is on in this process: run TRITON_INTERPRET=0 pytest -m gpu"),
+]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_kernels_on_gpu():
-    code = ("import sys, bench_kernels as b; b.checks(); "
-            "bad = [c for c in b.RESULTS['checks'] if not c['ok']]; "
-            "sys.exit(1 if bad or b.RESULTS['errors'] or not b.RESULTS['checks'] else 0)")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run([sys.executable, "-P", "-c", code], cwd=os.path.join(ROOT, "bench"), env=env,
-                       capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+def case_id(case) -> str:
+    return "-".join(str(x) for x in case)
+
+
+def assert_ok(check):
+    assert check.ok, check.record()
+
+
+@pytest.mark.parametrize("case", FLASH_PREFILL_CASES, ids=case_id)
+def test_flash_prefill(case):
+    assert_ok(kt.check_flash_prefill(*case))
+
+
+def test_flash_prefill_varlen():
+    assert_ok(kt.check_flash_prefill_varlen())
+
+
+@pytest.mark.parametrize("case", FLASH_DECODE_CASES, ids=case_id)
+def test_flash_decode(case):
+    assert_ok(kt.check_flash_decode(*case))
+
+
+@pytest.mark.parametrize("case", HIP_DECODE_SELECT_CASES, ids=case_id)
+def test_hip_decode_select_picks_the_multi_launch_blocks(case):
+    assert_ok(kt.check_hip_decode_select(*case))
+
+
+def test_hip_decode_paged():
+    assert_ok(kt.check_hip_decode_paged())
+
+
+def test_hip_prefill_block_sparse():
+    assert_ok(kt.check_hip_prefill())
+
+
+@pytest.mark.parametrize("case", HIP_PREFILL_MASS_CASES, ids=case_id)
+def test_hip_prefill_mass(case):
+    assert_ok(kt.check_hip_prefill_mass(*case))
+
+
+def test_vs_prefill_block_sparse():
+    assert_ok(kt.check_vs_prefill())
+
+
+def test_block_sparse_prefill():
+    assert_ok(kt.check_block_sparse_prefill())
+
+
+def test_cca():
+    assert_ok(kt.check_cca())
+
+
+@pytest.mark.parametrize("T", MASS_SMALL_T)
+def test_sampled_block_mass(T):
+    assert_ok(kt.check_sampled_block_mass(T))
+
+
+@pytest.mark.parametrize("T", MASS_SMALL_T)
+def test_mass_vertical_slash_scores(T):
+    assert_ok(kt.check_mass_vertical_slash_scores(T))
+
+
+@pytest.mark.parametrize("variant", TOPP_VARIANTS)
+@pytest.mark.parametrize("T", MASS_BIG_T)
+def test_topp_block_list(T, variant):
+    assert_ok(kt.check_topp_block_list(T, variant))
+
+
+@pytest.mark.parametrize("case", TOPK_SCAN_CASES, ids=case_id)
+def test_topk_scan(case):
+    assert_ok(kt.check_topk_scan(*case))

@@ -23,7 +23,7 @@ from retrogram.kernels.hip_attention import (bound_rows, bound_score_naive, boun
                                              score_naive, score_triton)
 from retrogram.kernels.quality import sparse_quality  # noqa: E402
 
-from kernel_helpers import DEV, DTYPE, TOL, poisoned, rel, rnd  # noqa: E402,F401
+from retrogram.kernels.testing import DEV, DTYPE, TOL, poisoned, rel, rnd, to_paged  # noqa: E402,F401
 
 
 def random_lists(B, HI, nqb, nkb, maxk):
@@ -260,11 +260,7 @@ def test_hip_decode_matches_reference(paged):
     table = None
     kc, vc = k, v
     if paged:
-        table = torch.randperm(B * 8, device=DEV).view(B, 8).to(torch.int32)
-        kc = torch.empty(B * 8, 32, HKV, D, device=DEV, dtype=DTYPE)
-        vc = torch.empty_like(kc)
-        kc[table.flatten().long()] = k.view(B * 8, 32, HKV, D)
-        vc[table.flatten().long()] = v.view(B * 8, 32, HKV, D)
+        kc, vc, table = to_paged(k, v, 32)
     sel = hip_decode_select(q, kc, seqlens, S, block_size_k=bk, topk=3, n_sink=1, n_local=2, block_table=table)
     assert sel.shape == (B, HKV, 3)
     o = hip_decode(q, kc, vc, sel, seqlens, table, block_size_k=bk, n_sink=1, n_local=2, out=poisoned(q))
@@ -288,10 +284,7 @@ def test_hip_decode_select_kernel(B, TQ, HQ, HKV, S, topk, n_rep, page):
         seqlens[-1] = 70  # fewer middle blocks than topk: empty segments
     kc, table = k, None
     if page is not None:
-        npg = -(-S // page)
-        table = torch.randperm(B * npg, device=DEV).view(B, npg).to(torch.int32)
-        kc = torch.full((B * npg, page, HKV, D), float("nan"), device=DEV, dtype=DTYPE)
-        kc[table.flatten().long()] = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, npg * page - S)).view(B * npg, page, HKV, D)
+        kc, _, table = to_paged(k, k, page)
     sel = hip_decode_select(q, kc, seqlens, S, block_size_k=bk, topk=topk, n_sink=1, n_local=2, n_rep=n_rep,
                             block_table=table)
     ref = hip_decode_select_naive(q, kc, seqlens, S, bk, topk, 1, 2, n_rep, table)
