@@ -4,7 +4,7 @@
     engine = Engine("IDX")                          # a retrogram index (its IDX/ngram/ shards)
     engine = Engine(["shards_a", "shards_b"])       # or directories of infini-gram v4 shard files
     engine.count([791, 2198, 282])                  # {'count': 12, 'approx': False}
-    engine.count_text("to be or not")               # the same, tokenized with the index's tokenizer
+    engine.count_text("to be or not")               # the words, wherever they stand (see text_forms)
 
 Every method takes token ids (a list of ints or a 1-d integer numpy array) and returns what infini-gram's
 `InfiniGramEngine` method of the same name returns, with the same keys, so its users can switch. Counts
@@ -24,6 +24,10 @@ over several shards are added. Differences, all deliberate:
   replacement; infini-gram draws with replacement, so it can return one match twice, certainly when
   there are fewer matches than `maxnum`). The generator is unseeded, as infini-gram's is, so the
   matches drawn differ run to run; `cnt` and `approx` are the same.
+- Text queries (the `*_text` methods but `score_text`) mean the words wherever they stand, not the text's
+  own token sequence (see `text_forms`): count, search, prob and ntd add up the words' mid-line and
+  line-start forms; infgram_prob / infgram_ntd back off along the mid-line form; exact=True takes the
+  text as typed. `tokenize` is the plain tokenizer.
 - `count_many` and `score_sequence` are ours (batched forms, one compiled call each).
 
 Opening an engine computes each shard's prefix buckets (kernels.prefix_buckets: the first suffix-array
@@ -45,6 +49,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..index.errors import IndexFormatError, UserError
+from ..index.handle import Index
+from ..index.manifest import MANIFEST
 from . import kernels
 from .shards import DTYPE_NAMES, DTYPES, Shard, open_shards, separator, shard_table
 
@@ -72,11 +78,96 @@ def distinct_draws(n: int, k: int) -> np.ndarray:
     return np.sort(np.random.default_rng().choice(n, size=min(k, n), replace=False)).astype(np.int64)
 
 
+def text_forms(tokenize, text: str, exact: bool = False) -> list[list[int]]:
+    """The token sequences that a text query stands for (tokenize: the index's tokenizer, text -> ids).
+
+    A byte-level BPE tokenizer writes a word differently after a space (' king', one token) than at the
+    start of a text or line ('king'), so the text's own tokens, as typed, match only where its first word
+    follows a newline or punctuation, opens a document, or ends a longer word. A user means the words
+    wherever they stand:
+    - default: the words after a space (tokenize(' ' + text): mid-line, where words almost always are)
+      and at the start of a line (tokenize('\\n' + text): the newline token is part of that match). A text
+      that starts with whitespace is taken as typed (the user gave its first word's context). Words that
+      open a document, with nothing before them, are found only with exact=True.
+    - exact: the text's own token sequence as typed (anywhere, also inside longer words).
+    A form that another form begins with is dropped (the other's matches are its own), so no two forms
+    match at one position and their counts add up exactly. The mid-line form comes first.
+    """
+    if not isinstance(text, str):
+        raise QueryError(f"text: expected a string, got {type(text).__name__}")
+    if not text.strip():
+        raise QueryError(f"text: {text!r} has no words to look for")
+    if exact or text[0].isspace():
+        return [[int(t) for t in tokenize(text)]]
+    forms: list[list[int]] = []
+    for ids in ([int(t) for t in tokenize(" " + text)], [int(t) for t in tokenize("\n" + text)]):
+        if any(ids[:len(f)] == f for f in forms):   # a kept form begins it: already counted
+            continue
+        forms = [f for f in forms if f[:len(ids)] != ids] + [ids]
+    return forms
+
+
+def count_forms(engine, forms: list[list[int]]) -> dict:
+    """`count` of every form (see text_forms) and their sum: {'count', 'approx', 'forms': [{'tokens',
+    'count'}]}. engine: an Engine or an NgramClient."""
+    counts = [int(engine.count(f)["count"]) for f in forms]
+    return {"count": sum(counts), "approx": False,
+            "forms": [{"tokens": f, "count": n} for f, n in zip(forms, counts)]}
+
+
+def search_forms(engine, forms: list[list[int]], maxnum: int | None = None, max_disp_len: int | None = None) -> dict:
+    """`search_docs` over the matches of all forms together: min(maxnum, cnt) distinct matches drawn
+    uniformly among them (each form gets as many as a draw without replacement gives it); idxs number the
+    matches form after form. engine: an Engine or an NgramClient."""
+    counted = count_forms(engine, forms)
+    cnts = [f["count"] for f in counted["forms"]]
+    out = {"cnt": counted["count"], "approx": False, "idxs": [], "documents": [], "forms": counted["forms"]}
+    if counted["count"] == 0:
+        return out
+    maxnum = getattr(engine, "maxnum", 1) if maxnum is None else maxnum
+    per_form = np.random.default_rng().multivariate_hypergeometric(cnts, min(maxnum, counted["count"]))
+    base = 0
+    for f, n, k in zip(forms, cnts, per_form.tolist()):
+        if k:
+            r = engine.search_docs(f, maxnum=k, max_disp_len=max_disp_len)
+            out["idxs"] += [base + i for i in r["idxs"]]
+            out["documents"] += r["documents"]
+        base += n
+    return out
+
+
+
+def prob_forms(engine, forms: list[list[int]]) -> dict:
+    """`prob` of the last token after the tokens before it, every form's counts added (forms whose last
+    token is not the first form's are left out: a one-token text asks the probability of its mid-line
+    token). engine: an Engine or an NgramClient."""
+    forms = [f for f in forms if f[-1] == forms[0][-1]]
+    rs = [engine.prob(f[:-1], f[-1]) for f in forms]
+    prompt_cnt, cont_cnt = sum(r["prompt_cnt"] for r in rs), sum(r["cont_cnt"] for r in rs)
+    return {"prompt_cnt": prompt_cnt, "cont_cnt": cont_cnt, "prob": cont_cnt / prompt_cnt if prompt_cnt else -1.0,
+            "forms": [{"tokens": f, "prompt_cnt": r["prompt_cnt"], "cont_cnt": r["cont_cnt"]} for f, r in zip(forms, rs)]}
+
+
+def ntd_forms(engine, forms: list[list[int]], max_support: int | None = None) -> dict:
+    """`ntd` after the words wherever they stand: every form's next-token counts added.
+    engine: an Engine or an NgramClient."""
+    rs = [engine.ntd(f, max_support) for f in forms]
+    prompt_cnt = sum(r["prompt_cnt"] for r in rs)
+    cont: dict[int, int] = {}
+    for r in rs:
+        for t, c in r["result_by_token_id"].items():
+            cont[t] = cont.get(t, 0) + c["cont_cnt"]
+    return {"prompt_cnt": prompt_cnt, "result_by_token_id": {t: {"cont_cnt": c, "prob": c / prompt_cnt}
+                                                             for t, c in cont.items()},
+            "approx": any(r["approx"] for r in rs),
+            "forms": [{"tokens": f, "prompt_cnt": r["prompt_cnt"]} for f, r in zip(forms, rs)]}
+
 class Engine:
     """Exact n-gram statistics over one or more sets of infini-gram v4 shards (see the module doc).
 
-    index: a retrogram index directory (built with its `ngram` stage), a directory of infini-gram shard
-        files (tokenized.K, table.K, offset.K[, metadata.K, metaoff.K]), or a list of them, queried together.
+    index: a retrogram index (an `Index`, or its directory; built with its `ngram` stage), a directory of
+        infini-gram shard files (tokenized.K, table.K, offset.K[, metadata.K, metaoff.K]), or a list of
+        them, queried together.
     token_dtype: 'u8' | 'u16' | 'u32'; read from the manifest, else inferred from the files; when given,
         the files must agree.
     eos_token_id: the id reported for "end of document" in next-token distributions (default: the
@@ -86,11 +177,11 @@ class Engine:
     The other arguments are the defaults of the methods' arguments of the same names.
     """
 
-    def __init__(self, index: str | Path | Sequence[str | Path], *, token_dtype: str | None = None,
+    def __init__(self, index: Index | str | Path | Sequence[Index | str | Path], *, token_dtype: str | None = None,
                  eos_token_id: int | None = None, vocab_size: int | None = None, max_support: int = 1000,
                  max_clause_freq: int = 50000, max_diff_tokens: int = 100, maxnum: int = 1,
                  max_disp_len: int = 1000) -> None:
-        dirs = [index] if isinstance(index, (str, Path)) else list(index)
+        dirs = [index] if isinstance(index, (Index, str, Path)) else list(index)
         if not dirs:
             raise UserError("index: expected at least one index or shard directory")
         if token_dtype is not None and token_dtype not in DTYPE_NAMES:
@@ -103,10 +194,11 @@ class Engine:
 
         width = DTYPE_NAMES[token_dtype] if token_dtype else None
         self.shards: list[Shard] = []
-        self.index_dirs: list[Path] = []      # the retrogram indexes among the inputs
+        self.indexes: list[Index] = []        # the retrogram indexes among the inputs
+        self.index_dirs: list[Path] = []      # their directories
         self.tokenizer_info: dict | None = None
-        for d in map(Path, dirs):
-            shard_dir, manifest_width = self._resolve(d)
+        for d in dirs:
+            d, shard_dir, manifest_width = self._resolve(d)
             if manifest_width is not None:
                 if width is not None and width != manifest_width:
                     raise IndexFormatError(f"{d}: an index of u{8 * manifest_width} tokens, but "
@@ -135,16 +227,15 @@ class Engine:
         self._doc_cnt = int(self._table[:, kernels.DOC_CNT].sum())
         self._doc_base = np.concatenate([[0], np.cumsum(self._table[:, kernels.DOC_CNT])]).astype(np.int64)
         self._tokenizer = None
-        self._store = None
         self._lock = threading.Lock()
 
-    def _resolve(self, d: Path) -> tuple[Path, int | None]:
-        """(directory of shard files, token width from the manifest or None) for one input directory."""
-        if (d / "manifest.json").is_file():
-            from ..index.manifest import Manifest
-
-            manifest = Manifest.load(d)
-            manifest.require_stage(d, "ngram")
+    def _resolve(self, d: Index | str | Path) -> tuple[Path, Path, int | None]:
+        """(the input's directory, directory of shard files, token width from the manifest or None) for one
+        input: a retrogram index (its ngram/ shards) or a directory of shard files."""
+        if isinstance(d, Index) or (Path(d) / MANIFEST).is_file():
+            index = Index.of(d)
+            index.require("ngram")
+            d, manifest = index.dir, index.manifest
             if self.tokenizer_info is not None and manifest.tokenizer.get("sha256") != self.tokenizer_info.get("sha256"):
                 raise IndexFormatError(
                     f"{d}: built with tokenizer {manifest.tokenizer.get('name')!r} (sha256 "
@@ -153,9 +244,10 @@ class Engine:
                     "shards queried together must share one tokenizer")
             if self.tokenizer_info is None:
                 self.tokenizer_info = dict(manifest.tokenizer)
+            self.indexes.append(index)
             self.index_dirs.append(d)
-            return d / NGRAM_DIR, manifest.token_width
-        return d, None
+            return d, d / NGRAM_DIR, manifest.token_width
+        return Path(d), Path(d), None
 
     # -- argument checks (the boundary) ---------------------------------------------------------------
 
@@ -463,11 +555,7 @@ class Engine:
             return get_document(self._open_store(), int(doc_ix))
 
     def _open_store(self):
-        if self._store is None:
-            from ..index.store import open_store
-
-            self._store = open_store(self.index_dirs[0])
-        return self._store
+        return self.indexes[0].store
 
     # -- text -----------------------------------------------------------------------------------------
 
@@ -478,9 +566,7 @@ class Engine:
             if not self.index_dirs:
                 raise UserError("text queries need a retrogram index (its tokenizer); these shards are bare "
                                 "infini-gram files: pass token ids")
-            from ..index.tokenizer import load_index_tokenizer
-
-            self._tokenizer = load_index_tokenizer(self.index_dirs[0])
+            self._tokenizer = self.indexes[0].tokenizer
         return self._tokenizer
 
     def tokenize(self, text: str) -> list[int]:
@@ -491,41 +577,47 @@ class Engine:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
 
-    def count_text(self, text: str) -> dict:
-        return self.count(self.tokenize(text))
+    def text_forms(self, text: str, exact: bool = False) -> list[list[int]]:
+        """The token sequences a text query stands for: the words after a space and at a line start, or with
+        exact=True the text's own tokens (see the module function `text_forms`)."""
+        return text_forms(self.tokenize, text, exact)
 
-    def prob_text(self, text: str) -> dict:
-        """P(last token of text | the tokens before it)."""
-        ids = self.tokenize(text)
-        if not ids:
-            raise QueryError("text: empty; it needs at least the token whose probability is asked")
-        return self.prob(ids[:-1], ids[-1])
+    def count_text(self, text: str, exact: bool = False) -> dict:
+        """The count of the words wherever they stand (every form added; 'forms': each one's tokens and count)."""
+        return count_forms(self, self.text_forms(text, exact))
 
-    def ntd_text(self, text: str, max_support: int | None = None) -> dict:
-        return self.ntd(self.tokenize(text), max_support)
+    def prob_text(self, text: str, exact: bool = False) -> dict:
+        """P(last token of text | the tokens before it), the words wherever they stand (see prob_forms)."""
+        return prob_forms(self, self.text_forms(text, exact))
 
-    def infgram_prob_text(self, text: str) -> dict:
-        ids = self.tokenize(text)
-        if not ids:
-            raise QueryError("text: empty; it needs at least the token whose probability is asked")
+    def ntd_text(self, text: str, max_support: int | None = None, exact: bool = False) -> dict:
+        return ntd_forms(self, self.text_forms(text, exact), max_support)
+
+    def infgram_prob_text(self, text: str, exact: bool = False) -> dict:
+        """infgram_prob of the words as they read mid-line (the ∞-gram backs off along one sequence)."""
+        ids = self.text_forms(text, exact)[0]
         return self.infgram_prob(ids[:-1], ids[-1])
 
-    def infgram_ntd_text(self, text: str, max_support: int | None = None) -> dict:
-        return self.infgram_ntd(self.tokenize(text), max_support)
+    def infgram_ntd_text(self, text: str, max_support: int | None = None, exact: bool = False) -> dict:
+        return self.infgram_ntd(self.text_forms(text, exact)[0], max_support)
 
-    def search_docs_text(self, text: str, maxnum: int | None = None, max_disp_len: int | None = None) -> dict:
-        return self.search_docs(self.tokenize(text), maxnum, max_disp_len)
+    def search_docs_text(self, text: str, maxnum: int | None = None, max_disp_len: int | None = None,
+                         exact: bool = False) -> dict:
+        return search_forms(self, self.text_forms(text, exact), maxnum, max_disp_len)
 
-    def cnf_from_text(self, cnf_text: list[list[str]]) -> list[list[list[int]]]:
-        return [[self.tokenize(term) for term in clause] for clause in cnf_text]
+    def cnf_from_text(self, cnf_text: list[list[str]], exact: bool = False) -> list[list[list[int]]]:
+        """Each term becomes one alternative of its clause per form."""
+        return [[f for term in clause for f in self.text_forms(term, exact)] for clause in cnf_text]
 
-    def count_cnf_text(self, cnf_text: list[list[str]], max_clause_freq=None, max_diff_tokens=None) -> dict:
-        return self.count_cnf(self.cnf_from_text(cnf_text), max_clause_freq, max_diff_tokens)
+    def count_cnf_text(self, cnf_text: list[list[str]], max_clause_freq=None, max_diff_tokens=None,
+                       exact: bool = False) -> dict:
+        return self.count_cnf(self.cnf_from_text(cnf_text, exact), max_clause_freq, max_diff_tokens)
 
     def search_docs_cnf_text(self, cnf_text: list[list[str]], maxnum=None, max_disp_len=None,
-                             max_clause_freq=None, max_diff_tokens=None) -> dict:
-        return self.search_docs_cnf(self.cnf_from_text(cnf_text), maxnum, max_disp_len, max_clause_freq,
+                             max_clause_freq=None, max_diff_tokens=None, exact: bool = False) -> dict:
+        return self.search_docs_cnf(self.cnf_from_text(cnf_text, exact), maxnum, max_disp_len, max_clause_freq,
                                     max_diff_tokens)
 
     def score_text(self, text: str) -> dict:
+        """score_sequence of the text's own tokens, as typed (a whole text, not words to look for)."""
         return self.score_sequence(self.tokenize(text))

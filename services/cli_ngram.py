@@ -1,6 +1,6 @@
 """`retrogram ngram ...`: n-gram queries on an index from the command line.
 
-    retrogram ngram count --index IDX "to be or not"            # the count of the text's token sequence
+    retrogram ngram count --index IDX "to be or not"            # the words, wherever they stand (see below)
     retrogram ngram count --index IDX --ids 12,34 --json        # {"count": N, "approx": false, "tokens": [12, 34]}
     retrogram ngram count --index IDX --cnf "king AND queen OR prince"
     retrogram ngram prob --index IDX "to be or"                  # P(last token | the tokens before it)
@@ -10,8 +10,13 @@
     retrogram ngram doc --index IDX 42                           # document 42
     retrogram ngram count --index IDX --file queries.txt         # one query per line, one JSON object per line
 
-A query is TEXT (tokenized with the index's tokenizer) or --ids (comma-separated token ids). Results are the
-engine's (infini-gram's result fields); --json prints them with the query's "tokens".
+A query is TEXT (tokenized with the index's tokenizer) or --ids (comma-separated token ids). The tokenizer
+writes a word differently after a space than at the start of a line, so TEXT means the words wherever they
+stand: count, search (and each --cnf term), prob and ntd find them after a space and at the start of a line
+and add the two; infgram-prob and infgram-ntd back off along the words as they read mid-line. --exact takes
+the text's own token sequence as typed instead (which also matches a document's first words, and inside
+longer words). The token ids used are printed: with --json as "tokens", or "forms" (each sequence with its
+counts).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..index.errors import UserError
@@ -26,12 +32,12 @@ from .cli_common import add_json_flag, console, print_json
 from .cli_serve import add_server_flag
 
 OPS = {
-    "count": "the count of a token sequence (or of a CNF with --cnf)",
+    "count": "the count of the words (or token ids, or a CNF with --cnf)",
     "prob": "P(last token | the tokens before it)",
     "ntd": "the distribution of the token after the sequence",
     "infgram-prob": "P(last token | the longest suffix of the tokens before it that occurs)",
     "infgram-ntd": "the next-token distribution after the longest suffix that occurs",
-    "search": "documents that contain the sequence (or match --cnf)",
+    "search": "documents that contain the words (or token ids, or match --cnf)",
 }
 
 
@@ -42,7 +48,11 @@ def register(sub) -> None:
     for op, help_ in OPS.items():
         q = ops.add_parser(op, help=help_, description=help_)
         _common(q)
-        q.add_argument("text", nargs="?", default=None, metavar="TEXT", help="the query text")
+        q.add_argument("text", nargs="?", default=None, metavar="TEXT",
+                       help="the query text: its words after a space or at the start of a line (see --exact)")
+        q.add_argument("--exact", action="store_true",
+                       help="TEXT (and --file / --cnf text) as the token sequence of the text exactly as typed, "
+                            "instead of the words wherever they stand")
         q.add_argument("--ids", default=None, metavar="A,B,...", help="the query as comma-separated token ids")
         q.add_argument("--file", type=Path, default=None, metavar="F",
                        help="one query per line (text, or ids with --ids-per-line); prints one JSON object per line")
@@ -103,8 +113,9 @@ def parse_ids(s: str, what: str = "--ids") -> list[int]:
     return ids
 
 
-def parse_cnf(expr: str, to_ids) -> list[list[list[int]]]:
-    """'a AND b OR c' -> [[a], [b, c]] (AND binds looser than OR), each term through to_ids."""
+def parse_cnf(expr: str, to_forms) -> list[list[list[int]]]:
+    """'a AND b OR c' -> [[a], [b, c]] (AND binds looser than OR); to_forms(term) gives the token sequences a
+    term stands for, each one more alternative of its clause."""
     clauses = [c.strip() for c in expr.split(" AND ")]
     if not expr.strip() or any(not c for c in clauses):
         raise UserError(f"--cnf: expected terms joined by AND / OR, got {expr!r}")
@@ -113,24 +124,50 @@ def parse_cnf(expr: str, to_ids) -> list[list[list[int]]]:
         terms = [t.strip() for t in clause.split(" OR ")]
         if any(not t for t in terms):
             raise UserError(f"--cnf: an empty term in {clause!r}")
-        cnf.append([to_ids(t) for t in terms])
+        cnf.append([form for t in terms for form in to_forms(t)])
     return cnf
 
 
-def run_query(engine, args, ids: list[int] | None, cnf_text: str | None, as_ids: bool) -> dict:
+@dataclass
+class Query:
+    """One query of the command line. forms: the token sequences it stands for (one for ids; for text, the
+    words after a space and at a line start, see ngram.engine.text_forms)."""
+
+    forms: list[list[int]] | None
+    cnf: str | None
+    as_ids: bool
+
+
+def _text_forms(engine, args, text: str) -> list[list[int]]:
+    from ..ngram.engine import text_forms
+
+    return text_forms(engine.tokenize, text, args.exact)
+
+
+def run_query(engine, args, q: Query) -> dict:
+    from ..ngram.engine import count_forms, ntd_forms, prob_forms, search_forms
+
     op = args.op
-    if cnf_text is not None:
-        cnf = parse_cnf(cnf_text, (lambda t: parse_ids(t, "--cnf")) if as_ids else engine.tokenize)
+    if q.cnf is not None:
+        to_forms = (lambda t: [parse_ids(t, "--cnf")]) if q.as_ids else (lambda t: _text_forms(engine, args, t))
+        cnf = parse_cnf(q.cnf, to_forms)
         if op == "count":
             out = engine.count_cnf(cnf, args.max_clause_freq, args.max_diff_tokens)
         else:
             out = engine.search_docs_cnf(cnf, args.maxnum, args.max_disp_len, args.max_clause_freq, args.max_diff_tokens)
         return {**out, "cnf": cnf}
+    if not q.as_ids and op in ("count", "search", "prob", "ntd"):   # every form of the words, counts added
+        if op == "count":
+            return count_forms(engine, q.forms)
+        if op == "search":
+            return search_forms(engine, q.forms, args.maxnum, args.max_disp_len)
+        if op == "prob":
+            return prob_forms(engine, q.forms)
+        return ntd_forms(engine, q.forms, args.max_support)
+    ids = q.forms[0]   # ids, or the words as they read mid-line (infgram ops back off along one sequence)
     if op == "count":
         out = engine.count(ids)
     elif op in ("prob", "infgram-prob"):
-        if not ids:
-            raise UserError("the query needs at least one token (the one whose probability is asked)")
         fn = engine.prob if op == "prob" else engine.infgram_prob
         out = fn(ids[:-1], ids[-1])
     elif op in ("ntd", "infgram-ntd"):
@@ -142,13 +179,13 @@ def run_query(engine, args, ids: list[int] | None, cnf_text: str | None, as_ids:
 
 
 def _queries(engine, args):
-    """(ids or None, cnf text or None) for each query the arguments give."""
+    """The Query of each query the arguments give."""
     cnf = getattr(args, "cnf", None)
     given = sum(x is not None for x in (args.text, args.ids, args.file))
     if cnf is not None:
         if args.text is not None or args.file is not None:
             raise UserError("--cnf: give the expression alone (not with TEXT or --file)")
-        yield None, cnf, args.ids is not None or args.ids_per_line
+        yield Query(None, cnf, args.ids is not None or args.ids_per_line)
         return
     if given != 1:
         raise UserError("give exactly one query: TEXT, --ids A,B,... or --file F")
@@ -160,18 +197,20 @@ def _queries(engine, args):
                 line = line.rstrip("\n")
                 if not line.strip():
                     continue
-                ids = parse_ids(line, f"--file {args.file} line {n}") if args.ids_per_line else engine.tokenize(line)
-                yield ids, None, args.ids_per_line
+                if args.ids_per_line:
+                    yield Query([parse_ids(line, f"--file {args.file} line {n}")], None, True)
+                else:
+                    yield Query(_text_forms(engine, args, line), None, False)
     elif args.ids is not None:
-        yield parse_ids(args.ids), None, True
+        yield Query([parse_ids(args.ids)], None, True)
     else:
-        yield engine.tokenize(args.text), None, False
+        yield Query(_text_forms(engine, args, args.text), None, False)
 
 
 def cmd_ngram(args) -> int:
     engine = _open(args)
-    for ids, cnf, as_ids in _queries(engine, args):
-        out = run_query(engine, args, ids, cnf, as_ids)
+    for q in _queries(engine, args):
+        out = run_query(engine, args, q)
         if args.json or args.file is not None:
             print_json(out)
         else:
@@ -186,24 +225,51 @@ def _tok(engine, t: int) -> str:
         return str(t)
 
 
+def _ids_text(engine, ids: list[int]) -> str:
+    """'comma,separated,ids' and what they decode to: the token ids a query used, shown to the user."""
+    return f"{','.join(map(str, ids))}  {_decode_repr(engine, ids)}"
+
+
+def _decode_repr(engine, ids: list[int]) -> str:
+    try:
+        return repr(engine.decode(ids))
+    except UserError:
+        return ""
+
+
+def _print_forms(engine, out: dict) -> None:
+    if "forms" in out:   # count: the form's count; prob: cont_cnt / prompt_cnt; ntd: prompt_cnt
+        for f in out["forms"]:
+            n = f["count"] if "count" in f else f"{f['cont_cnt']} / {f['prompt_cnt']}" if "cont_cnt" in f else f["prompt_cnt"]
+            print(f"  {n:>8}  {_ids_text(engine, f['tokens'])}")
+    elif "cnf" in out:
+        for c, clause in enumerate(out["cnf"]):
+            print(("  AND " if c else "      ") + " | ".join(_ids_text(engine, t) for t in clause))
+
+
 def _print_human(engine, args, out: dict) -> None:
     op = args.op
     approx = " (approximate)" if out.get("approx") else ""
+    tokens = f"  tokens {_ids_text(engine, out['tokens'])}" if "tokens" in out else ""
     if op == "count":
-        print(out["count"])
+        print(f"{out['count']}{tokens}")
+        _print_forms(engine, out)
         if approx:
             console.print(f"[yellow]approximate[/]: a clause was subsampled (--max-clause-freq {args.max_clause_freq})")
     elif op in ("prob", "infgram-prob"):
         suffix = f"  suffix_len={out['suffix_len']}" if "suffix_len" in out else ""
-        print(f"{out['prob']:.6g}  ({out['cont_cnt']} / {out['prompt_cnt']}){suffix}")
+        print(f"{out['prob']:.6g}  ({out['cont_cnt']} / {out['prompt_cnt']}){suffix}{tokens}")
+        _print_forms(engine, out)
     elif op in ("ntd", "infgram-ntd"):
         suffix = f"  suffix_len={out['suffix_len']}" if "suffix_len" in out else ""
-        print(f"prompt_cnt={out['prompt_cnt']}{suffix}{approx}")
+        print(f"prompt_cnt={out['prompt_cnt']}{suffix}{approx}{tokens}")
+        _print_forms(engine, out)
         ranked = sorted(out["result_by_token_id"].items(), key=lambda kv: -kv[1]["cont_cnt"])
         for t, r in ranked[:args.top]:
             print(f"{r['prob']:.4f}  {r['cont_cnt']:>8}  {t:>6}  {_tok(engine, t)}")
     else:
-        print(f"cnt={out['cnt']}{approx}")
+        print(f"cnt={out['cnt']}{approx}{tokens}")
+        _print_forms(engine, out)
         for idx, d in zip(out["idxs"], out["documents"]):
             text = _decode(engine, d["token_ids"])
             print(f"--- match {idx}: document {d['doc_ix']} ({d['doc_len']} tokens), match at token "

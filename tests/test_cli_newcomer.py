@@ -65,10 +65,70 @@ def _brute_count(docs: list[list[int]], seq: list[int]) -> int:
 
 @pytest.fixture(scope="module")
 def docs(ngram_index) -> list[list[int]]:
-    from retrogram.index.stages.tokenize import TokenStream
+    """Every document's token ids (from the n-gram shards, whose tokens are the token stream's)."""
+    from retrogram.ngram import Engine
 
-    stream = TokenStream.open(ngram_index)
-    return [stream.doc(i).tolist() for i in range(stream.n_docs)]
+    e = Engine(ngram_index)
+    return [e.get_doc_by_ix(i, 10_000_000)["token_ids"] for i in range(e.get_total_doc_cnt())]
+
+
+# ------------------------------------------------------------------------------- text queries: the words
+
+def _line_start_phrase(small_corpus) -> str:
+    """Three words that open a line of the corpus (mid-line or not elsewhere)."""
+    import json
+
+    text = json.loads(small_corpus.read_text().splitlines()[1])["text"]
+    for line in text.splitlines()[40:]:
+        words = line.split()
+        if len(words) >= 4 and all(w.isalpha() for w in words[:3]) and not line[0].isspace():
+            return " ".join(words[:3])
+    raise AssertionError("no line to take a phrase from")
+
+
+def test_text_queries_count_the_words_wherever_they_stand(ngram_index, docs, small_corpus, capsys):
+    from retrogram.ngram import Engine
+
+    e = Engine(ngram_index)
+    tok = e.tokenize
+    for text in ["king", "my lord", _line_start_phrase(small_corpus)]:
+        mid, start = tok(" " + text), tok("\n" + text)
+        assert e.decode(mid) == " " + text and e.decode(start) == "\n" + text
+        want = _brute_count(docs, mid) + _brute_count(docs, start)
+        code, out, _ = _cli(capsys, "ngram", "count", "--index", ngram_index, text, "--json")
+        assert code == 0
+        assert json.loads(out) == {"count": want, "approx": False, "forms": [
+            {"tokens": mid, "count": _brute_count(docs, mid)}, {"tokens": start, "count": _brute_count(docs, start)}]}
+        assert e.count_text(text)["count"] == want
+        code, out, _ = _cli(capsys, "ngram", "count", "--index", ngram_index, text)   # the ids shown without --json
+        lines = out.splitlines()
+        assert lines[0] == str(want) and ",".join(map(str, mid)) in lines[1] and ",".join(map(str, start)) in lines[2]
+        # --exact: the text's own tokens, as typed
+        code, out, _ = _cli(capsys, "ngram", "count", "--index", ngram_index, text, "--json", "--exact")
+        assert json.loads(out)["count"] == _brute_count(docs, tok(text)) and json.loads(out)["forms"][0]["tokens"] == tok(text)
+    phrase = _line_start_phrase(small_corpus)
+    assert _brute_count(docs, tok("\n" + phrase)) >= 1   # the line-start form is what finds this one
+    # the help's CNF example: every term in both forms, each an alternative of its clause
+    code, out, _ = _cli(capsys, "ngram", "count", "--index", ngram_index, "--cnf", "king AND queen OR prince", "--json")
+    res = json.loads(out)
+    forms = [e.text_forms(t) for t in ("king", "queen", "prince")]
+    assert res["cnf"] == [forms[0], forms[1] + forms[2]]
+    assert res["count"] == e.count_cnf([forms[0], forms[1] + forms[2]])["count"] > 0
+    # prob and ntd: both forms' counts added; the infgram ops back off along the mid-line form
+    mid, start = tok(" my good"), tok("\nmy good")
+    code, out, _ = _cli(capsys, "ngram", "prob", "--index", ngram_index, "my good", "--json")
+    r = json.loads(out)
+    assert [f["tokens"] for f in r["forms"]] == [mid, start]
+    assert r["cont_cnt"] == _brute_count(docs, mid) + _brute_count(docs, start) > 0
+    assert r["prompt_cnt"] == _brute_count(docs, mid[:-1]) + _brute_count(docs, start[:-1])
+    code, out, _ = _cli(capsys, "ngram", "ntd", "--index", ngram_index, "my", "--json")
+    r = json.loads(out)
+    assert r["prompt_cnt"] == _brute_count(docs, tok(" my")) + _brute_count(docs, tok("\nmy"))
+    assert r["result_by_token_id"][str(mid[-1])]["cont_cnt"] == _brute_count(docs, mid) + _brute_count(docs, start)
+    code, out, _ = _cli(capsys, "ngram", "prob", "--index", ngram_index, "my good")   # ids shown without --json
+    assert ",".join(map(str, mid)) in out and ",".join(map(str, start)) in out
+    code, out, _ = _cli(capsys, "ngram", "infgram-prob", "--index", ngram_index, "my good", "--json")
+    assert json.loads(out)["tokens"] == mid
 
 
 # ------------------------------------------------------------------------------- search: distinct matches
@@ -98,7 +158,12 @@ def test_search_never_draws_one_match_twice(ngram_index, docs, capsys):
     assert r["idxs"] == list(range(cnt)) and all(_is_match(d, [few]) for d in r["documents"])
     r = e.search_docs(few, maxnum=cnt - 1, max_disp_len=9)
     assert len(set(r["idxs"])) == len(r["documents"]) == cnt - 1
-    # a CNF: find_cnf lists a location once per pairing of its clauses; each is drawn once
+    # the words' forms together, and a CNF: every draw a different match too
+    forms = e.text_forms("my lord")
+    code, out, _ = _cli(capsys, "ngram", "search", "--index", ngram_index, "my lord", "--maxnum", 10_000, "--json")
+    r = json.loads(out)
+    total = sum(_brute_count(docs, f) for f in forms)
+    assert r["cnt"] == total and sorted(r["idxs"]) == list(range(total)) and all(_is_match(d, forms) for d in r["documents"])
     cnf = [[e.tokenize(" my")], [e.tokenize(" good")]]
     ptrs = e.find_cnf(cnf)["ptrs_by_shard"][0]
     assert len(set(ptrs)) < len(ptrs), "find_cnf lists one location once per pairing: the test needs such a case"

@@ -188,13 +188,14 @@ def test_text_queries(ngram_index):
     text = TokenStream.open(ngram_index)
     phrase = e.decode(text.doc(1)[100:108].tolist())
     ids = e.tokenize(phrase)
-    assert e.count_text(phrase) == e.count(ids) and e.count(ids)["count"] >= 1
-    assert e.prob_text(phrase) == e.prob(ids[:-1], ids[-1])
-    assert e.infgram_prob_text(phrase)["suffix_len"] == len(ids) - 1
-    assert e.search_docs_text(phrase)["cnt"] == e.count(ids)["count"]
+    # exact=True: the text's own tokens (the words wherever they stand: tests/test_cli_newcomer.py)
+    assert e.count_text(phrase, exact=True)["count"] == e.count(ids)["count"] >= 1
+    assert e.prob_text(phrase, exact=True) == e.prob(ids[:-1], ids[-1])
+    assert e.infgram_prob_text(phrase, exact=True)["suffix_len"] == len(ids) - 1
+    assert e.search_docs_text(phrase, exact=True)["cnt"] == e.count(ids)["count"]
     scored = e.score_text(phrase)
     assert len(scored["prob"]) == len(ids) and (scored["prob"] > 0).all()
-    with pytest.raises(QueryError, match="text: empty"):
+    with pytest.raises(QueryError, match="text: '' has no words"):
         e.prob_text("")
 
 
@@ -208,8 +209,8 @@ def test_cli(ngram_index, tmp_path, capsys):
     idx = str(ngram_index)
     e = Engine(ngram_index)
     ids = e.tokenize(" the king")
-    code, out, _ = _cli(capsys, "ngram", "count", "--index", idx, " the king")
-    assert code == 0 and out.strip() == str(e.count(ids)["count"])
+    code, out, _ = _cli(capsys, "ngram", "count", "--index", idx, " the king")   # leading space: as typed
+    assert code == 0 and out.splitlines()[0] == str(e.count(ids)["count"])
     code, out, _ = _cli(capsys, "ngram", "count", "--index", idx, "--json", "--ids", ",".join(map(str, ids)))
     assert json.loads(out) == {"count": e.count(ids)["count"], "approx": False, "tokens": ids}
     queries = tmp_path / "q.txt"
@@ -226,9 +227,9 @@ def test_cli(ngram_index, tmp_path, capsys):
     code, out, _ = _cli(capsys, "ngram", "search", "--index", idx, "--json", "--cnf", " king AND lord OR queen",
                         "--maxnum", "2")
     res = json.loads(out)
-    assert res["cnt"] == e.count_cnf_text([["king"], ["lord", "queen"]])["count"]   # terms as typed, stripped
+    assert res["cnt"] == e.count_cnf_text([["king"], ["lord", "queen"]])["count"]   # terms stripped: the words
     code, out, _ = _cli(capsys, "ngram", "count", "--index", idx, "--cnf", " king AND lord OR queen")
-    assert int(out.strip()) == res["cnt"]
+    assert int(out.splitlines()[0]) == res["cnt"]
     code, out, _ = _cli(capsys, "ngram", "doc", "--index", idx, "--json", "1", "--max-disp-len", "5")
     assert json.loads(out)["token_ids"] == TokenStream.open(ngram_index).doc(1)[:5].tolist()
     # bad input: one line on stderr, exit 2
