@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ OPS = {
     "infgram-ntd": "the next-token distribution after the longest suffix that occurs",
     "search": "documents that contain the words (or token ids, or match --cnf)",
 }
+# The engine's argument names in its error messages -> what the user typed (see _name_the_flag).
+ENGINE_QUERY_ARGS = re.compile(r"^(input_ids|prompt_ids|cont_id|text|cnf (clause \d+ term \d+)|doc_ix)(?=:)")
 
 
 def register(sub) -> None:
@@ -90,6 +93,7 @@ def _common(q) -> None:
 
 
 def _open(args):
+    _check_numbers(args)
     if args.server:   # a running `retrogram serve`: the client has the engine's methods and results
         if args.index:
             raise UserError("--index and --server: give one (the server opens the index)")
@@ -101,6 +105,35 @@ def _open(args):
     from ..ngram import Engine
 
     return Engine(args.index if len(args.index) > 1 else args.index[0])
+
+
+def _check_numbers(args) -> None:
+    """The numeric flags, named as typed (the engine would name its own arguments)."""
+    from ..ngram.engine import LIMITS
+
+    for name, (lo, hi) in LIMITS.items():
+        v = getattr(args, name, None)
+        if v is not None and not lo <= v <= hi:
+            raise UserError(f"--{name.replace('_', '-')} {v}: expected an integer in [{lo:,}, {hi:,}]")
+    top = getattr(args, "top", None)
+    if top is not None and top < 1:
+        raise UserError(f"--top {top}: expected a positive number of tokens to show")
+
+
+def _name_the_flag(e: UserError, flag: str) -> UserError:
+    """An engine's or server's error about the query, its argument name replaced by the flag that gave it."""
+    from .client import ServiceError
+
+    def rename(msg: str) -> str:
+        m = ENGINE_QUERY_ARGS.match(msg)
+        if m is None:
+            return msg
+        where = f"{flag} {m.group(2)}" if m.group(2) else ("DOC_IX" if m.group(1) == "doc_ix" else flag)
+        return where + msg[m.end():]
+
+    if isinstance(e, ServiceError):
+        return ServiceError(e.target, e.method, e.code, rename(e.details))
+    return UserError(rename(str(e)))
 
 
 def parse_ids(s: str, what: str = "--ids") -> list[int]:
@@ -131,17 +164,21 @@ def parse_cnf(expr: str, to_forms) -> list[list[list[int]]]:
 @dataclass
 class Query:
     """One query of the command line. forms: the token sequences it stands for (one for ids; for text, the
-    words after a space and at a line start, see ngram.engine.text_forms)."""
+    words after a space and at a line start, see ngram.engine.text_forms); flag: where it came from."""
 
     forms: list[list[int]] | None
     cnf: str | None
     as_ids: bool
+    flag: str
 
 
-def _text_forms(engine, args, text: str) -> list[list[int]]:
+def _text_forms(engine, args, text: str, flag: str) -> list[list[int]]:
     from ..ngram.engine import text_forms
 
-    return text_forms(engine.tokenize, text, args.exact)
+    try:
+        return text_forms(engine.tokenize, text, args.exact)
+    except UserError as e:
+        raise _name_the_flag(e, flag) from None
 
 
 def run_query(engine, args, q: Query) -> dict:
@@ -149,7 +186,7 @@ def run_query(engine, args, q: Query) -> dict:
 
     op = args.op
     if q.cnf is not None:
-        to_forms = (lambda t: [parse_ids(t, "--cnf")]) if q.as_ids else (lambda t: _text_forms(engine, args, t))
+        to_forms = (lambda t: [parse_ids(t, "--cnf")]) if q.as_ids else (lambda t: _text_forms(engine, args, t, "--cnf"))
         cnf = parse_cnf(q.cnf, to_forms)
         if op == "count":
             out = engine.count_cnf(cnf, args.max_clause_freq, args.max_diff_tokens)
@@ -185,7 +222,7 @@ def _queries(engine, args):
     if cnf is not None:
         if args.text is not None or args.file is not None:
             raise UserError("--cnf: give the expression alone (not with TEXT or --file)")
-        yield Query(None, cnf, args.ids is not None or args.ids_per_line)
+        yield Query(None, cnf, args.ids is not None or args.ids_per_line, "--cnf")
         return
     if given != 1:
         raise UserError("give exactly one query: TEXT, --ids A,B,... or --file F")
@@ -197,20 +234,24 @@ def _queries(engine, args):
                 line = line.rstrip("\n")
                 if not line.strip():
                     continue
+                flag = f"--file {args.file} line {n}"
                 if args.ids_per_line:
-                    yield Query([parse_ids(line, f"--file {args.file} line {n}")], None, True)
+                    yield Query([parse_ids(line, flag)], None, True, flag)
                 else:
-                    yield Query(_text_forms(engine, args, line), None, False)
+                    yield Query(_text_forms(engine, args, line, flag), None, False, flag)
     elif args.ids is not None:
-        yield Query([parse_ids(args.ids)], None, True)
+        yield Query([parse_ids(args.ids)], None, True, "--ids")
     else:
-        yield Query(_text_forms(engine, args, args.text), None, False)
+        yield Query(_text_forms(engine, args, args.text, "TEXT"), None, False, "TEXT")
 
 
 def cmd_ngram(args) -> int:
     engine = _open(args)
     for q in _queries(engine, args):
-        out = run_query(engine, args, q)
+        try:
+            out = run_query(engine, args, q)
+        except UserError as e:
+            raise _name_the_flag(e, q.flag) from None
         if args.json or args.file is not None:
             print_json(out)
         else:
@@ -284,19 +325,30 @@ def _decode(engine, ids: list[int]) -> str:
         return ",".join(map(str, ids))
 
 
+def document_metadata(meta: str):
+    """A document's metadata line (JSON in a retrogram index) as an object; a line that is not JSON stays text."""
+    meta = meta.strip()
+    if not meta:
+        return {}
+    try:
+        return json.loads(meta)
+    except json.JSONDecodeError:
+        return meta
+
+
 def cmd_doc(args) -> int:
     engine = _open(args)
-    d = engine.get_doc_by_ix(args.doc_ix, args.max_disp_len)
+    try:
+        d = engine.get_doc_by_ix(args.doc_ix, args.max_disp_len)
+    except UserError as e:
+        raise _name_the_flag(e, "DOC_IX") from None
+    meta = document_metadata(d["metadata"])
     if args.json:
-        print_json({**d, "text": _decode(engine, d["token_ids"])})
+        print_json({**d, "metadata": meta, "text": _decode(engine, d["token_ids"])})
         return 0
-    meta = d["metadata"].strip()
     print(f"document {d['doc_ix']}: {d['doc_len']} tokens (showing {d['disp_len']})")
     if meta:
-        try:
-            print(json.dumps(json.loads(meta), ensure_ascii=False))
-        except json.JSONDecodeError:
-            print(meta)
+        print(json.dumps(meta, ensure_ascii=False) if not isinstance(meta, str) else meta)
     print(_decode(engine, d["token_ids"]))
     sys.stdout.flush()
     return 0

@@ -82,19 +82,29 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_neighbours)
 
 
+def _check_k(k: int, n: int | None = None) -> None:
+    if k < 1:
+        raise UserError(f"--k {k}: expected a positive number of neighbours")
+    if n is not None and k > n:
+        raise UserError(f"--k {k}: larger than the index ({n:,} chunks)")
+
+
 def cmd_retrieve(args) -> int:
     from ..index.retriever import Retriever
 
+    _check_k(args.k)
     if args.server:   # a running `retrogram serve`: the client's search() gives the same Neighbours
         if args.index:
             raise UserError("--index and --server: give one (the server opens the index)")
         from .client import connect
 
         r = connect(args.server, "retriever")
+        _check_k(args.k, int(r.info()[0]["num_chunks"]))
     elif not args.index:
         raise UserError("--index DIR is required (or --server HOST:PORT to ask a running server)")
     else:
         r = Retriever.open(args.index, nprobe=args.nprobe, ef_search=args.ef_search, device=args.device)
+        _check_k(args.k, r.n_chunks)
     results = r.search(args.text, k=args.k, exclude_docs=args.exclude_doc)
     if args.json:
         print_json([{"query": q, "neighbours": [n.to_dict() for n in ns]} for q, ns in zip(args.text, results)])
@@ -115,7 +125,9 @@ def cmd_neighbours(args) -> int:
 
     if args.batch <= 0:
         raise UserError(f"--batch {args.batch}: expected a positive number of chunks")
+    _check_k(args.k)
     r = Retriever.open(args.index, nprobe=args.nprobe, ef_search=args.ef_search)
+    _check_k(args.k, r.n_chunks)
     with make_progress(not args.no_progress and not args.json) as progress:
         info = r.precompute_neighbours(args.out, k=args.k, batch=args.batch, progress=progress)
     if args.json:

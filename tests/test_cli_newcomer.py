@@ -170,3 +170,52 @@ def test_search_never_draws_one_match_twice(ngram_index, docs, capsys):
     r = e.search_docs_cnf(cnf, maxnum=10_000, max_disp_len=9)
     assert r["cnt"] == len(ptrs) and len(set(r["idxs"])) == len(r["documents"]) == len(set(ptrs))
     assert all(_is_match(d, [t for clause in cnf for t in clause]) for d in r["documents"])
+
+
+# ------------------------------------------------------------------------------- errors name the flags
+
+def test_errors_name_the_flag_not_the_engine_argument(ngram_index, small_corpus, tmp_path, capsys):
+    idx = str(ngram_index)
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("1,2\n3,49152\n")
+    for argv, message in [
+        (["ngram", "count", "--index", idx, "--ids", "49152"], "--ids: token id 49152 is outside the vocabulary"),
+        (["ngram", "prob", "--index", idx, "--ids", "1,49152"], "--ids: token id 49152 is outside the vocabulary"),
+        (["ngram", "count", "--index", idx, "--ids", "65535"], "--ids: token id 65535 is the document separator"),
+        (["ngram", "count", "--index", idx, "--cnf", "1 AND 49152", "--ids-per-line"],
+         "--cnf clause 1 term 0: token id 49152 is outside the vocabulary"),
+        (["ngram", "count", "--index", idx, "--file", ids_file, "--ids-per-line"],
+         f"--file {ids_file} line 2: token id 49152 is outside the vocabulary"),
+        (["ngram", "count", "--index", idx, "   "], "TEXT: '   ' has no words to look for"),
+        (["ngram", "ntd", "--index", idx, "--top", "-1", "my lord"], "--top -1: expected a positive number"),
+        (["ngram", "ntd", "--index", idx, "--top", "0", "my lord"], "--top 0: expected a positive number"),
+        (["ngram", "ntd", "--index", idx, "--max-support", "0", "x"], "--max-support 0: expected an integer in [1, "),
+        (["ngram", "search", "--index", idx, "--maxnum", "0", "x"], "--maxnum 0: expected an integer in [1, 10,000]"),
+        (["ngram", "doc", "--index", idx, "99"], "DOC_IX: expected an integer in [0, 4)"),
+        (["retrieve", "--index", tmp_path / "none", "--k", "0", "who?"], "--k 0: expected a positive number of neighbours"),
+        (["neighbours", "--index", tmp_path / "none", "--out", tmp_path / "n.npy", "--k", "-1"],
+         "--k -1: expected a positive number of neighbours"),
+    ]:
+        code, out, err = _cli(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
+        assert err.split(": error: ", 1)[1].startswith(("--", "TEXT", "DOC_IX")), err   # what the user typed
+    # --top K shows K rows, no fewer
+    code, out, _ = _cli(capsys, "ngram", "ntd", "--index", idx, "my", "--top", "3")
+    assert code == 0 and len(out.splitlines()) == 1 + 2 + 3   # the counts, the two forms, three tokens
+    # the same names through a server (the server's INVALID_ARGUMENT, its argument named as the user typed it)
+    from retrogram.services.launch import ThreadServer
+    from retrogram.services.ngram_service import NgramServicer
+
+    with ThreadServer([NgramServicer(ngram_index)]).load() as server:
+        code, out, err = _cli(capsys, "ngram", "count", "--server", server.address, "--ids", "49152")
+        assert code == 2 and "--ids: token id 49152 is outside the vocabulary" in err and "INVALID_ARGUMENT" in err
+
+
+def test_ngram_doc_json_metadata_is_an_object(ngram_index, small_corpus, capsys):
+    record = json.loads(small_corpus.read_text().splitlines()[1])
+    code, out, _ = _cli(capsys, "ngram", "doc", "--index", ngram_index, "1", "--json", "--max-disp-len", "5")
+    d = json.loads(out)
+    assert code == 0 and isinstance(d["metadata"], dict)
+    assert d["metadata"]["external_id"] == record["id"] and d["metadata"]["metadata"] == {"collection": record["collection"]}
+    code, out, _ = _cli(capsys, "ngram", "doc", "--index", ngram_index, "1", "--max-disp-len", "5")
+    assert json.loads(out.splitlines()[1]) == d["metadata"]

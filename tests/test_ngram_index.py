@@ -235,13 +235,13 @@ def test_cli(ngram_index, tmp_path, capsys):
     # bad input: one line on stderr, exit 2
     for argv, message in [
         (["ngram", "count", "--index", idx, "--ids", "1,x"], "--ids: expected comma-separated integer token ids"),
-        (["ngram", "count", "--index", idx, "--ids", "65535"], "input_ids: token id 65535 is the document separator"),
-        (["ngram", "count", "--index", idx, "--ids", "49152"], "input_ids: token id 49152 is outside the vocabulary"),
-        (["ngram", "ntd", "--index", idx, "--max-support", "0", "x"], "max_support: expected an integer"),
-        (["ngram", "search", "--index", idx, "--maxnum", "0", "x"], "maxnum: expected an integer"),
+        (["ngram", "count", "--index", idx, "--ids", "65535"], "--ids: token id 65535 is the document separator"),
+        (["ngram", "count", "--index", idx, "--ids", "49152"], "--ids: token id 49152 is outside the vocabulary"),
+        (["ngram", "ntd", "--index", idx, "--max-support", "0", "x"], "--max-support 0: expected an integer"),
+        (["ngram", "search", "--index", idx, "--maxnum", "0", "x"], "--maxnum 0: expected an integer"),
         (["ngram", "count", "--index", idx], "give exactly one query"),
         (["ngram", "count", "--index", str(tmp_path / "nope"), "x"], "no such directory"),
-        (["ngram", "doc", "--index", idx, "99"], "doc_ix: expected an integer in [0, 4)"),
+        (["ngram", "doc", "--index", idx, "99"], "DOC_IX: expected an integer in [0, 4)"),
     ]:
         code, out, err = _cli(capsys, *argv)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
