@@ -14,6 +14,9 @@ from .cli_common import console, print_json
 SERVICES = ("ngram", "retriever")
 DEFAULT_PORTS = {"ngram": 50051, "retriever": 50052}
 INDEX_ENV = "RETROGRAM_INDEX"
+# Set in the environment of a server that a parent (the stack, the demo) starts: the child then leaves its
+# startup error to the parent, which reads it from the child's "failed" event and says it once.
+CHILD_ENV = "RETROGRAM_SERVER_CHILD"
 
 SERVE_HELP = """\
 Serve an index over gRPC.
@@ -134,12 +137,49 @@ def cmd_serve(args) -> int:
         raise UserError(f"--index: required (or set ${INDEX_ENV})")
     if args.service == "all":
         return serve_stack(args)
-    from .serving import serve, setup_logging
+    from .serving import print_event, serve, setup_logging
 
     setup_logging(args.log_level)
     port = args.port if args.port is not None else DEFAULT_PORTS[args.service]
-    svc = make_service(args.service, args.index)
-    return serve([svc], _config(args, port))
+    try:
+        try:
+            check_port(args.host, port, "--port")
+            svc, config = make_service(args.service, args.index), _config(args, port)
+        except UserError as e:   # serve() announces its own failures
+            print_event("failed", services=[args.service], error=str(e))
+            raise
+        return serve([svc], config)
+    except UserError as e:
+        if os.environ.get(CHILD_ENV) == "1":
+            return e.exit_code   # the parent says why, from the "failed" event
+        raise
+
+
+def check_port(host: str, port: int, flag: str) -> None:
+    """Refuse a port out of range or one that something already listens on, naming the flag (grpc itself
+    would log a C-level error line and raise a RuntimeError that says only "Failed to bind")."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"{flag} {port}: expected a port number in [0, 65535] (0: any free port)")
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except OSError:
+        return   # an unknown host: grpc says so
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as grpc binds: a TIME_WAIT port is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"{flag} {port}: {host}:{port} is already in use (another server is listening "
+                                "there); stop it or choose another port") from None
+            if e.errno == errno.EACCES:
+                raise UserError(f"{flag} {port}: not allowed to listen on {host}:{port} (ports below 1024 need "
+                                "privileges); choose another port") from None
 
 
 # ---------------------------------------------------------------------------------------------- stack
@@ -188,9 +228,11 @@ def serve_stack(args) -> int:
         raise UserError("--port is for a single service (retrogram serve ngram --port P); "
                         "use --ngram-port / --retriever-port for the stack")
     names, why = stack_services(args.index)
+    ports = {"ngram": args.ngram_port, "retriever": args.retriever_port}
+    for name in names:
+        check_port(args.host, ports[name], f"--{name}-port")
     for name, reason in why.items():
         console.print(f"[yellow]not serving {name}[/]: {reason}")
-    ports = {"ngram": args.ngram_port, "retriever": args.retriever_port}
     children: list[ServerProcess] = []
     stop = threading.Event()
     old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -198,12 +240,11 @@ def serve_stack(args) -> int:
     try:
         for name in names:   # all start loading at once
             children.append(ServerProcess(name, args.index, ports[name], args.host, _child_args(args, name),
-                                          capture_stderr=False))
+                                          env={CHILD_ENV: "1"}, capture_stderr=False))
         for c in children:
             ev = c.wait_event({"serving", "failed", "exited"}, args.startup_timeout)
             if ev is None or ev["event"] != "serving":
-                msg = ev.get("error") if ev and ev.get("error") else f"did not start (exit {c.proc.poll()})"
-                raise UserError(f"{c.service} service: {msg}")
+                raise UserError(f"{c.service} service: {startup_failure(c, ev, args.startup_timeout)}")
             console.print(f"[bold green]{c.service:<9}[/] serving {args.index} on {c.address}")
             print_json({"event": "serving", "service": c.service, "address": c.address})
         console.print("[dim]Ctrl-C to stop[/]")
@@ -223,6 +264,23 @@ def serve_stack(args) -> int:
             signal.signal(s, h)
     console.print("stopped")
     return rc
+
+
+def startup_failure(child, ev: dict | None, timeout: float) -> str:
+    """Why a child server did not start, in one line: its "failed" event's error, else how it ended."""
+    import subprocess
+
+    if ev is not None and ev.get("error"):
+        return ev["error"]
+    if ev is None:
+        return f"not serving after {timeout:g} s"
+    try:
+        rc = child.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        rc = None
+    lines = [ln for ln in (child.stderr_text.splitlines() if child.proc.stderr is not None else []) if ln.strip()]
+    last = f": {lines[-1].strip()}" if lines else ""
+    return f"exited (code {rc}) before serving{last}"
 
 
 # --------------------------------------------------------------------------------------------- health

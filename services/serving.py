@@ -658,14 +658,17 @@ class Server:
         for s in self.services:
             await self._health.set(s.full_name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        if cfg.tls_cert is not None:
-            creds = grpc.ssl_server_credentials(
-                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
-                root_certificates=Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None,
-                require_client_auth=cfg.tls_client_ca is not None)
-            port = server.add_secure_port(cfg.address, creds)
-        else:
-            port = server.add_insecure_port(cfg.address)
+        try:
+            if cfg.tls_cert is not None:
+                creds = grpc.ssl_server_credentials(
+                    [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                    root_certificates=Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None,
+                    require_client_auth=cfg.tls_client_ca is not None)
+                port = server.add_secure_port(cfg.address, creds)
+            else:
+                port = server.add_insecure_port(cfg.address)
+        except RuntimeError:   # grpc's "Failed to bind to address ..."
+            port = 0
         if not port:
             raise UserError(f"cannot listen on {cfg.address} (address in use or not available)")
         await server.start()
@@ -674,7 +677,13 @@ class Server:
         if cfg.metrics_port is not None:
             from prometheus_client import start_http_server
 
-            start_http_server(cfg.metrics_port, addr=cfg.host.strip("[]"), registry=self._metrics.registry)
+            try:
+                start_http_server(cfg.metrics_port, addr=cfg.host.strip("[]"), registry=self._metrics.registry)
+            except OSError as e:
+                await server.stop(0)
+                self._server = None
+                raise UserError(f"--metrics-port {cfg.metrics_port}: cannot serve metrics on "
+                                f"{cfg.host}:{cfg.metrics_port} ({e.strerror or e})") from None
         _log(logging.INFO, "listening", services=[s.name for s in self.services], address=self.address,
              tls=cfg.tls_cert is not None, api_keys=len(cfg.api_keys), metrics_port=cfg.metrics_port,
              io_cpu=cfg.io_cpu)
@@ -736,12 +745,17 @@ def print_event(event: str, stream=None, **fields) -> None:
 
 async def serve_async(services: list[Service], config: ServeConfig, announce: bool = True) -> int:
     """Run a server until SIGTERM/SIGINT: check the indexes, bind, announce, load, serve, drain, exit."""
-    validate_config(config)
-    for s in services:
-        s.check_index()
-    server = Server(services, config)
-    await server.start()
     names = [s.name for s in services]
+    try:
+        validate_config(config)
+        for s in services:
+            s.check_index()
+        server = Server(services, config)
+        await server.start()
+    except UserError as e:   # whoever started this process reads why from the event (`retrogram serve`'s stack)
+        if announce:
+            print_event("failed", services=names, error=str(e))
+        raise
     if announce:
         print_event("listening", services=names, address=server.address, port=server.port,
                     tls=config.tls_cert is not None)
@@ -756,7 +770,7 @@ async def serve_async(services: list[Service], config: ServeConfig, announce: bo
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, sig)
-    rc = 0
+    failed = None
     loader = asyncio.ensure_future(server.load())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([loader, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -767,8 +781,7 @@ async def serve_async(services: list[Service], config: ServeConfig, announce: bo
         log.error("index_load_failed", exc_info=e if code == grpc.StatusCode.INTERNAL else None,
                   extra={"fields": {"services": names, "error": msg}})
         print_event("failed", services=names, error=msg)
-        print(f"retrogram serve: error: {msg}", file=sys.stderr)
-        rc = 2
+        failed = msg
         stop.set()
     elif loader.done():
         if announce:
@@ -779,7 +792,9 @@ async def serve_async(services: list[Service], config: ServeConfig, announce: bo
     _log(logging.INFO, "shutting_down", signal=got.get("signal"), grace_s=config.grace_s)
     await server.stop()
     _log(logging.INFO, "stopped", services=names)
-    return rc
+    if failed is not None:
+        raise UserError(failed)   # the CLI prints it on one line, exit 2
+    return 0
 
 
 def serve(services: list[Service], config: ServeConfig, announce: bool = True) -> int:

@@ -219,3 +219,56 @@ def test_ngram_doc_json_metadata_is_an_object(ngram_index, small_corpus, capsys)
     assert d["metadata"]["external_id"] == record["id"] and d["metadata"]["metadata"] == {"collection": record["collection"]}
     code, out, _ = _cli(capsys, "ngram", "doc", "--index", ngram_index, "1", "--max-disp-len", "5")
     assert json.loads(out.splitlines()[1]) == d["metadata"]
+
+
+# ------------------------------------------------------------------------------- serve: a port in use
+
+def _retrogram(*argv, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    from retrogram.services.launch import retrogram_command
+
+    return subprocess.run(retrogram_command(*map(str, argv)), capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _servers_of(index) -> list[str]:
+    """Command lines of running processes that serve this index (the children a command started)."""
+    found = []
+    for p in os.listdir("/proc"):
+        try:
+            argv = open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "serve" in argv and str(index) in argv:
+            found.append(" ".join(argv))
+    return found
+
+
+@pytest.fixture
+def busy_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def _one_error_line(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "add_port" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and r.stderr.rstrip().endswith(errors[0]), r.stderr
+    return errors[0]
+
+
+def test_serve_port_in_use_is_one_line_and_exit_2(ngram_index, busy_port):
+    line = _one_error_line(_retrogram("serve", "ngram", "--index", ngram_index, "--port", busy_port))
+    assert f"--port {busy_port}: 127.0.0.1:{busy_port} is already in use" in line
+    line = _one_error_line(_retrogram("serve", "--index", ngram_index, "--ngram-port", busy_port))
+    assert f"--ngram-port {busy_port}: 127.0.0.1:{busy_port} is already in use" in line
+    # a child of the stack that fails after it started (its metrics port taken): the stack says which service
+    # and why, once (the child leaves its own error line to the stack), and leaves nothing running
+    line = _one_error_line(_retrogram("serve", "--index", ngram_index, "--ngram-port", 0, "--metrics-port", busy_port))
+    assert f"ngram service: --metrics-port {busy_port}: cannot serve metrics on 127.0.0.1:{busy_port}" in line
+    assert _servers_of(ngram_index) == []
+    line = _one_error_line(_retrogram("serve", "ngram", "--index", ngram_index, "--port", 70000))
+    assert "--port 70000: expected a port number in [0, 65535]" in line
