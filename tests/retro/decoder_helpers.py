@@ -46,7 +46,7 @@ def run_schedule(model, cache, seqs: dict, schedule):
     for step in schedule:
         ids = [s for s, _ in step]
         ns = [n for _, n in step]
-        toks = torch.cat([torch.as_tensor(seqs[s][done[s]:done[s] + n], dtype=torch.int64) for s, n in step])
+        toks = torch.cat([torch.as_tensor(seqs[s][done[s]:done[s] + n], dtype=torch.int64) for s, n in step]).to(model.device)
         assert all(len(seqs[s]) >= done[s] + n for s, n in step), "schedule runs past a sequence"
         batch, pos = prepare_step(cache, ids, ns)
         with torch.inference_mode():
