@@ -11,37 +11,41 @@
    automatic warp specialization). (The first runs timed a one-loop copy of the core with TMA, before
    TMA went into the kernel: `kernels_variants_h200.log`.)
 4. flash_prefill with its K/V tiles by TMA and by pointers, beside SDPA, at 16k and 64k.
-Prints a table per section; writes $OUT/kernels_variants_h200.json.
+Prints a table per section; results kernels_variants_<tag>.json, where each section run replaces that
+section only (each keeps the stamp of its run).
 
-    python bench/bench_kernels_variants.py          # on the GPU
-    TRITON_INTERPRET=1 python bench/bench_kernels_variants.py   # CPU smoke (tiny sizes, no TMA variants)
+    python -m bench.kernels.variants [--sections read est core flash]     # on the GPU
+    TRITON_INTERPRET=1 python -m bench.kernels.variants --smoke           # CPU (tiny sizes, no TMA variants)
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import sys
 import time
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_kernels as bk  # noqa: E402
-from bench_kernels import log  # noqa: E402
+from bench import common
+from bench.common import gpu_ms, layers_ms, log
+from bench.kernels.inputs import density_lists, prefill_flops, sdpa_flash
+from retrogram.kernels import testing as kt
+from retrogram.kernels.block_sparse import block_sparse_attention, sampled_block_mass
+from retrogram.kernels.block_sparse import ops as bso
+from retrogram.kernels.flash_decode import flash_decode
+from retrogram.kernels.utils import LOG2E, is_interpret
 
-from retrogram.kernels.block_sparse import block_sparse_attention, sampled_block_mass  # noqa: E402
-from retrogram.kernels.block_sparse import ops as bso  # noqa: E402
-from retrogram.kernels.flash_decode import flash_decode  # noqa: E402
-from retrogram.kernels.utils import LOG2E  # noqa: E402
+DEV = "cuda" if common.on_gpu() else "cpu"
+DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
+INTERP = is_interpret()
+# per section run: its rows and its checks (each variant against the current code)
+R: dict = {}
+SECTION = ""   # the section running
 
-DEV = bk.DEV if torch.cuda.is_available() else "cpu"
-bk.DEV = DEV
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-R: dict = {"est": [], "core": [], "read": [], "checks": []}
+
+def rnd(*shape):
+    return kt.rnd(*shape, device=DEV, dtype=DTYPE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,12 +254,12 @@ def read_kv(k, v, out, n_prog, block_n, num_warps, num_stages):
 
 
 def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    return kt.rel(a, b.double())
 
 
 def check(name, err, tol):
     ok = err == err and err < tol
-    R["checks"].append({"name": name, "err": err, "ok": ok})
+    R[SECTION]["checks"].append({"name": name, "err": err, "ok": ok})
     log(f"check {name:<40} {'ok ' if ok else 'FAIL'} {err:.2e}")
 
 
@@ -277,20 +281,20 @@ def timed_variant(section, label, run, err_of, tol, base, **info):
     try:
         err = err_of(run())
         check(f"{section} {label}", err, tol)
-        ms = bk.bench_ms(run, rep=50)
+        ms = gpu_ms(run, rep=50)
     except Exception as e:
         log(f"  {section} variant {label} failed: {e!r}"[:300])
         return
-    R[section].append({**info, "variant": label, "ms": ms, "x_current": base / ms, "err": err})
+    R[section]["rows"].append({**info, "variant": label, "ms": ms, "x_current": base / ms, "err": err})
     log(f"  {section} {label}: {ms:.2f} ms ({base / ms:.2f}x current)")
 
 
 def estimator_section(T, H=32, D=128, bq=128, rows=4):
-    q, k = bk.rnd(1, T, H, D), bk.rnd(1, T, H, D)
+    q, k = rnd(1, T, H, D), rnd(1, T, H, D)
     ref = sampled_block_mass(q, k, bq, 64, rows)
-    base = bk.bench_ms(lambda: sampled_block_mass(q, k, bq, 64, rows), rep=50)
+    base = gpu_ms(lambda: sampled_block_mass(q, k, bq, 64, rows), rep=50)
     cfg = getattr(bso.block_mass_fwd_kernel, "best_config", None)
-    R["est"].append({"T": T, "variant": "current", "ms": base, "cfg": str(cfg)})
+    R["est"]["rows"].append({"T": T, "variant": "current", "ms": base, "cfg": str(cfg)})
     log(f"estimator T={T}: current {base:.2f} ms ({cfg})")
     for bm, kpt, w, st in EST_VARIANTS if not INTERP else [(16, 1, 4, 1), (16, 2, 4, 1)]:
         with held_to(bso.block_mass_fwd_kernel, triton.Config({"BLOCK_M": bm, "KPT": kpt}, num_warps=w,
@@ -301,15 +305,13 @@ def estimator_section(T, H=32, D=128, bq=128, rows=4):
 
 
 def core_section(T, density, H=32, D=128, bq=128):
-    from bench_kernels_mass import density_lists
-
-    q, k, v = bk.rnd(1, T, H, D), bk.rnd(1, T, H, D), bk.rnd(1, T, H, D)
+    q, k, v = rnd(1, T, H, D), rnd(1, T, H, D), rnd(1, T, H, D)
     bi, bc = density_lists(T, H, density, dev=DEV, block_size_q=bq)
     o = torch.empty_like(q)
     ref = block_sparse_attention(q, k, v, bi, bc, bq, 64).float()
-    base = bk.bench_ms(lambda: block_sparse_attention(q, k, v, bi, bc, bq, 64, out=o), rep=30)
+    base = gpu_ms(lambda: block_sparse_attention(q, k, v, bi, bc, bq, 64, out=o), rep=30)
     cfg = getattr(bso.block_sparse_fwd_kernel, "best_config", None)
-    R["core"].append({"T": T, "density": density, "variant": "current", "ms": base, "cfg": str(cfg)})
+    R["core"]["rows"].append({"T": T, "density": density, "variant": "current", "ms": base, "cfg": str(cfg)})
     log(f"core T={T} density {density}: current {base:.2f} ms ({cfg})")
     o2 = torch.full_like(q, float("nan"))
     for tma, w, st in CORE_VARIANTS:
@@ -330,12 +332,12 @@ def core_section(T, density, H=32, D=128, bq=128):
 def read_section(S=32768, HKV=8, H=32, D=128):
     nbytes = 2 * S * HKV * D * 2
     L = max(2, -(-(2**30) // nbytes)) if DEV == "cuda" else 2
-    ks = [bk.rnd(1, S, HKV, D) for _ in range(L)]
-    vs = [bk.rnd(1, S, HKV, D) for _ in range(L)]
+    ks = [rnd(1, S, HKV, D) for _ in range(L)]
+    vs = [rnd(1, S, HKV, D) for _ in range(L)]
     out = torch.empty(1 << 16, device=DEV, dtype=torch.float32)
     got = read_kv(ks[0], vs[0], out, 264, 64, 4, 3).sum()
     check("read kernel sum", rel(got, ks[0].float().sum() + vs[0].float().sum()), 1e-3)
-    q = bk.rnd(1, 1, H, D)
+    q = rnd(1, 1, H, D)
     o = torch.empty_like(q)
     seqlens = torch.full((1,), S, device=DEV, dtype=torch.int32)
 
@@ -343,7 +345,7 @@ def read_section(S=32768, HKV=8, H=32, D=128):
         return [lambda i=i: fn(i) for i in range(L)]
 
     rows = {}
-    rows["flash_decode"] = bk.bench_layers_ms(layers(lambda i: flash_decode(q, ks[i], vs[i], seqlens=seqlens,
+    rows["flash_decode"] = layers_ms(layers(lambda i: flash_decode(q, ks[i], vs[i], seqlens=seqlens,
                                                                             max_seqlen=S, out=o)), graph=True)
     scratch = (torch.empty(8 * 4096 * 16 * D, device=DEV, dtype=torch.float32),
                torch.empty(8 * 4096 * 16, device=DEV, dtype=torch.float32),
@@ -357,27 +359,27 @@ def read_section(S=32768, HKV=8, H=32, D=128):
         for compute in (True, False):
             for combine in (True, False):
                 rows[f"dec p={n_prog} bn={bn} w={w} s={st} bs={bs} compute={int(compute)} combine={int(combine)}"] = \
-                    bk.bench_layers_ms(layers(lambda i, a=(n_prog, bn, w, st, compute, combine, bs):
+                    layers_ms(layers(lambda i, a=(n_prog, bn, w, st, compute, combine, bs):
                                               dec_v(q, ks[i], vs[i], o2, scratch, *a[:6], block_s=a[6])), graph=True)
     # bf16 partials: half the bytes the combine reads
     scratch16 = (scratch[0].to(torch.bfloat16), scratch[1], scratch[2])
     dec_v(q, ks[0], vs[0], o2, scratch16, 256, 64, 4, 3, True, True, block_s=32)
     check("dec_v bf16 partials", rel(o2, ref), 1e-2)
-    rows["dec p=256 bn=64 w=4 s=3 bs=32 bf16 partials"] = bk.bench_layers_ms(
+    rows["dec p=256 bn=64 w=4 s=3 bs=32 bf16 partials"] = layers_ms(
         layers(lambda i: dec_v(q, ks[i], vs[i], o2, scratch16, 256, 64, 4, 3, True, True, block_s=32)), graph=True)
     for n_prog in (256,):
         for bn, w, st in ((64, 4, 3),):
-            rows[f"read p={n_prog} bn={bn} w={w} s={st}"] = bk.bench_layers_ms(
+            rows[f"read p={n_prog} bn={bn} w={w} s={st}"] = layers_ms(
                 layers(lambda i, n=n_prog, b=bn, w=w, s=st: read_kv(ks[i], vs[i], out, n, b, w, s)), graph=True)
     kv = [torch.stack([a, b]) for a, b in zip(ks, vs)]
-    rows["torch.sum(kv)"] = bk.bench_layers_ms(layers(lambda i: kv[i].sum()), graph=True)
+    rows["torch.sum(kv)"] = layers_ms(layers(lambda i: kv[i].sum()), graph=True)
     # a copy of half the bytes: the same 134 MB of traffic (67 read + 67 written)
     dst = torch.empty(kv[0].numel() // 2, device=DEV, dtype=kv[0].dtype)
-    rows["copy 67MB (134MB traffic)"] = bk.bench_layers_ms(layers(lambda i: dst.copy_(kv[i].view(-1)[: dst.numel()])),
+    rows["copy 67MB (134MB traffic)"] = layers_ms(layers(lambda i: dst.copy_(kv[i].view(-1)[: dst.numel()])),
                                                            graph=True)
     for name, ms in rows.items():
         tbs = nbytes / ms / 1e9
-        R["read"].append({"name": name, "us": ms * 1e3, "TBps": tbs, "pct_copy_4.24": tbs / 4.24})
+        R["read"]["rows"].append({"name": name, "us": ms * 1e3, "TBps": tbs, "pct_copy_4.24": tbs / 4.24})
         log(f"read {name:<34} {ms * 1e3:7.1f} us  {tbs:5.2f} TB/s  {100 * tbs / 4.24:5.1f}% of 4.24")
 
 
@@ -386,32 +388,34 @@ def flash_section(lens=(16384, 65536), H=32, D=128):
     from retrogram.kernels.flash_prefill import flash_prefill
 
     for T in lens:
-        q, k, v = bk.rnd(1, T, H, D), bk.rnd(1, T, H, D), bk.rnd(1, T, H, D)
+        q, k, v = rnd(1, T, H, D), rnd(1, T, H, D), rnd(1, T, H, D)
         qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-        flops = bk.prefill_flops(T, H, D)
-        row = {"T": T, "sdpa_ms": bk.bench_ms(lambda: bk.sdpa_flash(qs, ks, vs, True))}
+        flops = prefill_flops(T, H, D)
+        row = {"T": T, "sdpa_ms": gpu_ms(lambda: sdpa_flash(qs, ks, vs, True))}
         del qs, ks, vs
         o = torch.empty_like(q)
         ref = flash_prefill(q, k, v, causal=True, tma=False).float()
         for tma in (False, True):
             got = flash_prefill(q, k, v, causal=True, out=torch.full_like(q, float("nan")), tma=tma)
             check(f"flash_prefill T={T} tma={tma} vs pointer loads", rel(got, ref), 1e-2)
-            row[f"tma{int(tma)}_ms"] = bk.bench_ms(lambda: flash_prefill(q, k, v, causal=True, out=o, tma=tma))
+            row[f"tma{int(tma)}_ms"] = gpu_ms(lambda: flash_prefill(q, k, v, causal=True, out=o, tma=tma))
         for key in ("sdpa_ms", "tma0_ms", "tma1_ms"):
             row[key.replace("_ms", "_TFLOPs")] = flops / row[key] / 1e9
-        R.setdefault("flash", []).append(row)
+        R["flash"]["rows"].append(row)
         log(f"flash T={T}: SDPA {row['sdpa_TFLOPs']:.0f} TFLOP/s, pointer loads {row['tma0_TFLOPs']:.0f}, "
             f"TMA {row['tma1_TFLOPs']:.0f} ({row['tma0_ms'] / row['tma1_ms']:.3f}x)")
         del q, k, v, o
 
 
 def main():
-    import argparse
-
-    ap = argparse.ArgumentParser()
+    global SECTION
+    ap = common.parser(__doc__, __spec__)
     ap.add_argument("--sections", nargs="*", default=["read", "est", "core", "flash"],
                     choices=["read", "est", "core", "flash"])
+    ap.add_argument("--smoke", action="store_true", help="CPU (Triton interpreter), tiny sizes")
+    common.add_output_args(ap)
     args = ap.parse_args()
+    common.check_kernel_device(ap, args.smoke)
     smoke = DEV != "cuda"
     if not smoke:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, device="cuda", dtype=torch.int8))
@@ -421,17 +425,20 @@ def main():
                 "est": (estimator_section, (131072,) if not smoke else (300, 2, 16, 32, 4)),
                 "core": (core_section, (131072, 0.253) if not smoke else (300, 0.5, 2, 16, 32)),
                 "flash": (flash_section, () if not smoke else ((100,), 2, 16))}
-    for sec, sargs in (sections[name] for name in args.sections):
+    for name in args.sections:
+        sec, sargs = sections[name]
+        SECTION = name
+        R[name] = {"rows": [], "checks": []}
         try:
             sec(*sargs)
         except Exception as e:
             import traceback
             traceback.print_exc()
             log(f"!! {sec.__name__} failed: {e!r}")
+            R[name]["error"] = repr(e)
         log(f"-- {sec.__name__} done at {time.time() - t0:.0f} s")
-    out = os.environ.get("OUT", "/tmp")
-    with open(os.path.join(out, "kernels_variants_h200.json"), "w") as f:
-        json.dump(R, f, indent=1)
+    if not smoke or args.out is not None:
+        log(f"wrote {common.save('kernels_variants' if not smoke else 'kernels_variants_smoke', R, out=args.out, tag=args.tag, merge=True)}")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,27 @@
-"""Plot bench/results/kernels_h200.json: time against sequence length per kernel, next to SDPA; with
-kernels_long_h200.json beside it, also the sparse prefills at the densities SmolLM2 needs for top-p 0.95.
+"""Plot bench/results/kernels_<tag>.json: time against sequence length per kernel, next to SDPA; with
+kernels_long_<tag>.json beside it, also the sparse prefills at the densities SmolLM2 needs for top-p 0.95.
+Writes kernels_<tag>.png beside the results (needs matplotlib).
 
-    python bench/bench_kernels_plot.py [results.json] [out.png]     (needs matplotlib)
+    python -m bench.kernels.plot [--tag h200]
 """
 
 import json
-import os
-import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from bench.common import RESULTS_DIR, parser
 
 
 def main():
-    src = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "results", "kernels_h200.json")
-    dst = sys.argv[2] if len(sys.argv) > 2 else os.path.join(HERE, "results", "kernels_h200.png")
-    r = json.load(open(src))
+    ap = parser(__doc__, __spec__)
+    ap.add_argument("--tag", default="h200", help="machine tag of the results to plot")
+    args = ap.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    src = RESULTS_DIR / f"kernels_{args.tag}.json"
+    dst = src.with_suffix(".png")
+    r = json.loads(src.read_text())
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
     pf = r["prefill"]
     a.plot([x["T"] for x in pf], [x["sdpa_ms"] for x in pf], "o-", label="SDPA flash (dense)")
@@ -30,9 +32,9 @@ def main():
                 continue
             rows = [x for x in r[key] if x.get("label", "") == label]
             a.plot([x["T"] for x in rows], [x["total_ms"] for x in rows], "v:", label=f"{lab} {label} (random data, fixed budget)")
-    long_path = os.path.join(os.path.dirname(src), "kernels_long_h200.json")
-    if os.path.exists(long_path):
-        pr = json.load(open(long_path))["projected_32x128"]
+    long_path = RESULTS_DIR / f"kernels_long_{args.tag}.json"
+    if long_path.is_file():
+        pr = json.loads(long_path.read_text())["projected_32x128"]
         for key, lab in (("hip_density_mean", "hip prefill, mass top-p 0.95"), ("vs_density_mean", "vertical-slash prefill, mass top-p 0.95")):
             dens = ", ".join(f"{x[key]['density']:.2f}" for x in pr)
             a.plot([x["T"] for x in pr], [x[key]["total_ms"] for x in pr], "^-", label=f"{lab} at SmolLM2's density ({dens})")
@@ -52,8 +54,8 @@ def main():
           title="decode, one query token, 32 heads x 128 (MHA)")
     b.grid(True, which="both", alpha=0.3)
     b.legend(fontsize=8)
-    env = r["env"]
-    fig.suptitle(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}")
+    st = r["stamp"]
+    fig.suptitle(f"{st['gpu']}, torch {st['versions']['torch']}, triton {st['versions']['triton']}")
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
     print("wrote", dst)

@@ -1,7 +1,7 @@
 """Full-corpora retrieval bench for one machine with a GPU (run on the lent H200 host: 16 CPU cores).
 
 Embeds ALL chunks of an index (the five corpora of shared/corpora/fetch.sh) with the project's embedder
-(`retrogram.index.embedder.Embedder`, fp16 on the GPU), then, on that machine's CPUs, runs bench_retrieval.py's
+(`retrogram.index.embedder.Embedder`, fp16 on the GPU), then, on that machine's CPUs, runs bench.retrieval.search's
 recall/QPS sweeps with faiss-cpu through `FaissSearcher` (the product path: FAISS, then exact re-ranking of
 the shortlist against the float16 embeddings) against exact search (faiss Flat) in the same run, each at
 1 thread and at all threads:
@@ -9,48 +9,28 @@ the shortlist against the float16 embeddings) against exact search (faiss Flat) 
   real       1,000 held-out chunk queries against the other chunks: IVF{by size},SQ8 + re-rank,
              IVF{by size},Flat, HNSW32,Flat
   synthetic  5,000,000 vectors from the Gaussian mixture fitted to those real embeddings
-             (bench_retrieval.synthetic_vectors; drawn on the GPU), IVF4096,SQ8 + re-rank
+             (bench.retrieval.search.synthetic_vectors; drawn on the GPU), IVF4096,SQ8 + re-rank
 
 Ground-truth neighbours (for recall) come from a float32 matmul + topk on the GPU; exact search's
 queries/s is faiss Flat's on the CPU. Embeddings stay on the machine (too large to bring back); only the
 JSON comes back. Results are written after each step, so a run cut short still reports what it did.
 
-    python bench/bench_retrieval_full.py --index IDX --model MODEL_DIR --out OUT.json
+    python -m bench.retrieval.full --index IDX [--model MODEL_DIR] [--out DIR]
+
+Results: retrieval_full_<tag>.json (written after each step).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-
-def _bare_imports() -> None:
-    """On the device there is no install: make `retrogram.index` (and `.kernels`) importable from the tree
-    without running the package __init__ files; the SQLite store is not used here (stub when absent)."""
-    import importlib.util
-
-    if importlib.util.find_spec("retrogram") is None:
-        pkg = types.ModuleType("retrogram")
-        pkg.__path__ = []
-        sys.modules["retrogram"] = pkg
-        for name, folder in (("retrogram.index", "index"), ("retrogram.kernels", "kernels")):
-            mod = types.ModuleType(name)
-            mod.__path__ = [str(ROOT / folder)]
-            sys.modules[name] = mod
-    try:
-        import sqlite_utils  # noqa: F401
-    except ImportError:
-        sys.modules["sqlite_utils"] = types.ModuleType("sqlite_utils")
+from bench import common
+from bench.retrieval import search as br
 
 
 def gpu_exact(db: np.ndarray, q: np.ndarray, k: int, block: int = 1 << 21) -> np.ndarray:
@@ -91,11 +71,9 @@ def faiss_exact_qps(db: np.ndarray, qs: dict, k: int, block: int = 1 << 19) -> d
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__, __spec__)
     ap.add_argument("--index", type=Path, required=True, help="index with the tokenize and chunks stages")
     ap.add_argument("--model", default=None, help="embedder directory (default: the packaged MiniLM)")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--machine", default="")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--exact-queries-1t", type=int, default=200, help="queries timed for 1-thread exact search")
     ap.add_argument("--k", type=int, default=10)
@@ -108,39 +86,28 @@ def main() -> int:
     ap.add_argument("--min-seconds", type=float, default=0.3)
     ap.add_argument("--limit-chunks", type=int, default=0, help="embed only the first N chunks (smoke tests)")
     ap.add_argument("--steps", default="real_ivf,synthetic,real_hnsw,real_ivf_flat")
+    common.add_output_args(ap)
     args = ap.parse_args()
-    _bare_imports()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import faiss
     import torch
 
-    import bench_retrieval as br
     from retrogram.index.stages.chunks import ChunkTable
     from retrogram.index.embedder import Embedder
     from retrogram.index.stages.embeddings import chunk_texts
     from retrogram.index.stages.faiss import choose_factory
 
-    br.MIN_SECONDS = args.min_seconds
     all_t = os.cpu_count() or 1
     threads = [1, all_t]
-    out: dict = {"machine": args.machine, "cpu_threads": all_t, "faiss": faiss.__version__, "torch": torch.__version__,
-                 "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "k": args.k,
-                 "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+    out: dict = {"cpu_threads": all_t, "k": args.k, "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
                  "timing": f"each point: repeated calls for >= {args.min_seconds}s after one warm-up call"}
-    try:
-        import cpuinfo  # noqa: F401
-
-        out["cpu"] = cpuinfo.get_cpu_info().get("brand_raw")
-    except Exception:
-        out["cpu"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None)
 
     def save():
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        common.save("retrieval_full", out, out=args.out, tag=args.tag)
 
     def log(*a):
-        print(f"[{time.perf_counter() - t00:6.1f}s]", *a, flush=True)
+        common.log(f"[{time.perf_counter() - t00:6.1f}s]", *a)
 
     t00 = time.perf_counter()
     # -- embed every chunk ------------------------------------------------------------------------------
@@ -185,7 +152,7 @@ def main() -> int:
     def real_ivf(fac, rr):
         faiss.omp_set_num_threads(all_t)
         out["real"]["sweeps"].append(br.sweep(db, q, ref, args.k, fac, "nprobe", [4, 8, 16, 32, 64, 128], rr,
-                                              exact, log=log, threads=threads))
+                                              exact, log=log, threads=threads, min_seconds=args.min_seconds))
         save()
 
     if "real_ivf" in steps:
@@ -213,14 +180,15 @@ def main() -> int:
         faiss.omp_set_num_threads(all_t)
         out["synthetic"]["sweeps"].append(br.sweep(sdb, sq, sref, args.k, f"IVF{args.nlist_synthetic},SQ8", "nprobe",
                                                    [1, 2, 4, 8, 16, 32, 64], args.rerank, sexact,
-                                                   train_n=args.train_synthetic, log=log, threads=threads))
+                                                   train_n=args.train_synthetic, log=log, threads=threads,
+                                                   min_seconds=args.min_seconds))
         save()
         del sdb, allv
 
     if "real_hnsw" in steps:
         faiss.omp_set_num_threads(all_t)
         out["real"]["sweeps"].append(br.sweep(db, q, ref, args.k, "HNSW32,Flat", "ef_search", [16, 32, 64, 128, 256],
-                                              1, exact, log=log, threads=threads))
+                                              1, exact, log=log, threads=threads, min_seconds=args.min_seconds))
         save()
     if "real_ivf_flat" in steps:
         real_ivf(f"IVF{nlist},Flat", 1)

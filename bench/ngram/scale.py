@@ -6,16 +6,14 @@ against infini-gram 2.6.0, with a few query timings on the large index.
     retrogram build-index --corpus C7.jsonl --out BIG --stages tokenize,ngram --mem 12
     (copy BIG's tokens/, store.sqlite, tokenizer/, manifest.json to SMALL)
     retrogram build-index --corpus C7.jsonl --out SMALL --stages ngram --mem 1.5
-    python bench/bench_ngram_scale.py --index BIG --sharded SMALL [--time-log FILE]
+    python -m bench.ngram.scale --index BIG --sharded SMALL [--time-log FILE]
 
 Build figures come from each index's manifest (the stage's seconds and the peak RSS of its processes);
---time-log adds /usr/bin/time -v's figures for the whole BIG build command. Results:
-bench/results/ngram_100m.json.
+--time-log adds /usr/bin/time -v's figures for the whole BIG build command. Results: ngram_scale_<tag>.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
@@ -24,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import common
+from bench.common import log, median_us
 from retrogram.index.stages.tokenize import TokenStream
 from retrogram.ngram import Engine
 from retrogram.ngram.build import plan_shards
 from retrogram.ngram.reference import open_infinigram
-
-RESULTS = Path(__file__).resolve().parent / "results" / "ngram_100m.json"
-
 
 def stage_info(index: Path) -> dict:
     m = json.loads((index / "manifest.json").read_text())
@@ -56,22 +53,13 @@ def time_log(path: Path) -> dict:
             "system_s": float(grab(r"System time \(seconds\): ([\d.]+)"))}
 
 
-def median_us(fn, items, clock=time.thread_time_ns) -> float:
-    out = []
-    for x in items:
-        t = clock()
-        fn(x)
-        out.append(clock() - t)
-    return statistics.median(out) / 1000
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__, __spec__)
     ap.add_argument("--index", type=Path, required=True, help="the index built with --mem 12")
     ap.add_argument("--sharded", type=Path, required=True, help="the same tokens built with a small --mem")
     ap.add_argument("--time-log", type=Path, help="/usr/bin/time -v output of the --index build")
     ap.add_argument("--queries", type=int, default=2000)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    common.add_output_args(ap)
     args = ap.parse_args()
 
     res: dict = {"big": stage_info(args.index), "sharded": stage_info(args.sharded)}
@@ -135,10 +123,8 @@ def main() -> None:
                                                              time.process_time_ns)
     res["queries"] = rows
     for k, v in res.items():
-        print(k, json.dumps(v))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        log(k, json.dumps(v))
+    log(f"wrote {common.save('ngram_scale', res, out=args.out, tag=args.tag)}")
 
 
 if __name__ == "__main__":

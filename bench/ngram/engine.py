@@ -1,19 +1,16 @@
 """The n-gram engine against infini-gram 2.6.0, side by side in one run, on the same index files.
 
-    python bench/bench_ngram.py --corpus /work/corpora --index /work/scratch/real   # builds the index if needed
+    python -m bench.ngram.engine --corpus /work/corpora --index /work/scratch/real   # builds the index if needed
 
 Every query runs on both engines, interleaved, the same queries in the same order; the figures are
 medians of per-call CPU time (time.thread_time_ns for ours, which runs in the calling thread;
 time.process_time_ns for infini-gram, whose engine spawns threads per shard and per query), with wall
 medians beside them. infini-gram runs with prefetching off (its fastest setting here). The suffix-array
-build is timed against infini-gram's Rust indexer on the same tokenized.0. Results: bench/results/ngram.json.
+build is timed against infini-gram's Rust indexer on the same tokenized.0. Results: ngram_<tag>.json.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -22,30 +19,25 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import common
+from bench.common import call_ns, log
 from retrogram.index.stages.tokenize import TokenStream
 from retrogram.ngram import Engine
 from retrogram.ngram.build import build_ngram_dir
 from retrogram.ngram.reference import build_table_with_infinigram, copy_shard_inputs, open_infinigram
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ngram.json"
 TARGETS = {"count": 1 / 3, "prob": 1 / 3, "infgram_prob": 1 / 3, "search_docs": 1 / 2, "count_cnf": 1 / 2,
            "ntd": 1 / 10}
-
-
-def timed(fn, clock):
-    t0w, t0 = time.perf_counter_ns(), clock()
-    fn()
-    return clock() - t0, time.perf_counter_ns() - t0w
 
 
 def side_by_side(name, queries, ours, theirs, check=None):
     """Per-call (cpu, wall) nanoseconds for each engine over the queries, interleaved."""
     o_cpu, o_wall, t_cpu, t_wall = [], [], [], []
     for q in queries:
-        c, w = timed(lambda: ours(q), time.thread_time_ns)
+        c, w = call_ns(lambda: ours(q), time.thread_time_ns)
         o_cpu.append(c)
         o_wall.append(w)
-        c, w = timed(lambda: theirs(q), time.process_time_ns)
+        c, w = call_ns(lambda: theirs(q), time.process_time_ns)
         t_cpu.append(c)
         t_wall.append(w)
         if check:
@@ -58,7 +50,7 @@ def side_by_side(name, queries, ours, theirs, check=None):
     if name in TARGETS:
         row["target_ratio"] = TARGETS[name]
         row["met"] = row["ratio_cpu"] <= TARGETS[name]
-    print(f"{name:<14} ours {row['ours_cpu_us']:9.2f} us   infini-gram {row['infinigram_cpu_us']:9.2f} us   "
+    log(f"{name:<14} ours {row['ours_cpu_us']:9.2f} us   infini-gram {row['infinigram_cpu_us']:9.2f} us   "
           f"ratio {row['ratio_cpu']:.3f} (wall {row['ratio_wall']:.3f})"
           + (f"   target <= {TARGETS[name]:.3f}: {'met' if row['met'] else 'NOT met'}" if name in TARGETS else ""))
     return row
@@ -72,12 +64,12 @@ def held_out_tokens(engine: Engine, n: int) -> list[int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__, __spec__)
     ap.add_argument("--corpus", default="/work/corpora")
     ap.add_argument("--index", type=Path, default=Path("/work/scratch/real"))
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--mem", type=float, default=4)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    common.add_output_args(ap)
     args = ap.parse_args()
 
     if not (args.index / "ngram").is_dir():
@@ -85,8 +77,7 @@ def main() -> None:
         from retrogram.services.stages import pipeline_stages
 
         run_build(args.index, [args.corpus], None, pipeline_stages(), ["ngram"], options={"mem": args.mem})
-    results: dict = {"machine": {"cpus": len(__import__("os").sched_getaffinity(0)), "python": platform.python_version(),
-                                 "processor": platform.processor() or platform.machine()}}
+    results: dict = {}
 
     # -- build: ours vs infini-gram's Rust indexer, same tokens -------------------------------------------
     with tempfile.TemporaryDirectory(prefix="rg-bench-", dir=args.index.parent) as tmp:
@@ -101,7 +92,7 @@ def main() -> None:
                             "ours_table_seconds": sort_s, "ours_table_tokens_per_s": info["tokens"] / sort_s,
                             "infinigram_rust_seconds": rust_s, "infinigram_rust_tokens_per_s": info["tokens"] / rust_s,
                             "tables_identical": same, "ours_peak_rss_mb": info["peak_rss_bytes"] >> 20}
-        print(f"build: ours {info['seconds']:.2f}s for {info['tokens']:,} tokens (all files; table alone {sort_s:.2f}s), "
+        log(f"build: ours {info['seconds']:.2f}s for {info['tokens']:,} tokens (all files; table alone {sort_s:.2f}s), "
               f"infini-gram Rust indexer {rust_s:.2f}s (table only); tables identical: {same}")
         shutil.rmtree(rust_dir)
 
@@ -156,7 +147,7 @@ def main() -> None:
     assert [int(c) for c in counts[:n]] == [ig.count(q)["count"] for q in queries]
     rows["count_many"] = {"queries": len(batch), "ours_cpu_us_per_query": per, "calls_us_per_query": pers,
                           "target_us": 2.0, "met": per <= 2.0}
-    print(f"count_many     ours {per:.3f} us per query ({len(batch)} queries in one call)   target <= 2 us: "
+    log(f"count_many     ours {per:.3f} us per query ({len(batch)} queries in one call)   target <= 2 us: "
           f"{'met' if per <= 2.0 else 'NOT met'}")
     # score_sequence over held-out text vs infgram_prob once per position
     seq = held_out_tokens(ours, 10_000)
@@ -166,7 +157,7 @@ def main() -> None:
     positions = list(range(1, len(seq), 10))
     ig_cpu = []
     for i in positions:
-        c, _ = timed(lambda: ig.infgram_prob(seq[:i], seq[i]), time.process_time_ns)
+        c, _ = call_ns(lambda: ig.infgram_prob(seq[:i], seq[i]), time.process_time_ns)
         ig_cpu.append(c)
     for i in positions[::20]:
         r = ig.infgram_prob(seq[:i], seq[i])
@@ -177,14 +168,12 @@ def main() -> None:
                               "infinigram_infgram_prob_cpu_us_per_token": ig_per,
                               "speedup": ig_per / ours_per, "target_speedup": 20, "met": ig_per / ours_per >= 20,
                               "mean_suffix_len": float(np.mean(scored["suffix_len"]))}
-    print(f"score_sequence ours {ours_per:.2f} us/token   infini-gram infgram_prob per position {ig_per:.2f} us/token   "
+    log(f"score_sequence ours {ours_per:.2f} us/token   infini-gram infgram_prob per position {ig_per:.2f} us/token   "
           f"speedup {ig_per / ours_per:.1f}x   target >= 20x: {'met' if ig_per / ours_per >= 20 else 'NOT met'}")
     results["queries"] = rows
     results["index"] = {"tokens": ours.get_total_tok_cnt(), "documents": ours.get_total_doc_cnt(),
                         "shards": ours.get_num_shards(), "token_width": ours.width, "engine_open_seconds": open_s}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    log(f"wrote {common.save('ngram', results, out=args.out, tag=args.tag)}")
 
 
 if __name__ == "__main__":

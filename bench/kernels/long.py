@@ -1,8 +1,8 @@
 """Sparse prefill on SmolLM2's real attention at 32k-128k on the GPU, and the main kernel tables.
 
-1. SmolLM2-135M-Instruct's first layers (packed by bench_kernels_smollm2_pack.py: the GGUF's raw Q4_1 /
-   Q8_0 blocks, dequantized here with torch into the weights transformers loads) run a long text
-   (Shakespeare plays; RoPE scaled linearly by T / 8192 as in bench_kernels_smollm2.py); q/k/v after
+1. SmolLM2-135M-Instruct's first layers (packed by bench.kernels.smollm2_pack: the GGUF's raw Q4_1 /
+   Q8_0 blocks, dequantized with torch into the weights transformers loads) run a long text
+   (Shakespeare plays; RoPE scaled linearly by T / 8192 as in bench.kernels.smollm2); q/k/v after
    RoPE of every `--layer-step`-th layer are kept. Per layer and length:
    - the oracle: the fewest key blocks holding 0.95 of each head's exact attention mass (mean over 64
      query blocks spread evenly), as a fraction of the visible blocks;
@@ -13,38 +13,36 @@
      vertical-slash end to end (estimate + selection + attention).
 2. The issue's shape (32 heads x 128, bf16, causal) at each length with the densities measured in 1:
    estimator + selection (timed on random data) + block-sparse attention at that density.
-3. bench_kernels.py's sections with the current defaults (checks, dense prefill, sparse prefill,
-   decode, CCA): writes kernels_h200.json.
-Prints a table; writes $OUT/kernels_long_h200.json (and kernels_h200.json).
---sparse-only: no pack; the new selection kernels against their references on the GPU, then section 2 at
-the densities recorded in bench/results/kernels_long_h200.json (writes $OUT/kernels_sparse_h200.json).
+3. bench.kernels.attention's sections with the current defaults (checks, dense prefill, sparse prefill,
+   decode, CCA), unless --skip-main: results kernels_<tag>.json.
+Prints a table; results kernels_long_<tag>.json.
+--sparse-only: no pack; the selection kernels against their references on the GPU, then section 2 at
+the densities recorded in bench/results/kernels_long_h200.json (results kernels_sparse_<tag>.json).
 
-    python bench/bench_kernels_long.py --pack .smollm2-carry/pack.pt [--lens 32768 65536 131072]
-    python bench/bench_kernels_long.py --sparse-only
+    python -m bench.kernels.long --pack .smollm2-carry/pack.pt [--lens 32768 65536 131072] [--skip-main]
+    python -m bench.kernels.long --sparse-only
+    TRITON_INTERPRET=1 python -m bench.kernels.long --smoke [--sparse-only]     # toy sizes on a CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_kernels as bk  # noqa: E402
-from bench_kernels import RESULTS, log  # noqa: E402
-
-from retrogram.kernels.block_sparse import (block_sparse_attention, block_sparse_attention_naive,  # noqa: E402
-                                            sampled_block_mass, sampled_block_mass_naive, topp_block_list,
-                                            topp_block_list_naive)
-from retrogram.kernels.block_sparse_prefill import (block_sparse_prefill, mass_vertical_slash_scores,  # noqa: E402
-                                                    mass_vertical_slash_scores_naive, vertical_slash_blocks,
-                                                    vs_pattern)
-from retrogram.kernels.flash_prefill import flash_prefill  # noqa: E402
-from retrogram.kernels.hip_attention import hip_attention_prefill, prefill_kend  # noqa: E402
+from bench import common
+from bench.common import RESULTS_DIR, log
+from bench.kernels import attention as bk
+from bench.kernels.attention import RESULTS
+from bench.kernels.inputs import density_lists, sdpa_flash
+from bench.kernels.smollm2_pack import smollm2_capture, smollm2_weights
+from retrogram.kernels import testing as kt
+from retrogram.kernels.block_sparse import block_sparse_attention, sampled_block_mass, topp_block_list, topp_block_list_naive
+from retrogram.kernels.block_sparse_prefill import (block_sparse_prefill, mass_vertical_slash_scores,
+                                                    vertical_slash_blocks, vs_pattern)
+from retrogram.kernels.flash_prefill import flash_prefill
+from retrogram.kernels.hip_attention import hip_attention_prefill, prefill_kend
 
 BS = 64
 RECALL_BOUND = 0.95               # the issue's bound on the mean attention-mass recall
@@ -60,89 +58,6 @@ LONG: dict = {"smollm2": [], "projected_32x128": [], "checks": [], "errors": []}
 # patterns: (T, variant, top_p) -> per captured layer (block_idx, block_cnt) of REAL_LIST_HEADS, on the CPU
 REAL_LISTS: dict = {}
 REAL_LIST_HEADS = (0, 3, 5, 8)  # 4 of SmolLM2's 9 query heads x 8 captured layers = the 32 heads timed
-
-
-# ----------------------------------------------------------------------------------------------
-# SmolLM2 from the pack: GGUF block formats, weights, a minimal llama forward that captures q/k/v
-def dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
-    """ggml Q4_1 rows [R, nb * 20] uint8 (blocks of 32: f16 d, f16 m, 16 bytes of nibbles, low nibbles
-    first) -> [R, nb * 32] float32, value = d * q + m (as ggml and gguf-py compute it)."""
-    R = raw.shape[0]
-    b = raw.view(R, -1, 20)
-    d = b[..., 0:2].contiguous().view(torch.float16).float()
-    m = b[..., 2:4].contiguous().view(torch.float16).float()
-    qs = b[..., 4:].int()
-    q = torch.cat([qs & 0xF, qs >> 4], -1).float()
-    return (d * q + m).view(R, -1)
-
-
-def dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
-    """ggml Q8_0 rows [R, nb * 34] (blocks of 32: f16 d, 32 int8) -> [R, nb * 32] float32."""
-    R = raw.shape[0]
-    b = raw.view(R, -1, 34)
-    d = b[..., 0:2].contiguous().view(torch.float16).float()
-    return (d * b[..., 2:].contiguous().view(torch.int8).float()).view(R, -1)
-
-
-def _unpermute(w, n_head):
-    """transformers' reverse of llama.cpp's q/k row permutation."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def smollm2_weights(pack, dev, dtype):
-    c = pack["config"]
-    out = {"emb": dequant_q8_0(pack["emb_q8_0"].to(dev)).to(dtype), "layers": []}
-    for lay in pack["layers"]:
-        w = {h: dequant_q4_1(lay[h].to(dev)) for h in ("q", "k", "v", "o", "gate", "up", "down")}
-        w["q"] = _unpermute(w["q"], c["heads"])
-        w["k"] = _unpermute(w["k"], c["kv_heads"])
-        w = {h: x.to(dtype).contiguous() for h, x in w.items()}
-        w["attn_norm"] = lay["attn_norm"].to(dev).to(dtype)
-        w["ffn_norm"] = lay["ffn_norm"].to(dev).to(dtype)
-        out["layers"].append(w)
-    return out
-
-
-def _rms(x, w, eps):
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * h.to(x.dtype)
-
-
-def smollm2_capture(pack, w, ids, keep_layers, rope_factor):
-    """Forward of the packed layers over ids [T] (as transformers' llama: RMSNorm, linear-scaled RoPE,
-    causal SDPA with GQA, SiLU MLP). Returns {layer: (q, k, v)} each [T, H, D] after RoPE."""
-    c = pack["config"]
-    H, HKV, D = c["heads"], c["kv_heads"], c["head_dim"]
-    T = ids.shape[0]
-    dev = ids.device
-    x = w["emb"][ids.long()]
-    dtype = x.dtype
-    inv = 1.0 / (c["rope_theta"] ** (torch.arange(0, D, 2, device=dev, dtype=torch.int64).float() / D)) / rope_factor
-    f = torch.arange(T, device=dev).float()[:, None] * inv[None, :]
-    e = torch.cat([f, f], -1)
-    cos, sin = e.cos().to(dtype)[:, None, :], e.sin().to(dtype)[:, None, :]
-
-    def rope(t):
-        t1, t2 = t[..., : D // 2], t[..., D // 2:]
-        return t * cos + torch.cat([-t2, t1], -1) * sin
-
-    caps = {}
-    last = max(keep_layers)
-    for i, L in enumerate(w["layers"][: last + 1]):
-        h = _rms(x, L["attn_norm"], c["eps"])
-        q = rope((h @ L["q"].T).view(T, H, D))
-        k = rope((h @ L["k"].T).view(T, HKV, D))
-        v = (h @ L["v"].T).view(T, HKV, D)
-        if i in keep_layers:
-            caps[i] = (q.contiguous(), k.contiguous(), v.contiguous())
-        a = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, enable_gqa=True)
-        x = x + a[0].transpose(0, 1).reshape(T, H * D) @ L["o"].T
-        h = _rms(x, L["ffn_norm"], c["eps"])
-        x = x + (torch.nn.functional.silu(h @ L["gate"].T) * (h @ L["up"].T)) @ L["down"].T
-    return caps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,11 +95,7 @@ def block_stats(P, qbs, bi, bc, nvis_all):
 
 
 def bench_ms(fn, rep=60):
-    if bk.DEV != "cuda":  # --smoke on a CPU: one timed call
-        return bk.bench_ms(fn)
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=10, rep=rep, return_mode="median")
+    return common.gpu_ms(fn, rep=rep, warmup=10)
 
 
 def smollm2_section(pack_path, lens, layer_step, n_qb, dev):
@@ -243,7 +154,7 @@ def smollm2_section(pack_path, lens, layer_step, n_qb, dev):
             ks = k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(0, 1)[None].contiguous()
             vs = v.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(0, 1)[None].contiguous()
             o = torch.empty_like(qq)
-            tm = {"sdpa": bench_ms(lambda: bk.sdpa_flash(qs, ks, vs, True)),
+            tm = {"sdpa": bench_ms(lambda: sdpa_flash(qs, ks, vs, True)),
                   "flash_prefill": bench_ms(lambda: flash_prefill(qq, kk, vv, causal=True, out=o)),
                   "hip_mass": bench_ms(lambda: hip_attention_prefill(qq, kk, vv, dense_below=0, estimator="mass",
                                                                      top_p=0.95, out=o, **hip_kw)),
@@ -288,14 +199,11 @@ def summarize_smollm2():
 def projected_section(summary, H=32, D=128, stats=("density_mean", "density_max_layer")):
     """The issue's shape at the densities SmolLM2 needs (mean over the captured layers): the estimator and
     the selection run for real on random data; the attention on block lists of that density."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_kernels_mass import density_lists
-
     for Ts, s in summary.items():
         T = int(Ts)
         q, k, v = bk.rnd(1, T, H, D), bk.rnd(1, T, H, D), bk.rnd(1, T, H, D)
         qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-        sdpa = bench_ms(lambda: bk.sdpa_flash(qs, ks, vs, True), rep=100)
+        sdpa = bench_ms(lambda: sdpa_flash(qs, ks, vs, True), rep=100)
         del qs, ks, vs
         kend = prefill_kend(T, T, BS, True, bk.DEV)
         row = {"T": T, "H": H, "D": D, "sdpa_ms": sdpa}
@@ -404,59 +312,28 @@ def projected_table():
             f"{h['attn_vs_flash_at_density']:.2f} / {v['attn_vs_flash_at_density']:.2f}")
 
 
-def sparse_checks(H=8, D=128, small=(2000, 4096), big=(32768, 131072), HQ=32, T_attn=3000):
+def sparse_checks(H=8, D=128, small=kt.MASS_SMALL_T, big=kt.MASS_BIG_T, HQ=32, f=1):
     """The selection kernels against their references on the GPU (bf16 q/k for the estimator; the
     selection on its float32 mass): max abs error of the mass and the scores, and the fraction of
     (head, query block) rows whose top-p block list differs from the sort-based reference (ties only)."""
-    def check(name, value, ok, **info):
-        LONG["checks"].append({"name": name, "value": value, "ok": bool(ok), **info})
-        log(f"check {name}: {value:.3g} {'ok' if ok else 'FAIL'} {info}")
-
-    torch.manual_seed(0)
-    for T in small:
-        q, k = bk.rnd(1, T, H, D), bk.rnd(1, T, 2, D)
-        q[..., :4, :] *= 4  # peaked attention in some heads
-        m = sampled_block_mass(q, k, BS, BS, 4)
-        err = (m.double().cpu() - sampled_block_mass_naive(q, k, BS, BS, 4)).abs().max().item()
-        check(f"sampled_block_mass T={T}", err, err < 1e-4)
-        vert, slash = mass_vertical_slash_scores(m, T, T, BS, BS)
-        rv, rs = mass_vertical_slash_scores_naive(m, T, T, BS, BS)
-        err = max((vert.double().cpu() - rv).abs().max().item(), (slash.double().cpu() - rs).abs().max().item())
-        check(f"mass_vertical_slash_scores T={T}", err, err < 1e-5)
-    for T in big:
-        q, k = bk.rnd(1, T, HQ, D), bk.rnd(1, T, HQ, D)
-        q[..., :8, :] *= 4
-        m = sampled_block_mass(q, k, BS, BS, 4)
-        kend = prefill_kend(T, T, BS, True, bk.DEV)
-        vert, slash = mass_vertical_slash_scores(m, T, T, BS, BS)
-        cand = vs_pattern(vert, slash, T, T, BS, BS, 32, 16, 1, 2)
-        for name, args, kw in (("hip top-p", (1, 4), {}), ("vs top-p + pattern", (1, 2), {"extra_idx": cand}),
-                               ("hip top-p cap 64", (1, 4), {"max_blocks": 64})):
-            bi, bc = topp_block_list(m, kend, BS, 0.95, *args, **kw)
-            ri, rc = topp_block_list_naive(m, kend, BS, 0.95, *args, **kw)
-            w = min(bi.shape[-1], ri.shape[-1])
-            slot = torch.arange(w, device=bi.device)
-            diff = (bc != rc) | ((bi[..., :w] != ri[..., :w]) & (slot < rc[..., None])).any(-1)
-            frac = diff.float().mean().item()
-            check(f"topp_block_list {name} T={T}", frac, frac < 1e-3, rows=int(bc.numel()), rows_differ=int(diff.sum()),
-                  mean_blocks=bc.float().mean().item(), mean_blocks_ref=rc.float().mean().item(),
-                  max_count_diff=int((bc - rc).abs().max()))
-        del q, k, m
-    T = T_attn
-    q, k, v = bk.rnd(1, T, H, D), bk.rnd(1, T, 2, D), bk.rnd(1, T, 2, D)
-    _, (bi, bc) = hip_attention_prefill(q, k, v, dense_below=0, estimator="mass", top_p=0.9, n_local=2, return_blocks=True)
-    o = block_sparse_attention(q, k, v, bi, bc, BS, BS, out=bk.poisoned(q.shape))
-    err = bk.rel(o, block_sparse_attention_naive(q.double(), k.double(), v.double(), bi, bc, BS, BS))
-    check("block_sparse_attention (hip mass lists)", err, err < 1e-2)
-    o, (bi, bc) = block_sparse_prefill(q, k, v, dense_below=0, return_blocks=True, out=bk.poisoned(q.shape))
-    err = bk.rel(o, block_sparse_attention_naive(q.double(), k.double(), v.double(), bi, bc, BS, BS))
-    check("block_sparse_prefill (vs mass)", err, err < 1e-2, mean_blocks=bc.float().mean().item())
+    for c in kt.selection_checks(small, big, f, bk.DEV, bk.BF16, H=H, HQ=HQ, D=D):
+        name = f"{c.kernel} T={c.info['T']}" if "T" in c.info else c.kernel
+        LONG["checks"].append({"name": name, "value": c.err, "ok": c.ok, **c.info})
+        log(f"check {name}: {c.err:.3g} {'ok' if c.ok else 'FAIL'} {c.info}")
 
 
-def dump(out, name="kernels_long_h200.json"):
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, name), "w") as f:
-        json.dump(LONG, f, indent=1, default=str)
+def dump(args, bench="kernels_long"):
+    """The results so far (a run cut short still reports what it did); a smoke run writes only with --out."""
+    if args.smoke and args.out is None:
+        return
+    common.save(bench if not args.smoke else bench + "_smoke", LONG, out=args.out, tag=args.tag)
+
+
+def gpu_line() -> str:
+    import triton
+
+    return (f"{torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs, "
+            f"torch {torch.__version__}, triton {triton.__version__}")
 
 
 def guarded(name, fn, *a):
@@ -471,20 +348,19 @@ def guarded(name, fn, *a):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pack", default=".smollm2-carry/pack.pt")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap = common.parser(__doc__, __spec__)
+    ap.add_argument("--pack", default=".smollm2-carry/pack.pt", help="written by bench.kernels.smollm2_pack")
     ap.add_argument("--lens", type=int, nargs="*", default=[32768, 65536, 131072])
     ap.add_argument("--layer-step", type=int, default=3)
     ap.add_argument("--qblocks", type=int, default=64)
-    ap.add_argument("--skip-main", action="store_true")
+    ap.add_argument("--skip-main", action="store_true", help="not bench.kernels.attention's sections")
     ap.add_argument("--smoke", action="store_true", help="CPU (Triton interpreter), tiny sizes")
     ap.add_argument("--sparse-only", action="store_true", help="selection checks + section 2 at the recorded densities")
-    ap.add_argument("--densities", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                        "kernels_long_h200.json"))
+    ap.add_argument("--densities", default=str(RESULTS_DIR / "kernels_long_h200.json"),
+                    help="results of an earlier run whose SmolLM2 densities --sparse-only times")
+    common.add_output_args(ap)
     args = ap.parse_args()
-    import triton
-
+    common.check_kernel_device(ap, args.smoke)
     t0 = time.time()
     if args.sparse_only:
         with open(args.densities) as f:
@@ -494,41 +370,35 @@ def main():
                    if int(Ts) in args.lens}
         if args.smoke:
             bk.DEV, bk.BF16 = "cpu", torch.float32
-            LONG["env"] = {"device": "cpu"}
             summary = {"1024": next(iter(summary.values()))}
-            guarded("checks", sparse_checks, 2, 32, (300,), (1024,), 4, 300)
+            guarded("checks", sparse_checks, 2, 32, (300,), (1024,), 4, 10)
             guarded("projected", projected_section, summary, 2, 32, ("density_mean",))
         else:
-            LONG["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                           "cuda": torch.version.cuda, "sms": torch.cuda.get_device_properties(0).multi_processor_count}
-            log(LONG["env"])
+            log(gpu_line())
             guarded("checks", sparse_checks)
-            dump(args.out, "kernels_sparse_h200.json")
+            dump(args, "kernels_sparse")
             guarded("projected", projected_section, summary, 32, 128, ("density_mean",))
         LONG["wall_s"] = time.time() - t0
-        dump(args.out, "kernels_sparse_h200.json")
+        dump(args, "kernels_sparse")
         projected_table()
         log(f"errors: {len(LONG['errors'])}; checks failed: {sum(not c['ok'] for c in LONG['checks'])}; "
             f"wall {time.time() - t0:.0f}s")
         return
     if args.smoke:
         bk.DEV, bk.BF16 = "cpu", torch.float32
-        LONG["env"] = {"device": "cpu"}
         guarded("smollm2", smollm2_section, args.pack, [1024], 11, 4, "cpu")
         summary = guarded("summary", summarize_smollm2) or {}
         guarded("projected", projected_section, summary, 2, 32)
         log(json.dumps(summary, indent=1)[:3000], LONG["projected_32x128"], LONG["errors"])
         return
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "cuda": torch.version.cuda, "sms": torch.cuda.get_device_properties(0).multi_processor_count}
-    LONG["env"] = RESULTS["env"] = env
-    log(env)
+    LONG["sms"] = RESULTS["sms"] = torch.cuda.get_device_properties(0).multi_processor_count
+    log(gpu_line())
     guarded("smollm2", smollm2_section, args.pack, args.lens, args.layer_step, args.qblocks, "cuda")
     summary = guarded("summary", summarize_smollm2) or {}
-    dump(args.out)
+    dump(args)
     guarded("projected", projected_section, summary)
     LONG["wall_s_long"] = time.time() - t0
-    dump(args.out)
+    dump(args)
     if not args.skip_main:
         bk.ceilings()
         q = bk.rnd(1, 16384, 32, 128)
@@ -541,10 +411,6 @@ def main():
         bk.decode([32768, 131072])
         bk.cca()
         RESULTS["wall_s"] = time.time() - t0
-        with open(os.path.join(args.out, "kernels_h200.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1, default=str)
-    LONG["wall_s"] = time.time() - t0
-    dump(args.out)
     log("\n=== SmolLM2 real attention (mean over captured layers) ===")
     log("      T | oracle.95 | HiP p.95 recall/min/dens | VS p.95 recall/min/dens | VS last_q rec/dens | "
         "layer ms sum: SDPA / HiP (x) / VS (x)")
@@ -566,6 +432,10 @@ def main():
     if not args.skip_main:
         bk.table()
     log(f"errors: {len(LONG['errors'])} long, {len(RESULTS['errors'])} main; wall {time.time() - t0:.0f}s")
+    LONG["wall_s"] = time.time() - t0
+    dump(args)
+    if not args.skip_main:
+        common.save("kernels", RESULTS, out=args.out, tag=args.tag)
 
 
 if __name__ == "__main__":

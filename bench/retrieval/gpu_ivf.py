@@ -5,36 +5,23 @@ Synthetic 384-d fp16 unit vectors from a Gaussian mixture (real-embedding-like c
 GPU, copied to pinned host memory; coarse centroids from a few k-means iterations in torch on a sample
 (no faiss needed); ground truth = exact top-10 on the GPU (the data fits the H200 only for this check).
 
-    python bench/bench_retrieval_gpu_ivf.py --n 20000000 --nlist 32768 --out bench/results/retrieval_gpu_ivf.json
+    python -m bench.retrieval.gpu_ivf --n 20000000 --nlist 32768
+Results: retrieval_gpu_ivf_<tag>.json (written after each step).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-import types
-from pathlib import Path
 
 import numpy as np
 import torch
 
-root = Path(__file__).resolve().parents[1]
-pkg = types.ModuleType("retrogram")
-pkg.__path__ = [str(root)]
-sys.modules.setdefault("retrogram", pkg)
-idx = types.ModuleType("retrogram.index")
-idx.__path__ = [str(root / "index")]
-sys.modules.setdefault("retrogram.index", idx)
-
-
-# index/search/torch_ivf.py needs numpy and torch only (the device has no install: no faiss, sqlite_utils)
-from retrogram.index.search.torch_ivf import TorchIVFSearcher  # noqa: E402
+from bench import common
+from retrogram.index.search.torch_ivf import TorchIVFSearcher
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = common.parser(__doc__, __spec__)
     ap.add_argument("--n", type=int, default=20_000_000)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--nlist", type=int, default=32768)
@@ -45,17 +32,14 @@ def main():
     ap.add_argument("--max-gpu-gib", type=float, default=2.0)
     ap.add_argument("--kmeans-sample", type=int, default=1 << 20)
     ap.add_argument("--kmeans-iters", type=int, default=6)
-    ap.add_argument("--out", default="bench/results/retrieval_gpu_ivf.json")
+    common.add_output_args(ap)
     a = ap.parse_args()
     dev = "cuda"
     res = {"n": a.n, "dim": a.dim, "nlist": a.nlist, "batch": a.batch, "queries": a.queries, "k": 10,
-           "max_gpu_bytes": int(a.max_gpu_gib * (1 << 30)), "device": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "data_bytes": a.n * a.dim * 2}
-    out = Path(a.out)
+           "max_gpu_bytes": int(a.max_gpu_gib * (1 << 30)), "data_bytes": a.n * a.dim * 2}
 
     def save():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1))
+        common.save("retrieval_gpu_ivf", res, out=a.out, tag=a.tag)
 
     t0 = time.perf_counter()
     g = torch.Generator(device=dev).manual_seed(0)

@@ -9,39 +9,29 @@
      blocks spread evenly over the sequence;
    - prefill wall time of the whole model with each implementation;
    - greedy continuation with "triton_hip" (sparse prefill and sparse decode) next to "sdpa".
-Writes JSON (default $OUT/kernels_smollm2.json).
+Results kernels_smollm2_<tag>.json.
 
-    python bench/bench_kernels_smollm2.py --model-dir DIR --text plays.txt [--long 32768 131072]
+    python -m bench.kernels.smollm2 --model-dir DIR --text plays.txt [--long 32768 131072]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import import_kernels  # noqa: E402
-
-import_kernels()
-from retrogram.kernels.block_sparse_prefill import vertical_slash_blocks  # noqa: E402
-from retrogram.kernels.hf import HIP_DEFAULTS, VS_DEFAULTS, register  # noqa: E402
-from retrogram.kernels.hip_attention import hip_block_list, hip_select, prefill_kend  # noqa: E402
-from retrogram.kernels.quality import sparse_quality  # noqa: E402
+from bench import common
+from bench.common import log
+from retrogram.kernels.block_sparse_prefill import vertical_slash_blocks
+from retrogram.kernels.hf import HIP_DEFAULTS, VS_DEFAULTS, register
+from retrogram.kernels.hip_attention import hip_block_list, hip_select, prefill_kend
+from retrogram.kernels.quality import sparse_quality
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ["What is the capital of France? Answer in one sentence.",
            "Write a Python function that returns the n-th Fibonacci number.",
            "Explain in two sentences why the sky is blue."]
 CAPTURED: list = []
-
-
-def log(*a):
-    print(*a, flush=True)
 
 
 def capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -127,15 +117,15 @@ def summary(rows):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = common.parser(__doc__, __spec__)
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--text", required=True)
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--long", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--gen", type=int, default=48)
     ap.add_argument("--sample-blocks", type=int, default=32)
     ap.add_argument("--hip-topk", type=int, default=0, help="quality only at this small budget (CPU runs)")
     ap.add_argument("--smoke", action="store_true", help="CPU: one prompt, quality only for the long prompts")
+    common.add_output_args(ap)
     args = ap.parse_args()
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
@@ -149,11 +139,7 @@ def main():
     register()
     AttentionInterface.register("capture_sdpa", capture_attention)
     AttentionMaskInterface.register("capture_sdpa", flash_attention_mask)
-    res = {"env": {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-                   "dtype": str(dtype)}, "greedy": [], "long": []}
-    import transformers
-    import triton
-    res["env"].update(transformers=transformers.__version__, triton=triton.__version__)
+    res = {"dtype": str(dtype), "greedy": [], "long": []}
 
     impls = ["sdpa", "triton_dense"] if args.smoke else ["sdpa", "triton_dense", "triton_hip", "triton_vs"]
     for p in PROMPTS[:1] if args.smoke else PROMPTS:
@@ -202,9 +188,8 @@ def main():
         torch.cuda.empty_cache() if dev.type == "cuda" else None
     set_rope_factor(model, 1.0)
     res["wall_s"] = time.time() - t0
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels_smollm2.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    if not args.smoke or args.out is not None:
+        log(f"wrote {common.save('kernels_smollm2' if not args.smoke else 'kernels_smollm2_smoke', res, out=args.out, tag=args.tag)}")
 
 
 if __name__ == "__main__":

@@ -1,54 +1,37 @@
 """Benchmark of retrogram.kernels on a GPU, side by side with PyTorch SDPA (flash backend).
 
 One run: (1) ceilings (device copy bandwidth, bf16 matmul), (2) correctness of every kernel against
-its float64 reference on the GPU (bf16 inputs, fresh random data, outputs poisoned with NaN),
-(3) timings: flash_prefill vs SDPA (causal, 32 heads x 128, 4k..128k), flash_decode vs SDPA (batch 1
-and 8, 32k..128k, contiguous and paged caches), HiP prefill/decode, vertical-slash prefill and CCA.
-Prints a table and writes JSON (default $OUT/kernels_h200.json).
+its float64 reference on the GPU (retrogram.kernels.testing: bf16 inputs, fresh random data, outputs
+poisoned with NaN; the same checks tests/test_kernels_gpu.py runs), (3) timings: flash_prefill vs SDPA
+(causal, 32 heads x 128, 4k..128k), flash_decode vs SDPA (batch 1 and 8, 32k..128k, contiguous and paged
+caches), HiP prefill/decode, vertical-slash prefill and CCA. Prints a table; results: kernels_<tag>.json
+(--decode: kernels_decode_<tag>.json).
 
-    python bench/bench_kernels.py [--out DIR] [--max-len 131072] [--skip-checks] [--decode]
+    python -m bench.kernels.attention [--max-len 131072] [--skip-checks] [--decode] [--out DIR]
+    TRITON_INTERPRET=1 python -m bench.kernels.attention --smoke     # every section at toy sizes on a CPU
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import importlib.util
 import math
-import os
-import sys
-import tempfile
 import time
 import traceback
 
 import torch
 import triton
-from triton.testing import do_bench
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def import_kernels():
-    """retrogram.kernels, installed or straight from this checkout (a namespace-package shim)."""
-    try:
-        import retrogram.kernels  # noqa: F401
-    except ImportError:
-        shim = tempfile.mkdtemp(prefix="rg_shim_")
-        os.makedirs(os.path.join(shim, "retrogram"))
-        os.symlink(os.path.join(ROOT, "kernels"), os.path.join(shim, "retrogram", "kernels"))
-        sys.path.insert(0, shim)
-    import retrogram.kernels as K
-
-    return K
-
-
-K = import_kernels()
-from retrogram.kernels.block_sparse import block_sparse_attention, block_sparse_attention_naive  # noqa: E402
-from retrogram.kernels.block_sparse_prefill import block_sparse_prefill, vertical_slash_blocks  # noqa: E402
-from retrogram.kernels.cca_attention import cca_attention, cca_attention_naive  # noqa: E402
-from retrogram.kernels.flash_decode import flash_decode, flash_decode_naive  # noqa: E402
-from retrogram.kernels.flash_prefill import flash_prefill, flash_prefill_fwd_kernel, flash_prefill_naive  # noqa: E402
-from retrogram.kernels.hip_attention import (hip_attention_prefill, hip_block_list, hip_decode,  # noqa: E402
-                                             hip_decode_naive, hip_decode_select, hip_select, prefill_kend)
+from bench import common
+from bench.common import gpu_ms, graph_ms, layers_ms, log
+from bench.kernels.inputs import per_layer, prefill_flops, sdpa_flash
+from retrogram.kernels import testing as kt
+from retrogram.kernels.block_sparse import block_sparse_attention
+from retrogram.kernels.block_sparse_prefill import block_sparse_prefill
+from retrogram.kernels.cca_attention import cca_attention
+from retrogram.kernels.flash_decode import flash_decode
+from retrogram.kernels.flash_prefill import flash_prefill, flash_prefill_fwd_kernel
+from retrogram.kernels.hip_attention import (hip_attention_prefill, hip_decode, hip_decode_select, hip_select,
+                                             prefill_kend)
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -57,8 +40,6 @@ BASELINE = None  # another flash_decode ops.py timed beside this one (--decode-b
 
 def load_baseline(path):
     """flash_decode from another copy of kernels/flash_decode/ops.py (e.g. `git show HEAD~1:...`)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("retrogram.kernels.flash_decode._baseline", path)
     mod = importlib.util.module_from_spec(spec)
     mod.__package__ = "retrogram.kernels.flash_decode"
@@ -68,53 +49,6 @@ def load_baseline(path):
 
 RESULTS: dict = {"checks": [], "prefill": [], "decode": [], "hip_prefill": [], "hip_decode": [],
                  "vs_prefill": [], "cca": [], "errors": []}
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def rel(a, ref):
-    a = a.double()
-    if torch.isnan(a).any():
-        return float("nan")
-    return ((a - ref).norm() / ref.norm()).item()
-
-
-def bench_ms(fn, rep=100):
-    if DEV != "cuda":  # --smoke on a CPU (Triton interpreter): one timed call, only to exercise the code
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
-
-
-def bench_graph_ms(fn, rep=100):
-    """Median time of fn replayed from a CUDA graph: decode steps are short enough that eager
-    launches (Python + Triton's launcher) would be timed instead of the GPU work."""
-    if DEV != "cuda":
-        return bench_ms(fn, rep)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):  # compile and warm up outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    ms = bench_ms(g.replay, rep)
-    del g
-    return ms
-
-
-def sdpa_flash(q, k, v, causal):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if DEV != "cuda":
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def guarded(name):
@@ -131,16 +65,7 @@ def guarded(name):
 
 
 def rnd(*shape, dtype=None):
-    return torch.randn(*shape, device=DEV, dtype=dtype or BF16)
-
-
-def poisoned(shape, dtype=None):
-    return torch.full(shape, float("nan"), device=DEV, dtype=dtype or BF16)
-
-
-def per_layer(x, B, L):
-    """The L layers' [B, ...] slices of x [L * B, ...] (one cache per layer, as a decoder has)."""
-    return [x[i * B : (i + 1) * B] for i in range(L)]
+    return kt.rnd(*shape, device=DEV, dtype=dtype or BF16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,136 +74,36 @@ def ceilings():
     n = 1 << 30  # 2 GiB of bf16 read + 2 GiB written
     a = torch.randn(n, device=DEV, dtype=BF16)
     b = torch.empty_like(a)
-    ms = bench_ms(lambda: b.copy_(a))
+    ms = gpu_ms(lambda: b.copy_(a))
     copy_tbs = 2 * a.numel() * 2 / ms / 1e9
     del a, b
     x, y = rnd(8192, 8192), rnd(8192, 8192)
-    ms_mm = bench_ms(lambda: x @ y)
+    ms_mm = gpu_ms(lambda: x @ y)
     RESULTS["ceilings"] = {"copy_TBps": copy_tbs, "bf16_matmul_TFLOPs": 2 * 8192**3 / ms_mm / 1e9}
     log(f"ceilings: copy {copy_tbs:.2f} TB/s, bf16 matmul {RESULTS['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
 
 
-def check(name, err, tol=1e-2, **info):
-    ok = err == err and err < tol
-    RESULTS["checks"].append({"kernel": name, "rel_err": err, "tol": tol, "ok": ok, **info})
-    log(f"check {name:<22} {'ok ' if ok else 'FAIL'} rel_err={err:.2e} {info}")
+def record(check: kt.Check) -> None:
+    RESULTS["checks"].append(check.record())
+    log(f"check {check.kernel:<22} {'ok ' if check.ok else 'FAIL'} rel_err={check.err:.2e} {check.info}")
 
 
 @guarded("checks")
 def checks(f=1):
-    """f > 1 divides the sequence lengths (smoke runs)."""
-    torch.manual_seed(0)
-    for B, T, S, HQ, HKV, D, causal in [(2, 1000, 1000, 8, 8, 128, True), (1, 777, 1500, 8, 2, 64, True),
-                                          (2, 513, 513, 4, 4, 256, True), (1, 600, 700, 6, 2, 128, False)]:
-        T, S = T // f, S // f
-        q, k, v = rnd(B, T, HQ, D), rnd(B, S, HKV, D), rnd(B, S, HKV, D)
-        o = poisoned(q.shape)
-        flash_prefill(q, k, v, causal=causal, out=o)
-        ref, _ = flash_prefill_naive(q.double(), k.double(), v.double(), causal=causal)
-        check("flash_prefill", rel(o, ref), shape=[B, T, S, HQ, HKV, D], causal=causal)
-    cu = torch.tensor([0, 100, 900, 901, 1500], device=DEV, dtype=torch.int32) // f
-    q, k, v = rnd(1, 1500 // f, 8, 128), rnd(1, 1500 // f, 2, 128), rnd(1, 1500 // f, 2, 128)
-    o = poisoned(q.shape)
-    flash_prefill(q, k, v, causal=True, cu_seqlens=cu, out=o)
-    ref, _ = flash_prefill_naive(q.double(), k.double(), v.double(), causal=True, cu_seqlens=cu)
-    check("flash_prefill varlen", rel(o, ref), cu_seqlens=cu.tolist())
-
-    decode_checks(f)
-
-    B, T, HQ, HKV, D = 1, 4096 // f, 8, 2, 128
-    q, k, v = rnd(B, T, HQ, D), rnd(B, T, HKV, D), rnd(B, T, HKV, D)
-    kend = prefill_kend(T, T, 64, True, DEV)
-    sel = hip_select(q, k, kend, T, topk=8, n_sink=1, n_local=4)
-    bi, bc = hip_block_list(sel, kend, 64, 1, 4)
-    o = poisoned(q.shape)
-    block_sparse_attention(q, k, v, bi, bc, 64, 64, out=o)
-    ref = block_sparse_attention_naive(q.double(), k.double(), v.double(), bi, bc, 64, 64)
-    check("hip_prefill (block-sparse)", rel(o, ref), shape=[B, T, HQ, HKV, D], blocks_mean=bc.float().mean().item())
-    bi, bc = vertical_slash_blocks(q, k, n_vertical=8, n_slash=8, top_p=0.9)
-    o = poisoned(q.shape)
-    block_sparse_attention(q, k, v, bi, bc, 64, 64, out=o)
-    ref = block_sparse_attention_naive(q.double(), k.double(), v.double(), bi, bc, 64, 64)
-    check("vs_prefill (block-sparse)", rel(o, ref), blocks_mean=bc.float().mean().item())
-
-    q, kk, vv = rnd(2, 1000 // f, 8, 128), rnd(2, 16, 256 // f, 2, 128), rnd(2, 16, 256 // f, 2, 128)
-    o = poisoned(q.shape)
-    o = cca_attention(q, kk, vv, 64, out=o)
-    check("cca_attention", rel(o, cca_attention_naive(q.double(), kk.double(), vv.double(), 64)))
+    """Every kernel against its float64 reference (f > 1 divides the sequence lengths: smoke runs)."""
+    for c in kt.attention_checks(f, DEV, BF16):
+        record(c)
 
 
 @guarded("decode_checks")
 def decode_checks(f=1):
     """flash_decode, the fused HiP decode selection (the blocks of the multi-launch hip_select) and
     hip_decode, on the GPU in bf16."""
-    torch.manual_seed(0)
-    for B, TQ, HQ, HKV, S, page in [(3, 1, 32, 8, 5000, None), (3, 1, 32, 8, 5000, 64), (2, 4, 8, 2, 3001, 256),
-                                    (1, 1, 32, 32, 20000, None),
-                                    (1, 1, 32, 8, 40000, None), (1, 1, 32, 8, 40000, 256)]:
-        S = S // f
-        q = rnd(B, TQ, HQ, 128)
-        seqlens = torch.randint(TQ, S + 1, (B,), device=DEV, dtype=torch.int32)
-        k, v = rnd(B, S, HKV, 128), rnd(B, S, HKV, 128)
-        ref = flash_decode_naive(q.double(), k.double(), v.double(), seqlens)
-        o = poisoned(q.shape)
-        if page is None:
-            flash_decode(q, k, v, seqlens=seqlens, out=o)
-        else:
-            kp, vp, table = to_paged(k, v, page)
-            flash_decode(q, kp, vp, seqlens=seqlens, block_table=table, out=o)
-        check("flash_decode", rel(o, ref), shape=[B, TQ, HQ, HKV, S], page=page)
-        if B == 3:
-            # other program counts (split counts per (batch, KV head))
-            for waves in (1, 3):
-                o = poisoned(q.shape)
-                if page is None:
-                    flash_decode(q, k, v, seqlens=seqlens, out=o, waves=waves)
-                else:
-                    flash_decode(q, kp, vp, seqlens=seqlens, block_table=table, out=o, waves=waves)
-                check("flash_decode", rel(o, ref), shape=[B, TQ, HQ, HKV, S], page=page, waves=waves)
-
-    for B, HQ, HKV, S, page in [(2, 32, 8, 70000, None), (2, 32, 8, 70000, 256), (1, 32, 32, 50000, None)]:
-        S = S // f
-        q, k = rnd(B, 1, HQ, 128), rnd(B, S, HKV, 128)
-        seqlens = torch.randint(S // 2, S + 1, (B,), device=DEV, dtype=torch.int32)
-        table, kc = None, k
-        if page is not None:
-            kc, _, table = to_paged(k, k, page)
-        sel = hip_decode_select(q, kc, seqlens, S, block_table=table)
-        old = hip_select(q, kc, seqlens.long()[:, None], S, 1, 64, 32, 1, 4, group_heads=True, block_table=table)[:, :, 0]
-        diff = (sel != old).float().mean().item()
-        # ties between bf16 scores could order differently; none expected on random data
-        check("hip_decode_select", diff, tol=1e-3, vs="hip_select (multi-launch)", shape=[B, 1, HQ, HKV, S], page=page,
-              blocks_differing=diff)
-    B, S = 2, 9000 // f
-    q = rnd(B, 1, 32, 128)
-    k, v = rnd(B, S, 8, 128), rnd(B, S, 8, 128)
-    seqlens = torch.tensor([9000 // f, 7777 // f], device=DEV, dtype=torch.int32)
-    kp, vp, table = to_paged(k, v, 128)
-    sel = hip_decode_select(q, kp, seqlens, S, topk=16, block_table=table)
-    o = poisoned(q.shape)
-    hip_decode(q, kp, vp, sel, seqlens, table, out=o)
-    ref = hip_decode_naive(q.double(), k.double(), v.double(), sel.cpu(), seqlens)
-    check("hip_decode (paged)", rel(o, ref), shape=[B, 1, 32, 8, S])
-
-
-def to_paged(k, v, page):
-    """Scatter contiguous [B, S, H, D] caches into shuffled pages; returns pages and block table."""
-    B, S, H, D = k.shape
-    npg = triton.cdiv(S, page)
-    perm = torch.randperm(B * npg, device=k.device).view(B, npg).to(torch.int32)
-    kp = torch.empty(B * npg, page, H, D, device=k.device, dtype=k.dtype)
-    vp = torch.empty_like(kp)
-    pad = npg * page - S
-    kp[perm.flatten().long()] = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(B * npg, page, H, D)
-    vp[perm.flatten().long()] = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)).view(B * npg, page, H, D)
-    return kp, vp, perm
+    for c in kt.decode_checks(f, DEV, BF16):
+        record(c)
 
 
 # ----------------------------------------------------------------------------------------------
-def prefill_flops(T, H, D, causal=True):
-    return 4 * T * T * H * D * (0.5 if causal else 1.0)
-
-
 @guarded("prefill")
 def prefill(lens, H=32, D=128):
     for T in lens:
@@ -286,10 +111,10 @@ def prefill(lens, H=32, D=128):
         qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # SDPA's [B, H, T, D]
         row = {"T": T, "H": H, "D": D}
         fl = prefill_flops(T, H, D)
-        ms = bench_ms(lambda: sdpa_flash(qs, ks, vs, True))
+        ms = gpu_ms(lambda: sdpa_flash(qs, ks, vs, True))
         row["sdpa_ms"], row["sdpa_tflops"] = ms, fl / ms / 1e9
         o = torch.empty_like(q)
-        ms = bench_ms(lambda: flash_prefill(q, k, v, causal=True, out=o))
+        ms = gpu_ms(lambda: flash_prefill(q, k, v, causal=True, out=o))
         row["flash_ms"], row["flash_tflops"] = ms, fl / ms / 1e9
         row["flash_config"] = str(flash_prefill_fwd_kernel.best_config)
         row["flash_vs_sdpa"] = row["sdpa_ms"] / row["flash_ms"]
@@ -321,7 +146,7 @@ def sparse_prefill(lens, H=32, D=128, configs=SPARSE_CONFIGS):
         q, k, v = rnd(1, T, H, D), rnd(1, T, H, D), rnd(1, T, H, D)
         if T not in sdpa_ms:
             qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-            sdpa_ms[T] = bench_ms(lambda: sdpa_flash(qs, ks, vs, True))
+            sdpa_ms[T] = gpu_ms(lambda: sdpa_flash(qs, ks, vs, True))
             del qs, ks, vs
         o = torch.empty_like(q)
         kend = prefill_kend(T, T, 64, True, DEV)
@@ -329,11 +154,11 @@ def sparse_prefill(lens, H=32, D=128, configs=SPARSE_CONFIGS):
         for key, label, cfg in configs:
             fn = hip_attention_prefill if key == "hip_prefill" else block_sparse_prefill
             row = {"T": T, "H": H, "D": D, "sdpa_ms": sdpa_ms[T], "label": label, **cfg}
-            row["total_ms"] = bench_ms(lambda: fn(q, k, v, dense_below=0, out=o, **cfg))
+            row["total_ms"] = gpu_ms(lambda: fn(q, k, v, dense_below=0, out=o, **cfg))
             _, blocks = fn(q, k, v, dense_below=0, out=o, return_blocks=True, **cfg)
             row["blocks_mean"] = blocks[1].float().mean().item()
             row["density"] = blocks[1].float().sum().item() / nvis  # kept / visible key blocks
-            row["attn_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, *blocks, 64, 64, out=o))
+            row["attn_ms"] = gpu_ms(lambda: block_sparse_attention(q, k, v, *blocks, 64, 64, out=o))
             row["speedup_vs_sdpa"] = sdpa_ms[T] / row["total_ms"]
             RESULTS[key].append(row)
             log(f"{key[:3]} prefill T={T:>6} {label:<22}: {row['total_ms']:7.2f} ms (attn {row['attn_ms']:.2f}) vs sdpa "
@@ -341,49 +166,6 @@ def sparse_prefill(lens, H=32, D=128, configs=SPARSE_CONFIGS):
             del blocks
         del q, k, v, o
         torch.cuda.empty_cache() if DEV == "cuda" else None
-
-
-def bench_layers_ms(fns, graph, rep_ms=50, repeats=3):
-    """Time per call of fns (one per layer, each over its own KV cache) run in sequence, repeated back
-    to back: as in a decoder step, every call reads a cache the calls before it pushed out of L2.
-    do_bench instead flushes L2 with a 256 MB memset before each call, which leaves L2 dirty: writing
-    it back costs a short kernel ~10-15 us (a 9.7 MB sparse step measured 18 us that way).
-    graph=True replays all fns from one CUDA graph; False launches them eagerly (CPU overhead counts)."""
-    if DEV != "cuda":
-        return bench_ms(lambda: [f() for f in fns]) / len(fns)
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):  # compile and warm up outside the capture
-                for f in fns:
-                    f()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for f in fns:
-                f()
-        run = g.replay
-    else:
-        def run():
-            for f in fns:
-                f()
-    run()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    run()
-    torch.cuda.synchronize()
-    n = max(2, int(rep_ms / 1e3 / max(time.perf_counter() - t, 1e-6)))
-    times = []
-    for _ in range(repeats):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(n):
-            run()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1) / n / len(fns))
-    return sorted(times)[len(times) // 2]
 
 
 @guarded("decode")
@@ -409,32 +191,32 @@ def decode(lens, batches=(1, 8), H=32, D=128, hkv_list=(32, 8), hip_cfg=None, re
 
                 def timed(name, fn):
                     fns = [lambda i=i: fn(i) for i in range(L)]
-                    row[name + "_ms"] = bench_layers_ms(fns, graph=False)
-                    row[name + "_graph_ms"] = bench_layers_ms(fns, graph=True)
+                    row[name + "_ms"] = layers_ms(fns, graph=False)
+                    row[name + "_graph_ms"] = layers_ms(fns, graph=True)
 
                 if HKV == H:
-                    kt = [x.transpose(1, 2).contiguous() for x in ks]
-                    vt = [x.transpose(1, 2).contiguous() for x in vs]
+                    ks_t = [x.transpose(1, 2).contiguous() for x in ks]
+                    vs_t = [x.transpose(1, 2).contiguous() for x in vs]
                     qs = q.transpose(1, 2)
-                    timed("sdpa", lambda i: sdpa_flash(qs, kt[i], vt[i], False))
-                    del kt, vt
+                    timed("sdpa", lambda i: sdpa_flash(qs, ks_t[i], vs_t[i], False))
+                    del ks_t, vs_t
                 o = torch.empty_like(q)
                 seqlens = torch.full((B,), S, device=DEV, dtype=torch.int32)
                 timed("flash", lambda i: flash_decode(q, ks[i], vs[i], seqlens=seqlens, max_seqlen=S, out=o))
                 if BASELINE is not None:
-                    row["base_graph_ms"] = bench_layers_ms(
+                    row["base_graph_ms"] = layers_ms(
                         [lambda i=i: BASELINE.flash_decode(q, ks[i], vs[i], seqlens=seqlens, max_seqlen=S, out=o)
                          for i in range(L)], graph=True)
-                row["flash_dobench_graph_ms"] = bench_graph_ms(
+                row["flash_dobench_graph_ms"] = graph_ms(
                     lambda: flash_decode(q, ks[0], vs[0], seqlens=seqlens, max_seqlen=S, out=o))
-                kp, vp, table = to_paged(k, v, 256)
+                kp, vp, table = kt.to_paged(k, v, 256)
                 tables = per_layer(table, B, L)
                 del k, v, ks, vs
                 torch.cuda.empty_cache()
                 timed("paged", lambda i: flash_decode(q, kp, vp, seqlens=seqlens, block_table=tables[i], max_seqlen=S,
                                                       out=o))
                 if BASELINE is not None:
-                    row["base_paged_graph_ms"] = bench_layers_ms(
+                    row["base_paged_graph_ms"] = layers_ms(
                         [lambda i=i: BASELINE.flash_decode(q, kp, vp, seqlens=seqlens, block_table=tables[i],
                                                            max_seqlen=S, out=o) for i in range(L)], graph=True)
                 # HiP decode over the paged cache: the selection is refreshed every `refresh_every` steps
@@ -487,7 +269,7 @@ def decode_sweep(shapes=((8, 32768, 32, True), (8, 131072, 32, True), (1, 32768,
         k, v = rnd(L * B, S, HKV, D), rnd(L * B, S, HKV, D)
         seqlens = torch.full((B,), S, device=DEV, dtype=torch.int32)
         if paged:
-            kp, vp, table = to_paged(k, v, 256)
+            kp, vp, table = kt.to_paged(k, v, 256)
             caches = [(kp, vp, t) for t in per_layer(table, B, L)]
         else:
             caches = [(kk, vv, None) for kk, vv in zip(per_layer(k, B, L), per_layer(v, B, L))]
@@ -505,7 +287,7 @@ def decode_sweep(shapes=((8, 32768, 32, True), (8, 131072, 32, True), (1, 32768,
             try:
                 fns[0]()
                 err = ((o.float() - ref).norm() / ref.norm()).item()
-                ms = bench_layers_ms(fns, graph=True, rep_ms=rep_ms)
+                ms = layers_ms(fns, graph=True, rep_ms=rep_ms)
             except Exception as e:  # e.g. out of shared memory for a large tile
                 log(f"   sweep {cfg} failed: {e!r}"[:200])
                 continue
@@ -545,8 +327,8 @@ def cca(B=4, T=4096, C=64, N=256, H=32, D=128):
     vs = vv.view(B * L, N, H, D).transpose(1, 2).contiguous()
     fl = 4 * B * T * N * H * D
     row = {"B": B, "T": T, "chunk": C, "neighbour_tokens": N, "H": H, "D": D}
-    row["sdpa_ms"] = bench_ms(lambda: sdpa_flash(qs, ks, vs, False))
-    row["cca_ms"] = bench_ms(lambda: cca_attention(q, kk, vv, C))
+    row["sdpa_ms"] = gpu_ms(lambda: sdpa_flash(qs, ks, vs, False))
+    row["cca_ms"] = gpu_ms(lambda: cca_attention(q, kk, vv, C))
     row["sdpa_tflops"], row["cca_tflops"] = fl / row["sdpa_ms"] / 1e9, fl / row["cca_ms"] / 1e9
     RESULTS["cca"].append(row)
     log(f"cca B={B} T={T} N={N}: sdpa {row['sdpa_ms']:.3f} ms ({row['sdpa_tflops']:.0f} TF/s) | cca {row['cca_ms']:.3f} ms "
@@ -584,10 +366,10 @@ def table():
 def smoke(args):
     """Every section at toy sizes (float32 on a CPU): catches errors before a GPU run."""
     global DEV, BF16
-    if not torch.cuda.is_available():
+    if not common.on_gpu():
         DEV, BF16 = "cpu", torch.float32
-    RESULTS["env"] = {"device": DEV}
-    checks(f=16)
+    if not args.skip_checks:
+        checks(f=16)
     prefill([256], H=2, D=32)
     sparse_prefill([512], H=2, D=32, configs=[("hip_prefill", "rep", dict(estimator="rep", topk=2, n_sink=1, n_local=2)),
                                               ("hip_prefill", "mass", dict(estimator="mass", top_p=0.9, n_local=2)),
@@ -598,23 +380,23 @@ def smoke(args):
                  apply=False)
     cca(B=1, T=128, C=64, N=32, H=2, D=32)
     table()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels_smoke.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
+    if args.out:   # a smoke run writes nothing unless asked to
+        log(f"wrote {common.save('kernels_smoke', RESULTS, out=args.out, tag=args.tag)}")
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap = common.parser(__doc__, __spec__)
     ap.add_argument("--max-len", type=int, default=131072)
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes; on a CPU under TRITON_INTERPRET=1")
     ap.add_argument("--decode", action="store_true",
                     help="decode only: checks, launch sweep of the batch-1 classes, decode and HiP decode timings "
-                         "(kernels_decode_h200.json)")
+                         "(kernels_decode_<tag>.json)")
     ap.add_argument("--decode-baseline", default=None,
                     help="another flash_decode ops.py, timed beside this one in the decode section")
+    common.add_output_args(ap)
     args = ap.parse_args()
+    common.check_kernel_device(ap, args.smoke)
     t0 = time.time()
     if args.decode_baseline:
         global BASELINE
@@ -623,9 +405,8 @@ def main():
     if args.smoke:
         smoke(args)
         return
-    RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                      "cuda": torch.version.cuda, "sms": torch.cuda.get_device_properties(0).multi_processor_count}
-    log(RESULTS["env"])
+    RESULTS["sms"] = torch.cuda.get_device_properties(0).multi_processor_count
+    log(f"{torch.cuda.get_device_name()}, {RESULTS['sms']} SMs, torch {torch.__version__}, triton {triton.__version__}")
     ceilings()
     if args.decode:
         if not args.skip_checks:
@@ -639,9 +420,7 @@ def main():
         decode([n for n in (32768, 131072) if n <= args.max_len])
         RESULTS["wall_s"] = time.time() - t0
         table()
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "kernels_decode_h200.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1, default=str)
+        log(f"wrote {common.save('kernels_decode', RESULTS, out=args.out, tag=args.tag)}")
         return
     # tune flash_prefill's main configuration on a mid-size problem before anything else calls it
     q = rnd(1, 16384, 32, 128)
@@ -656,9 +435,7 @@ def main():
     cca()
     RESULTS["wall_s"] = time.time() - t0
     table()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels_h200.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
+    log(f"wrote {common.save('kernels', RESULTS, out=args.out, tag=args.tag)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Ingestion: the tokenize stage against a transformers tokenizer loop."""

@@ -1,0 +1,1 @@
+"""Triton attention kernels against PyTorch SDPA, on a GPU (smoke runs on a CPU under TRITON_INTERPRET=1)."""

@@ -1,0 +1,1 @@
+"""The gRPC services under load and one call at a time."""
