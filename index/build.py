@@ -18,7 +18,7 @@ from typing import Any, Callable
 from .errors import UserError
 from .manifest import MANIFEST, Manifest, StageRecord, sha256_file
 from .store import STORE, open_store, table_rows
-from .tokenizer import load_tokenizer, tokenizer_identity
+from .tokenizer import load_index_tokenizer, load_tokenizer, tokenizer_identity
 
 
 @dataclass
@@ -200,16 +200,23 @@ def _clear_index(out: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def run_build(out: Path, corpus_paths: list[str], tokenizer_spec: str | None, all_stages: list[Stage],
+def run_build(out: Path, corpus_paths: list[str] | None, tokenizer_spec: str | None, all_stages: list[Stage],
               requested: list[str] | None = None, force: bool = False, options: dict[str, Any] | None = None,
               progress=None) -> BuildSummary:
+    """Build (or resume) the requested stages of the index in `out`. Without corpus_paths, an existing index
+    is built from the corpus its manifest records; without tokenizer_spec, with the tokenizer it records
+    (unless force, which builds anew: then the default tokenizer)."""
     from .corpus import corpus_fingerprint, expand_corpus_paths
 
     options = dict(options or {})
     stages = resolve_stages(all_stages, requested)
-    files = expand_corpus_paths(corpus_paths)
-    tokenizer = load_tokenizer(tokenizer_spec)
     out = Path(out)
+    recorded = Manifest.load(out) if (out / MANIFEST).is_file() else None
+    files = expand_corpus_paths(corpus_paths or _recorded_corpus(out, recorded))
+    if tokenizer_spec is None and recorded is not None and not force:
+        tokenizer = load_index_tokenizer(out)
+    else:
+        tokenizer = load_tokenizer(tokenizer_spec)
     manifest, created = prepare_index_dir(out, tokenizer, files, corpus_fingerprint(files), force)
     summary = BuildSummary(str(out), [], [], {}, {})
     try:
@@ -233,6 +240,17 @@ def run_build(out: Path, corpus_paths: list[str], tokenizer_spec: str | None, al
             shutil.rmtree(out, ignore_errors=True)   # nothing finished: leave no half-written index
         raise
     return summary
+
+
+def _recorded_corpus(out: Path, recorded: Manifest | None) -> list[str]:
+    """The corpus files an existing index was built from (to add stages to it without --corpus)."""
+    if recorded is None:
+        raise UserError(f"--corpus: required (--out {out} holds no index whose corpus could be used)")
+    paths = [c["path"] for c in recorded.corpus]
+    gone = [p for p in paths if not Path(p).exists()]
+    if gone:
+        raise UserError(f"--corpus: not given, and {gone[0]}, which {out} was built from, is gone; pass --corpus")
+    return paths
 
 
 def _run_stage(stage: Stage, out: Path, manifest: Manifest, options, files, tokenizer, progress) -> StageRecord:

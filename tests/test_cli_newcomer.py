@@ -272,3 +272,59 @@ def test_serve_port_in_use_is_one_line_and_exit_2(ngram_index, busy_port):
     assert _servers_of(ngram_index) == []
     line = _one_error_line(_retrogram("serve", "ngram", "--index", ngram_index, "--port", 70000))
     assert "--port 70000: expected a port number in [0, 65535]" in line
+
+
+# ------------------------------------------------------------------------------- hints and damaged indexes
+
+PLAYS = [{"id": f"p{i}", "text": text} for i, text in enumerate([
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nThe slings and arrows "
+    "of outrageous fortune,\nOr to take arms against a sea of troubles\nAnd by opposing end them.",
+    "The quality of mercy is not strain'd;\nIt droppeth as the gentle rain from heaven\nUpon the place beneath. "
+    "It is twice blest;\nIt blesseth him that gives and him that takes.",
+    "Friends, Romans, countrymen, lend me your ears;\nI come to bury Caesar, not to praise him.\nThe evil that men "
+    "do lives after them;\nThe good is oft interred with their bones."])]
+
+
+def _hint(err: str) -> list[str]:
+    """The command an error line tells the user to run, as argv for the CLI (without `retrogram`)."""
+    import re
+    import shlex
+
+    m = re.search(r"`retrogram ([^`]+)`", err)
+    assert m, err
+    return shlex.split(m.group(1))
+
+
+def test_missing_stage_hint_works_as_printed(tmp_path, capsys, monkeypatch):
+    """`build-index --out IDX --stages S`, as a missing stage's error prints it, builds S from the corpus and
+    with the tokenizer the index records (it wanted --corpus, then failed on the default tokenizer)."""
+    from conftest import write_jsonl
+    from retrogram.index.manifest import Manifest
+
+    corpus = write_jsonl(tmp_path / "plays.jsonl", PLAYS)
+    monkeypatch.chdir(tmp_path)   # the hint names the index as the user did: a relative path
+    code, _, err = _cli(capsys, "build-index", "--corpus", corpus, "--out", "idx", "--tokenizer", "bytes",
+                        "--stages", "tokenize", "--no-progress")
+    assert code == 0, err
+    recorded = Manifest.load(tmp_path / "idx")
+    for argv, stage in [(["retrieve", "--index", "idx", "--k", "1", "Who is Caesar?"], "faiss"),
+                        (["ngram", "count", "--index", "idx", "not to be"], "ngram")]:
+        code, _, err = _cli(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and f"no '{stage}' stage" in err, err
+        hint = _hint(err)
+        assert hint == ["build-index", "--out", "idx", "--stages", stage]
+        code, _, err = _cli(capsys, *hint)
+        assert code == 0, err
+        code, out, err = _cli(capsys, *argv)
+        assert code == 0 and out.strip(), err
+    m = Manifest.load(tmp_path / "idx")
+    assert m.tokenizer == recorded.tokenizer and m.corpus == recorded.corpus and m.token_width == 1
+    assert set(m.stages) == {"tokenize", "ngram", "chunks", "embeddings", "faiss"}
+    code, out, _ = _cli(capsys, "retrieve", "--index", "idx", "--k", "1", "--json", "Who is Caesar?")
+    assert json.loads(out)[0]["neighbours"][0]["document"]["external_id"] == "p2"
+    code, _, err = _cli(capsys, "retrieve", "--index", "idx", "--k", "1000", "Who is Caesar?")
+    chunks = m.stages["chunks"].counts["chunks"]
+    assert code == 2 and f"--k 1000: larger than the index ({chunks} chunks)" in err
+    # a directory without an index still needs --corpus
+    code, _, err = _cli(capsys, "build-index", "--out", "other", "--tokenizer", "bytes")
+    assert code == 2 and "--corpus: required (--out other holds no index" in err
