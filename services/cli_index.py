@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from ..index.build import run_build
-from ..index.errors import UserError
+from ..index.errors import IndexFormatError, UserError
 from ..index.manifest import Manifest
-from ..index.store import open_store
+from ..index.store import STORE, open_store, table_rows
 from .cli_retrieve import add_retrieval_build_options, cmd_append, retrieval_build_options
 from .cli_common import add_json_flag, console, human_bytes, make_progress, print_json
 from .stages import pipeline_stages, stage_names
@@ -87,8 +87,29 @@ def cmd_build_index(args) -> int:
     return 0
 
 
+def verify_index(index_dir: Path, manifest: Manifest) -> None:
+    """What `info` reports, checked (IndexFormatError naming the file): every stage's files at the sizes the
+    manifest recorded, the n-gram shards' files agreeing with each other (the lengths queries rely on), and
+    store.sqlite whole, with the rows the stages wrote."""
+    for name in manifest.stages:
+        manifest.require_stage(index_dir, name)
+    if "ngram" in manifest.stages:
+        from ..ngram.shards import open_shards
+
+        open_shards(Path(index_dir) / "ngram", manifest.token_width)
+    tables = {t: n for rec in manifest.stages.values() for t, n in rec.tables.items()}
+    if tables:
+        db = open_store(index_dir)
+        for table, n in tables.items():
+            have = table_rows(db, table)
+            if have != n:
+                raise IndexFormatError(f"{Path(index_dir) / STORE}: table {table} has "
+                                       f"{'no rows' if have < 0 else f'{have:,} rows'}, the manifest says {n:,}")
+
+
 def index_info(index_dir: Path) -> dict:
     manifest = Manifest.load(index_dir)
+    verify_index(index_dir, manifest)
     sizes = {}
     total = 0
     for root, _, files in os.walk(index_dir):
@@ -102,7 +123,6 @@ def index_info(index_dir: Path) -> dict:
             "corpus_files": len(manifest.corpus), "stages": {k: v.counts for k, v in manifest.stages.items()},
             "sizes": sizes, "total_bytes": total}
     if "tokenize" in manifest.stages:
-        manifest.require_stage(index_dir, "tokenize")
         db = open_store(index_dir)
         info["documents"] = db["documents"].count
         info["tokens"] = manifest.stages["tokenize"].counts.get("tokens", 0)

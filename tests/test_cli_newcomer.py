@@ -328,3 +328,62 @@ def test_missing_stage_hint_works_as_printed(tmp_path, capsys, monkeypatch):
     # a directory without an index still needs --corpus
     code, _, err = _cli(capsys, "build-index", "--out", "other", "--tokenizer", "bytes")
     assert code == 2 and "--corpus: required (--out other holds no index" in err
+
+
+@pytest.fixture(scope="module")
+def bytes_index(tmp_path_factory):
+    """PLAYS through every stage, with the bytes tokenizer."""
+    from conftest import write_jsonl
+    from retrogram.services.cli import main
+
+    d = tmp_path_factory.mktemp("plays")
+    corpus = write_jsonl(d / "plays.jsonl", PLAYS)
+    assert main(["build-index", "--corpus", str(corpus), "--out", str(d / "idx"), "--tokenizer", "bytes",
+                 "--no-progress"]) == 0
+    return d / "idx"
+
+
+def test_damaged_index_is_one_line_for_info_and_retrieve(bytes_index, tmp_path, capsys):
+    """A truncated, emptied or foreign store.sqlite, and a truncated n-gram table: `info` (which checks what it
+    reports) and `retrieve` say which file and what is wrong in one line, exit 2, no sqlite3 traceback; the
+    store's rebuild hint works as printed."""
+    import shutil
+    import sqlite3
+
+    def damaged(how):
+        idx = tmp_path / "idx"
+        shutil.rmtree(idx, ignore_errors=True)
+        shutil.copytree(bytes_index, idx)
+        how(idx)
+        return idx
+
+    def one_line(argv, *words):
+        code, out, err = _cli(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words), (argv, err)
+        return err
+
+    def truncate(path, size):
+        with open(path, "r+b") as f:
+            f.truncate(size)
+
+    store = lambda idx: idx / "store.sqlite"   # noqa: E731
+    cases = [
+        (lambda idx: truncate(store(idx), store(idx).stat().st_size // 2), ["store.sqlite: truncated"]),
+        (lambda idx: truncate(store(idx), 0), ["store.sqlite: empty (0 bytes)"]),
+        (lambda idx: store(idx).write_bytes(b"not a database" * 100), ["store.sqlite: not an SQLite database"]),
+    ]
+    for how, words in cases:
+        idx = damaged(how)
+        one_line(["info", idx], *words)
+        err = one_line(["retrieve", "--index", idx, "Who is Caesar?"], *words)
+        code, _, err = _cli(capsys, *_hint(err), "--no-progress")   # rebuild it as the error says
+        assert code == 0, err
+        code, out, _ = _cli(capsys, "info", idx, "--json")
+        assert code == 0 and json.loads(out)["documents"] == len(PLAYS)
+    # rows deleted behind the manifest's back
+    idx = damaged(lambda idx: sqlite3.connect(store(idx)).execute("DELETE FROM documents WHERE id = 1").connection.commit())
+    one_line(["info", idx], "table documents has 2 rows, the manifest says 3")
+    # the n-gram suffix array truncated: queries caught it, info said nothing
+    idx = damaged(lambda idx: truncate(idx / "ngram" / "table.0", (idx / "ngram" / "table.0").stat().st_size - 3))
+    one_line(["info", idx], "table.0: truncated")
+    one_line(["info", idx, "--json"], "table.0: truncated")
