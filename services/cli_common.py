@@ -9,7 +9,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-console = Console(stderr=True)   # human output and progress on stderr; stdout stays for results
+# Results (what a command was asked for) go to stdout, through `results` or print_json; progress bars, logs
+# and errors to stderr, through `console`. Neither wraps long lines when it is not a terminal.
+console = Console(stderr=True, soft_wrap=True)
+results = Console(soft_wrap=True, highlight=False)
 
 
 def add_json_flag(p) -> None:

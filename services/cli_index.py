@@ -11,7 +11,7 @@ from ..index.errors import IndexFormatError, UserError
 from ..index.manifest import Manifest
 from ..index.store import STORE, open_store, table_rows
 from .cli_retrieve import add_retrieval_build_options, cmd_append, retrieval_build_options
-from .cli_common import add_json_flag, console, human_bytes, make_progress, print_json
+from .cli_common import add_json_flag, human_bytes, make_progress, print_json, results
 from .stages import pipeline_stages, stage_names
 
 BUILD_HELP = """\
@@ -80,10 +80,10 @@ def cmd_build_index(args) -> int:
     if args.json:
         print_json(summary.to_json())
         return 0
-    console.print(f"[bold green]index ready[/] {summary.index_dir}")
+    results.print(f"[bold green]index ready[/] {summary.index_dir}")
     for name, counts in summary.counts.items():
         how = "skipped (up to date)" if name in summary.skipped else f"built in {summary.seconds.get(name, 0):.1f}s"
-        console.print(f"  {name:<11} {how:<22} " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+        results.print(f"  {name:<11} {how:<22} " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
     return 0
 
 
@@ -139,17 +139,17 @@ def cmd_info(args) -> int:
     from rich.table import Table
 
     tok = info["tokenizer"]
-    console.print(f"[bold]{info['index']}[/]  (format v{info['format_version']}, {human_bytes(info['total_bytes'])})")
-    console.print(f"tokenizer: {tok['name']}  vocab {tok['vocab_size']:,}  u{8 * tok['token_width']} tokens  "
+    results.print(f"[bold]{info['index']}[/]  (format v{info['format_version']}, {human_bytes(info['total_bytes'])})")
+    results.print(f"tokenizer: {tok['name']}  vocab {tok['vocab_size']:,}  u{8 * tok['token_width']} tokens  "
                   f"sha256 {tok['sha256'][:12]}")
     if "documents" in info:
-        console.print(f"documents: {info['documents']:,}   tokens: {info['tokens']:,}   corpus files: {info['corpus_files']}")
+        results.print(f"documents: {info['documents']:,}   tokens: {info['tokens']:,}   corpus files: {info['corpus_files']}")
     t = Table("stage", "counts")
     for name, counts in info["stages"].items():
         t.add_row(name, ", ".join(f"{k}={v:,}" for k, v in counts.items()))
-    console.print(t)
+    results.print(t)
     t = Table("part", "size")
     for part, n in sorted(info["sizes"].items()):
         t.add_row(part, human_bytes(n))
-    console.print(t)
+    results.print(t)
     return 0

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..index.errors import UserError
-from .cli_common import add_json_flag, console, make_progress, print_json
+from .cli_common import add_json_flag, make_progress, print_json, results
 from .cli_serve import add_server_flag
 
 
@@ -47,7 +47,7 @@ def cmd_append(args, options: dict) -> int:
     if args.json:
         print_json(summary)
     else:
-        console.print(f"[bold green]appended[/] {summary['documents']:,} documents, {summary['chunks']:,} chunks "
+        results.print(f"[bold green]appended[/] {summary['documents']:,} documents, {summary['chunks']:,} chunks "
                       f"to {args.out}")
     return 0
 
@@ -105,18 +105,18 @@ def cmd_retrieve(args) -> int:
     else:
         r = Retriever.open(args.index, nprobe=args.nprobe, ef_search=args.ef_search, device=args.device)
         _check_k(args.k, r.n_chunks)
-    results = r.search(args.text, k=args.k, exclude_docs=args.exclude_doc)
+    found = r.search(args.text, k=args.k, exclude_docs=args.exclude_doc)
     if args.json:
-        print_json([{"query": q, "neighbours": [n.to_dict() for n in ns]} for q, ns in zip(args.text, results)])
+        print_json([{"query": q, "neighbours": [n.to_dict() for n in ns]} for q, ns in zip(args.text, found)])
         return 0
-    for q, ns in zip(args.text, results):
-        console.print(f"[bold]query:[/] {q}")
+    for q, ns in zip(args.text, found):
+        results.print(f"[bold]query:[/] {q}")
         for rank, n in enumerate(ns, 1):
             src = n.document.get("external_id") or n.document.get("source")
-            console.print(f"  [bold cyan]{rank}.[/] score {n.score:.4f}  chunk {n.chunk_id}  doc {n.doc_id} ({src})")
-            console.print("     " + " ".join(n.text.split())[:300], highlight=False, markup=False)
+            results.print(f"  [bold cyan]{rank}.[/] score {n.score:.4f}  chunk {n.chunk_id}  doc {n.doc_id} ({src})")
+            results.print("     " + " ".join(n.text.split())[:300], markup=False)
             if n.continuation_text:
-                console.print("     [dim]→ " + " ".join(n.continuation_text.split())[:200].replace("[", "\\[") + "[/]")
+                results.print("     [dim]→ " + " ".join(n.continuation_text.split())[:200].replace("[", "\\[") + "[/]")
     return 0
 
 
@@ -133,5 +133,5 @@ def cmd_neighbours(args) -> int:
     if args.json:
         print_json(info)
     else:
-        console.print(f"[bold green]neighbours[/] of {info['chunks']:,} chunks (k={info['k']}) -> {info['out']}")
+        results.print(f"[bold green]neighbours[/] of {info['chunks']:,} chunks (k={info['k']}) -> {info['out']}")
     return 0

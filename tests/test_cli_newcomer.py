@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -347,7 +348,6 @@ def test_damaged_index_is_one_line_for_info_and_retrieve(bytes_index, tmp_path, 
     """A truncated, emptied or foreign store.sqlite, and a truncated n-gram table: `info` (which checks what it
     reports) and `retrieve` say which file and what is wrong in one line, exit 2, no sqlite3 traceback; the
     store's rebuild hint works as printed."""
-    import shutil
     import sqlite3
 
     def damaged(how):
@@ -387,3 +387,26 @@ def test_damaged_index_is_one_line_for_info_and_retrieve(bytes_index, tmp_path, 
     idx = damaged(lambda idx: truncate(idx / "ngram" / "table.0", (idx / "ngram" / "table.0").stat().st_size - 3))
     one_line(["info", idx], "table.0: truncated")
     one_line(["info", idx, "--json"], "table.0: truncated")
+
+
+# ------------------------------------------------------------------------------- results on stdout
+
+def test_results_go_to_stdout_progress_and_logs_to_stderr(bytes_index, tmp_path, capsys):
+    """`retrogram info IDX 2>/dev/null` printed nothing: info, retrieve, build-index (and neighbours, --append)
+    wrote their results to stderr."""
+    from conftest import write_jsonl
+
+    for argv, words in [
+        (["info", bytes_index], ["documents: 3", "tokenizer: bytes", "faiss"]),
+        (["retrieve", "--index", bytes_index, "--k", "1", "Who is Caesar?"], ["query: Who is Caesar?", "score", "(p2)"]),
+        (["build-index", "--out", bytes_index, "--no-progress"], ["index ready", "faiss", "skipped (up to date)"]),
+        (["neighbours", "--index", bytes_index, "--out", tmp_path / "n.npy", "--k", "1", "--no-progress"],
+         ["neighbours of", "(k=1)"]),
+    ]:
+        code, out, err = _cli(capsys, *argv)
+        assert code == 0 and err == "" and all(w in out for w in words), (argv, out, err)
+    idx = tmp_path / "idx"
+    shutil.copytree(bytes_index, idx)
+    more = write_jsonl(tmp_path / "more.jsonl", [{"id": "q", "text": "Now is the winter of our discontent\n" * 3}])
+    code, out, err = _cli(capsys, "build-index", "--out", idx, "--corpus", more, "--append", "--no-progress")
+    assert code == 0 and err == "" and "appended 1 documents" in out, (out, err)
