@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
+from .handle import Index
 from .manifest import MANIFEST, Manifest, StageRecord, sha256_file
 from .store import STORE, open_store, table_rows
 from .tokenizer import load_index_tokenizer, load_tokenizer, tokenizer_identity
@@ -38,8 +39,9 @@ class Stage:
 
 @dataclass
 class StageContext:
-    """What a stage sees. It reads earlier stages from `index_dir` and writes its own files under
-    `tmp_dir` at the paths they will have in the index (e.g. tmp_dir / "ngram" / "table.0")."""
+    """What a stage sees. It reads earlier stages through `index` (the index as built so far: its token
+    stream, chunks, embeddings) and writes its own files under `tmp_dir` at the paths they will have in
+    the index (e.g. tmp_dir / "ngram" / "table.0")."""
 
     index_dir: Path
     tmp_dir: Path
@@ -48,6 +50,10 @@ class StageContext:
     corpus_files: list[Path]
     tokenizer: Any
     progress: Any = None   # rich.progress.Progress or None
+    index: Index = field(init=False)
+
+    def __post_init__(self):
+        self.index = Index(self.index_dir, self.manifest)   # this stage's view: the manifest as built so far
 
     def track(self, description: str, total: float | None = None):
         return _Task(self.progress, description, total)
@@ -202,10 +208,10 @@ def _clear_index(out: Path) -> None:
 
 def run_build(out: Path, corpus_paths: list[str] | None, tokenizer_spec: str | None, all_stages: list[Stage],
               requested: list[str] | None = None, force: bool = False, options: dict[str, Any] | None = None,
-              progress=None) -> BuildSummary:
+              progress=None, log: Callable[[str], None] | None = None) -> BuildSummary:
     """Build (or resume) the requested stages of the index in `out`. Without corpus_paths, an existing index
     is built from the corpus its manifest records; without tokenizer_spec, with the tokenizer it records
-    (unless force, which builds anew: then the default tokenizer)."""
+    (unless force, which builds anew: then the default tokenizer). log: told each stage's start and end."""
     from .corpus import corpus_fingerprint, expand_corpus_paths
 
     options = dict(options or {})
@@ -224,7 +230,11 @@ def run_build(out: Path, corpus_paths: list[str] | None, tokenizer_spec: str | N
             if not force and stage_is_current(out, manifest, stage, options):
                 summary.skipped.append(stage.name)
                 summary.counts[stage.name] = manifest.stages[stage.name].counts
+                if log:
+                    log(f"stage {stage.name}: up to date")
                 continue
+            if log:
+                log(f"stage {stage.name}: started")
             for dep in _dependents(all_stages, stage.name):   # their inputs are about to change
                 manifest.stages.pop(dep, None)
             manifest.stages.pop(stage.name, None)
@@ -235,6 +245,9 @@ def run_build(out: Path, corpus_paths: list[str] | None, tokenizer_spec: str | N
             summary.ran.append(stage.name)
             summary.counts[stage.name] = rec.counts
             summary.seconds[stage.name] = round(rec.seconds, 3)
+            if log:
+                log(f"stage {stage.name}: done in {rec.seconds:.1f} s (" +
+                    ", ".join(f"{k} {v:,}" for k, v in rec.counts.items()) + ")")
     except BaseException:
         if created and not manifest.stages:
             shutil.rmtree(out, ignore_errors=True)   # nothing finished: leave no half-written index

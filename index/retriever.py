@@ -23,14 +23,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .embedder import Embedder, resolve_embedder_dir
-from .errors import UserError
-from .manifest import Manifest
-from .search import BACKENDS, Ranges, SearchResult, check_k, open_searcher
+from .errors import IndexFormatError, UserError
+from .handle import Index
+from .search import BACKENDS, Ranges, SearchResult, check_k
 from .search.faiss import FaissSearcher
-from .stages.chunks import ChunkTable
-from .stages.embeddings import index_embedder_info, load_embeddings
-from .store import open_store
-from .tokenizer import load_index_tokenizer
 
 
 @dataclass
@@ -81,49 +77,43 @@ def same_neighbours(a: list[dict], b: list[dict], atol: float = SCORE_ATOL) -> b
 class Retriever:
     """Nearest-chunk search over one index directory (see the module docstring for the API)."""
 
-    def __init__(self, index_dir: Path, table: ChunkTable, searcher, emb: np.ndarray, embedder_spec=None,
-                 device: str | None = None):
-        self.index_dir = index_dir
-        self.table = table
+    def __init__(self, index: Index, searcher, embedder_spec=None, device: str | None = None):
+        self.index = index
+        self.index_dir = index.dir
+        self.table = index.chunks
         self.searcher = searcher
-        self.emb = emb
-        self.dim = emb.shape[1]
-        self.embedder_info = index_embedder_info(index_dir)
+        self.emb = index.embeddings
+        self.dim = self.emb.shape[1]
+        self.embedder_info = index.embedder_info
         self._embedder_spec = embedder_spec
         self._embedder: Embedder | None = None
         self._device = device
-        self._tokenizer = None
-        self._db = None
         self._docs: dict[int, dict] = {}
         if embedder_spec is not None:
             self._check_embedder_spec(embedder_spec)
 
     @classmethod
-    def open(cls, index_dir: Path | str, embedder: str | None = None, device: str | None = None,
+    def open(cls, index: Index | Path | str, embedder: str | None = None, device: str | None = None,
              nprobe: int | None = None, ef_search: int | None = None, rerank: int | None = None,
              backend: str = "auto") -> "Retriever":
-        """Load an index built through the `faiss` stage.
+        """Load an index built through the `faiss` stage (an `Index`, or its directory).
 
         embedder: the query embedder (default: the index's; another one must be the same model).
         backend: 'faiss' (FAISS index, faiss-gpu when installed), 'torch' (exact search in torch, on
         CUDA when available), 'torch-ivf' (the FAISS IVF index's lists searched in torch, vectors streamed
         from host memory: `TorchIVFSearcher`) or 'auto' (on CUDA when faiss has no GPU: torch for exact
-        indexes, torch-ivf for IVF ones; else faiss).
+        indexes, torch-ivf for IVF ones; else faiss). See `search.open_searcher`.
         """
-        index_dir = Path(index_dir)
         if backend not in BACKENDS:
             raise UserError(f"backend {backend!r}: expected auto, faiss, torch or torch-ivf")
-        manifest = Manifest.load(index_dir)
-        manifest.require_stage(index_dir, "faiss")
-        table = ChunkTable.open(index_dir)
-        emb, _ = load_embeddings(index_dir)
-        searcher = open_searcher(index_dir, backend, device=device, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
+        index = Index.of(index)
+        index.require("faiss")
+        table = index.chunks
+        searcher = index.searcher(backend, device=device, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
         if len(table) != searcher.ntotal:
-            from .errors import IndexFormatError
-
-            raise IndexFormatError(f"{index_dir}/retrieval/faiss.index: {searcher.ntotal} vectors for "
+            raise IndexFormatError(f"{index.dir}/retrieval/faiss.index: {searcher.ntotal} vectors for "
                                    f"{len(table)} chunks; rebuild with --stages faiss --force")
-        return cls(index_dir, table, searcher, emb, embedder, device)
+        return cls(index, searcher, embedder, device)
 
     # -- embedder --------------------------------------------------------------------------------------
     def _check_embedder_spec(self, spec) -> None:
@@ -156,9 +146,7 @@ class Retriever:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_index_tokenizer(self.index_dir)
-        return self._tokenizer
+        return self.index.tokenizer
 
     @property
     def n_chunks(self) -> int:
@@ -261,9 +249,7 @@ class Retriever:
     # -- results ---------------------------------------------------------------------------------------
     def document(self, doc_id: int) -> dict[str, Any]:
         if doc_id not in self._docs:
-            if self._db is None:
-                self._db = open_store(self.index_dir)
-            rows = list(self._db.query("SELECT source, external_id, metadata FROM documents WHERE id = ?", [doc_id]))
+            rows = list(self.index.store.query("SELECT source, external_id, metadata FROM documents WHERE id = ?", [doc_id]))
             row = rows[0] if rows else {"source": None, "external_id": None, "metadata": None}
             row["metadata"] = json.loads(row["metadata"]) if row["metadata"] else {}
             self._docs[doc_id] = row

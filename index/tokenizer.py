@@ -196,8 +196,9 @@ def tokenizer_identity(tok, tok_dir: Path) -> dict:
             "token_width": token_width_for(tok.vocab_size), "eos_token_id": tok.eos_token_id}
 
 
-def load_index_tokenizer(index_dir: Path | str):
-    """The tokenizer an index was built with, from its own copy."""
+def load_index_tokenizer(index_dir: Path | str, name: str | None = None):
+    """The tokenizer an index was built with, from its own copy. name: the manifest's tokenizer name (read
+    from the manifest when not given)."""
     tok_dir = Path(index_dir) / "tokenizer"
     if (tok_dir / BYTES_MARKER).is_file():
         return ByteTokenizer()
@@ -205,8 +206,9 @@ def load_index_tokenizer(index_dir: Path | str):
         raise IndexFormatError(f"{tok_dir}: missing tokenizer copy (tokenizer.json or {BYTES_MARKER})")
     from .manifest import MANIFEST, Manifest
 
-    has_manifest = (Path(index_dir) / MANIFEST).is_file()
-    name = Manifest.load(index_dir).tokenizer["name"] if has_manifest else tok_dir.name
+    if name is None:
+        has_manifest = (Path(index_dir) / MANIFEST).is_file()
+        name = Manifest.load(index_dir).tokenizer["name"] if has_manifest else tok_dir.name
     try:
         return _from_directory(tok_dir, name)
     except Exception as e:

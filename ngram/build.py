@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,8 +29,9 @@ import numpy as np
 
 from ..index.build import Stage, StageContext, StageOutput
 from ..index.errors import UserError
+from ..index.handle import Index
 from ..index.store import open_store
-from ..index.stages.tokenize import DOC_OFFSETS, TOKENS_BIN, TokenStream, default_workers
+from ..index.stages.tokenize import DOC_OFFSETS, TOKENS_BIN, default_workers
 from . import kernels
 from .shards import pointer_size, separator
 
@@ -205,10 +205,11 @@ def write_metadata(index_dir: Path, out_dir: Path, plans: list[ShardPlan]) -> No
     db.conn.close()
 
 
-def build_ngram_dir(index_dir: Path, out_dir: Path, mem_gib: float, workers: int, progress=None,
+def build_ngram_dir(index: Index | Path | str, out_dir: Path, mem_gib: float, workers: int, progress=None,
                     max_shard_tokens: int | None = None) -> dict:
     """Build every shard of an index's token stream into out_dir; returns the stage's counts."""
-    stream = TokenStream.open(index_dir)
+    index = Index.of(index)
+    index_dir, stream = index.dir, index.tokens
     width = stream.tokens.dtype.itemsize
     plans, processes = plan_shards(stream.doc_offsets, width, int(mem_gib * 2**30), workers, max_shard_tokens)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,9 +247,9 @@ def run_ngram(ctx: StageContext) -> StageOutput:
     mem = ctx.options.get("mem")
     mem = float(mem) if mem is not None else default_mem_gib()
     workers = int(ctx.options.get("workers") or default_workers())
-    stream = TokenStream.open(ctx.index_dir)
+    stream = ctx.index.tokens
     task = ctx.track("ngram suffix arrays", total=int(stream.doc_offsets[-1]) + stream.n_docs)
-    info = build_ngram_dir(ctx.index_dir, ctx.tmp_dir / NGRAM_DIR, mem, workers, progress=task.advance,
+    info = build_ngram_dir(ctx.index, ctx.tmp_dir / NGRAM_DIR, mem, workers, progress=task.advance,
                            max_shard_tokens=ctx.options.get("ngram_shard_tokens"))
     return StageOutput(counts={"shards": info["shards"], "tokens": info["tokens"], "documents": info["documents"],
                                "peak_rss_mb": info["peak_rss_bytes"] >> 20})

@@ -49,6 +49,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..index.errors import IndexFormatError, UserError
+from ..index.handle import Index
+from ..index.manifest import MANIFEST
 from . import kernels
 from .shards import DTYPE_NAMES, DTYPES, Shard, open_shards, separator, shard_table
 
@@ -163,8 +165,9 @@ def ntd_forms(engine, forms: list[list[int]], max_support: int | None = None) ->
 class Engine:
     """Exact n-gram statistics over one or more sets of infini-gram v4 shards (see the module doc).
 
-    index: a retrogram index directory (built with its `ngram` stage), a directory of infini-gram shard
-        files (tokenized.K, table.K, offset.K[, metadata.K, metaoff.K]), or a list of them, queried together.
+    index: a retrogram index (an `Index`, or its directory; built with its `ngram` stage), a directory of
+        infini-gram shard files (tokenized.K, table.K, offset.K[, metadata.K, metaoff.K]), or a list of
+        them, queried together.
     token_dtype: 'u8' | 'u16' | 'u32'; read from the manifest, else inferred from the files; when given,
         the files must agree.
     eos_token_id: the id reported for "end of document" in next-token distributions (default: the
@@ -174,11 +177,11 @@ class Engine:
     The other arguments are the defaults of the methods' arguments of the same names.
     """
 
-    def __init__(self, index: str | Path | Sequence[str | Path], *, token_dtype: str | None = None,
+    def __init__(self, index: Index | str | Path | Sequence[Index | str | Path], *, token_dtype: str | None = None,
                  eos_token_id: int | None = None, vocab_size: int | None = None, max_support: int = 1000,
                  max_clause_freq: int = 50000, max_diff_tokens: int = 100, maxnum: int = 1,
                  max_disp_len: int = 1000) -> None:
-        dirs = [index] if isinstance(index, (str, Path)) else list(index)
+        dirs = [index] if isinstance(index, (Index, str, Path)) else list(index)
         if not dirs:
             raise UserError("index: expected at least one index or shard directory")
         if token_dtype is not None and token_dtype not in DTYPE_NAMES:
@@ -191,10 +194,11 @@ class Engine:
 
         width = DTYPE_NAMES[token_dtype] if token_dtype else None
         self.shards: list[Shard] = []
-        self.index_dirs: list[Path] = []      # the retrogram indexes among the inputs
+        self.indexes: list[Index] = []        # the retrogram indexes among the inputs
+        self.index_dirs: list[Path] = []      # their directories
         self.tokenizer_info: dict | None = None
-        for d in map(Path, dirs):
-            shard_dir, manifest_width = self._resolve(d)
+        for d in dirs:
+            d, shard_dir, manifest_width = self._resolve(d)
             if manifest_width is not None:
                 if width is not None and width != manifest_width:
                     raise IndexFormatError(f"{d}: an index of u{8 * manifest_width} tokens, but "
@@ -223,16 +227,15 @@ class Engine:
         self._doc_cnt = int(self._table[:, kernels.DOC_CNT].sum())
         self._doc_base = np.concatenate([[0], np.cumsum(self._table[:, kernels.DOC_CNT])]).astype(np.int64)
         self._tokenizer = None
-        self._store = None
         self._lock = threading.Lock()
 
-    def _resolve(self, d: Path) -> tuple[Path, int | None]:
-        """(directory of shard files, token width from the manifest or None) for one input directory."""
-        if (d / "manifest.json").is_file():
-            from ..index.manifest import Manifest
-
-            manifest = Manifest.load(d)
-            manifest.require_stage(d, "ngram")
+    def _resolve(self, d: Index | str | Path) -> tuple[Path, Path, int | None]:
+        """(the input's directory, directory of shard files, token width from the manifest or None) for one
+        input: a retrogram index (its ngram/ shards) or a directory of shard files."""
+        if isinstance(d, Index) or (Path(d) / MANIFEST).is_file():
+            index = Index.of(d)
+            index.require("ngram")
+            d, manifest = index.dir, index.manifest
             if self.tokenizer_info is not None and manifest.tokenizer.get("sha256") != self.tokenizer_info.get("sha256"):
                 raise IndexFormatError(
                     f"{d}: built with tokenizer {manifest.tokenizer.get('name')!r} (sha256 "
@@ -241,9 +244,10 @@ class Engine:
                     "shards queried together must share one tokenizer")
             if self.tokenizer_info is None:
                 self.tokenizer_info = dict(manifest.tokenizer)
+            self.indexes.append(index)
             self.index_dirs.append(d)
-            return d / NGRAM_DIR, manifest.token_width
-        return d, None
+            return d, d / NGRAM_DIR, manifest.token_width
+        return Path(d), Path(d), None
 
     # -- argument checks (the boundary) ---------------------------------------------------------------
 
@@ -551,11 +555,7 @@ class Engine:
             return get_document(self._open_store(), int(doc_ix))
 
     def _open_store(self):
-        if self._store is None:
-            from ..index.store import open_store
-
-            self._store = open_store(self.index_dirs[0])
-        return self._store
+        return self.indexes[0].store
 
     # -- text -----------------------------------------------------------------------------------------
 
@@ -566,9 +566,7 @@ class Engine:
             if not self.index_dirs:
                 raise UserError("text queries need a retrogram index (its tokenizer); these shards are bare "
                                 "infini-gram files: pass token ids")
-            from ..index.tokenizer import load_index_tokenizer
-
-            self._tokenizer = load_index_tokenizer(self.index_dirs[0])
+            self._tokenizer = self.indexes[0].tokenizer
         return self._tokenizer
 
     def tokenize(self, text: str) -> list[int]:

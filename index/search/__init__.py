@@ -12,14 +12,20 @@ Each has `search(q float32 [m, dim], k, exclude=None) -> SearchResult` and `ntot
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 from .common import Ranges, SearchResult, check_k, exact_search
+
+if TYPE_CHECKING:
+    from ..handle import Index
 
 BACKENDS = ("auto", "faiss", "torch", "torch-ivf")
 
 __all__ = ["BACKENDS", "Ranges", "SearchResult", "check_k", "exact_search", "open_searcher"]
 
 
-def open_searcher(index, backend: str = "auto", device: str | None = None, nprobe: int | None = None,
+def open_searcher(index: "Index | str | os.PathLike", backend: str = "auto", device: str | None = None, nprobe: int | None = None,
                   ef_search: int | None = None, rerank: int | None = None):
     """The searcher over an index built through the `faiss` stage.
 
@@ -28,10 +34,12 @@ def open_searcher(index, backend: str = "auto", device: str | None = None, nprob
     memory: `TorchIVFSearcher`) or 'auto' (on CUDA when faiss has no GPU: torch for exact indexes,
     torch-ivf for IVF ones; else faiss). nprobe / ef_search / rerank override faiss.json's."""
     from ..errors import UserError
+    from ..handle import Index
     from .faiss import FaissSearcher
 
     if backend not in BACKENDS:
         raise UserError(f"backend {backend!r}: expected auto, faiss, torch or torch-ivf")
+    index = Index.of(index)
     searcher = FaissSearcher.open(index, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
     device = device if device not in (None, "auto") else None
     if backend == "torch" or (backend == "auto" and searcher.exact and not searcher.on_gpu and _cuda()):

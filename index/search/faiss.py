@@ -15,8 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import IndexFormatError, UserError
-from ..manifest import Manifest
-from ..stages.embeddings import load_embeddings
+from ..handle import Index
 from ..stages.faiss import FAISS_INDEX, FAISS_JSON, import_faiss
 from .common import Ranges, SearchResult, check_k
 
@@ -54,23 +53,23 @@ class FaissSearcher:
         self.on_gpu = True
 
     @classmethod
-    def open(cls, index_dir: Path | str, **kw) -> "FaissSearcher":
+    def open(cls, index: Index | Path | str, **kw) -> "FaissSearcher":
+        """The searcher over an index's faiss stage (kw: nprobe, ef_search, rerank, gpu)."""
         faiss = import_faiss()
-        index_dir = Path(index_dir)
-        manifest = Manifest.load(index_dir)
-        manifest.require_stage(index_dir, "faiss")
-        emb, _ = load_embeddings(index_dir)
+        idx = Index.of(index)
+        idx.require("faiss")
+        index_dir, emb = idx.dir, idx.embeddings
         meta = json.loads((index_dir / FAISS_JSON).read_text())
         try:
-            index = faiss.read_index(str(index_dir / FAISS_INDEX), faiss.IO_FLAG_MMAP if meta.get("exact") else 0)
+            fi = faiss.read_index(str(index_dir / FAISS_INDEX), faiss.IO_FLAG_MMAP if meta.get("exact") else 0)
         except RuntimeError as e:
             raise IndexFormatError(f"{index_dir / FAISS_INDEX}: unreadable FAISS index ({str(e).strip().splitlines()[-1]})") from None
-        n_chunks = int(manifest.stages["chunks"].counts["chunks"]) if "chunks" in manifest.stages else -1
-        if index.ntotal != len(emb) or index.ntotal != n_chunks or index.d != emb.shape[1]:
-            raise IndexFormatError(f"{index_dir / FAISS_INDEX}: holds {index.ntotal} vectors of dim {index.d}, the "
+        n_chunks = int(idx.manifest.stages["chunks"].counts["chunks"]) if idx.has("chunks") else -1
+        if fi.ntotal != len(emb) or fi.ntotal != n_chunks or fi.d != emb.shape[1]:
+            raise IndexFormatError(f"{index_dir / FAISS_INDEX}: holds {fi.ntotal} vectors of dim {fi.d}, the "
                                    f"chunk table has {n_chunks} chunks and the embeddings dim {emb.shape[1]}; "
                                    "rebuild it with `retrogram build-index --stages faiss --force`")
-        return cls(index, meta, emb, **kw)
+        return cls(fi, meta, emb, **kw)
 
     @property
     def ntotal(self) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..build import Stage, StageContext, StageOutput
 from ..errors import IndexFormatError, UserError
-from ..manifest import Manifest
+from ..handle import Index
 from ..store import open_store
 from .tokenize import TokenStream
 
@@ -61,12 +61,14 @@ class ChunkTable:
     first_chunk: np.ndarray   # int64 [n_docs + 1]: document d's chunks are first_chunk[d]:first_chunk[d+1]
 
     @classmethod
-    def open(cls, index_dir: Path | str) -> "ChunkTable":
-        index_dir = Path(index_dir)
-        manifest = Manifest.load(index_dir)
-        rec = manifest.require_stage(index_dir, "chunks")
-        stream = TokenStream.open(index_dir)
-        path = index_dir / CHUNKS_BIN
+    def open(cls, index: Index | Path | str) -> "ChunkTable":
+        return Index.of(index).chunks
+
+    @classmethod
+    def from_index(cls, index: Index) -> "ChunkTable":
+        rec = index.require("chunks")
+        stream = index.tokens
+        path = index.dir / CHUNKS_BIN
         n = int(rec.counts["chunks"])
         if path.stat().st_size != n * CHUNK_COLS * 8:
             raise IndexFormatError(f"{path}: {path.stat().st_size} bytes, expected {n} chunks x {CHUNK_COLS * 8}")
@@ -100,7 +102,7 @@ def run_chunks(ctx: StageContext) -> StageOutput:
     chunk_len = int(ctx.options.get("chunk_len") or CHUNK_LEN)
     if chunk_len <= 0:
         raise UserError(f"--chunk-len {chunk_len}: expected a positive number of tokens")
-    stream = TokenStream.open(ctx.index_dir)
+    stream = ctx.index.tokens
     rows = chunk_boundaries(stream.doc_offsets, chunk_len)
     task = ctx.track("chunks", total=len(rows))
     (ctx.tmp_dir / "chunks").mkdir(parents=True, exist_ok=True)

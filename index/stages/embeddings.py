@@ -21,8 +21,8 @@ import numpy as np
 from ..build import Stage, StageContext, StageOutput
 from ..embedder import Embedder, EmbedderInfo
 from ..errors import IndexFormatError, UserError
-from ..manifest import Manifest, write_json_atomic
-from ..tokenizer import load_index_tokenizer
+from ..handle import Index
+from ..manifest import write_json_atomic
 from .chunks import ChunkTable
 
 EMBEDDINGS_BIN = "retrieval/embeddings.f16"
@@ -30,9 +30,9 @@ EMBEDDINGS_JSON = "retrieval/embeddings.json"
 PARTIAL_DIR = "retrieval/.partial-embeddings"
 
 
-def chunk_texts(index_dir: Path, table: ChunkTable, ids: np.ndarray | None = None) -> list[str]:
+def chunk_texts(index: Index | Path | str, table: ChunkTable, ids: np.ndarray | None = None) -> list[str]:
     """The chunks' text (decoded with the index's tokenizer), for `ids` or all chunks."""
-    tok = load_index_tokenizer(index_dir)
+    tok = Index.of(index).tokenizer
     ids = np.arange(len(table)) if ids is None else np.asarray(ids)
     seqs = [table.tokens(int(i)).tolist() for i in ids]
     backend = getattr(tok, "backend", None)
@@ -44,11 +44,16 @@ def chunk_texts(index_dir: Path, table: ChunkTable, ids: np.ndarray | None = Non
     return [tok.decode(s) for s in seqs]
 
 
-def load_embeddings(index_dir: Path | str) -> tuple[np.ndarray, dict]:
+def load_embeddings(index: Index | Path | str) -> tuple[np.ndarray, dict]:
     """(float16 memmap [n, dim], config) of a built index; checks its size against the chunk count."""
-    index_dir = Path(index_dir)
-    manifest = Manifest.load(index_dir)
-    rec = manifest.require_stage(index_dir, "embeddings")
+    index = Index.of(index)
+    return index.embeddings, index.embeddings_config
+
+
+def read_embeddings(index: Index) -> tuple[np.ndarray, dict]:
+    """What `Index.embeddings` serves: load_embeddings' work."""
+    rec = index.require("embeddings")
+    index_dir = index.dir
     cfg = json.loads((index_dir / EMBEDDINGS_JSON).read_text())
     n, dim = int(cfg["n"]), int(cfg["dim"])
     if n != int(rec.counts["chunks"]):
@@ -82,13 +87,13 @@ def _load_partial(partial: Path, params: dict, n: int, dim: int) -> tuple[np.mem
 
 
 def run_embeddings(ctx: StageContext) -> StageOutput:
-    table = ChunkTable.open(ctx.index_dir)
+    table = ctx.index.chunks
     n = len(table)
     if n == 0:
         raise UserError(f"{ctx.index_dir}: the index has no chunks to embed (all documents empty?)")
     embedder = Embedder.load(ctx.options.get("embedder"), device=ctx.options.get("device"),
                              batch_tokens=ctx.options.get("embed_batch_tokens"))
-    texts = chunk_texts(ctx.index_dir, table)
+    texts = chunk_texts(ctx.index, table)
     chunks_rec = ctx.manifest.stages["chunks"]
     params = {"embedder": embedder.info.to_json(), "n": n, "batch_tokens": embedder.batch_tokens,
               "chunks": {k: v["sha256"] for k, v in chunks_rec.files.items()}, "cpu_bf16": embedder.cpu_bf16,
@@ -118,9 +123,8 @@ def run_embeddings(ctx: StageContext) -> StageOutput:
                                "embedded_now": rows_done})
 
 
-def index_embedder_info(index_dir: Path | str) -> EmbedderInfo:
-    cfg = json.loads((Path(index_dir) / EMBEDDINGS_JSON).read_text())
-    return EmbedderInfo(**cfg["embedder"])
+def index_embedder_info(index: Index | Path | str) -> EmbedderInfo:
+    return Index.of(index).embedder_info
 
 
 EMBEDDINGS = Stage("embeddings", ("chunks",), run_embeddings, option_keys=("embedder",),

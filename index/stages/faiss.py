@@ -18,7 +18,6 @@ import numpy as np
 from ..build import Stage, StageContext, StageOutput
 from ..errors import UserError
 from ..manifest import write_json_atomic
-from .embeddings import load_embeddings
 
 FAISS_INDEX = "retrieval/faiss.index"
 FAISS_JSON = "retrieval/faiss.json"
@@ -98,7 +97,7 @@ def train_and_add(index, emb: np.ndarray, task=None, max_train: int | None = Non
 
 def run_faiss(ctx: StageContext) -> StageOutput:
     faiss = import_faiss()
-    emb, cfg = load_embeddings(ctx.index_dir)
+    emb = ctx.index.embeddings
     n, dim = emb.shape
     factory = ctx.options.get("faiss_factory") or choose_factory(n, dim)
     index = make_index(factory, dim)

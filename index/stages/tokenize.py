@@ -21,7 +21,7 @@ import numpy as np
 from ..build import Stage, StageContext, StageOutput
 from ..corpus import IngestStats, RawBatch, iter_raw_batches, parse_batch
 from ..errors import IndexFormatError, UserError
-from ..manifest import Manifest
+from ..handle import Index
 from ..store import STORE, create_store, insert_documents, metadata_json
 
 TOKENS_BIN = "tokens/tokens.bin"
@@ -36,11 +36,14 @@ class TokenStream:
     doc_offsets: np.ndarray   # [n_docs + 1] u64
 
     @classmethod
-    def open(cls, index_dir: Path | str) -> "TokenStream":
-        index_dir = Path(index_dir)
-        manifest = Manifest.load(index_dir)
-        manifest.require_stage(index_dir, "tokenize")
-        dtype = manifest.token_dtype
+    def open(cls, index: Index | Path | str) -> "TokenStream":
+        return Index.of(index).tokens
+
+    @classmethod
+    def from_index(cls, index: Index) -> "TokenStream":
+        index.require("tokenize")
+        index_dir = index.dir
+        dtype = index.token_dtype
         offsets = np.fromfile(index_dir / DOC_OFFSETS, dtype=np.uint64)
         size = (index_dir / TOKENS_BIN).stat().st_size
         if len(offsets) == 0 or int(offsets[-1]) * np.dtype(dtype).itemsize != size:
@@ -60,12 +63,12 @@ class TokenStream:
 _worker_tok = None
 
 
-def _init_worker(index_dir: str) -> None:
+def _init_worker(index_dir: str, name: str) -> None:
     global _worker_tok
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one process per core already
     from ..tokenizer import load_index_tokenizer
 
-    _worker_tok = load_index_tokenizer(index_dir)
+    _worker_tok = load_index_tokenizer(index_dir, name)
 
 
 @dataclass
@@ -100,11 +103,12 @@ def default_workers() -> int:
 def _encoded_batches(ctx: StageContext, stats: IngestStats, workers: int) -> Iterator[EncodedBatch]:
     """Encoded batches in corpus order; at most 2 x workers batches in flight, so memory stays bounded."""
     raw = iter_raw_batches(ctx.corpus_files, stats)
+    init_args = (str(ctx.index_dir), ctx.manifest.tokenizer["name"])
     if workers <= 1:
-        _init_worker(str(ctx.index_dir))
+        _init_worker(*init_args)
         yield from map(_encode_raw, raw)
         return
-    with mp.get_context("spawn").Pool(workers, _init_worker, (str(ctx.index_dir),)) as pool:
+    with mp.get_context("spawn").Pool(workers, _init_worker, init_args) as pool:
         in_flight: deque = deque()
         for batch in raw:
             in_flight.append(pool.apply_async(_encode_raw, (batch,)))
