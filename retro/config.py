@@ -51,6 +51,9 @@ class RopeScaling:
         if kind == "default":
             return cls()
         factor = d.get("factor")
+        if factor is None and kind == "yarn" and d.get("original_max_position_embeddings"):
+            # transformers: the ratio of the context lengths
+            factor = max_position_embeddings / d["original_max_position_embeddings"]
         if not isinstance(factor, (int, float)) or factor <= 0:
             raise UnsupportedModelError(f"{where}: rope type {kind!r} needs a positive 'factor', got {factor!r}")
         omax = d.get("original_max_position_embeddings")

@@ -241,9 +241,11 @@ def convert_hf_state_dict(config: ModelConfig, tensors: Mapping[str, torch.Tenso
                                    "from config.json")
             if not t.is_floating_point():
                 raise WeightsError(f"{where}: tensor {hf} has dtype {t.dtype}, expected a floating-point type")
-            if not bool(torch.isfinite(t).all()):
+            # a NaN or inf makes the sum non-finite: one pass, no mask; the exact count only then
+            if not bool(torch.isfinite(t.sum())):
                 bad = int((~torch.isfinite(t)).sum())
-                raise WeightsError(f"{where}: tensor {hf} has {bad} NaN or infinite values")
+                if bad:
+                    raise WeightsError(f"{where}: tensor {hf} has {bad} NaN or infinite values")
             ts.append(t)
         t = ts[0] if len(ts) == 1 else torch.cat(ts, 0)
         out[ours] = t.to(dtype) if dtype is not None else t
@@ -260,7 +262,10 @@ def build_model(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], dev
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):
         model = Transformer(config)
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()
+          if not (config.tie_word_embeddings and k == "output.weight")}
+    if config.tie_word_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
