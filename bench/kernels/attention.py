@@ -394,6 +394,9 @@ def main():
                          "(kernels_decode_<tag>.json)")
     ap.add_argument("--decode-baseline", default=None,
                     help="another flash_decode ops.py, timed beside this one in the decode section")
+    ap.add_argument("--checks", action="store_true",
+                    help="only every kernel's GPU check against its float64 reference, the attention kernels' and "
+                         "the sparse selection's (kernels_checks_<tag>.json; tests/test_kernels_gpu.py runs the same)")
     common.add_output_args(ap)
     args = ap.parse_args()
     common.check_kernel_device(ap, args.smoke)
@@ -407,6 +410,14 @@ def main():
         return
     RESULTS["sms"] = torch.cuda.get_device_properties(0).multi_processor_count
     log(f"{torch.cuda.get_device_name()}, {RESULTS['sms']} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    if args.checks:
+        checks()
+        for c in kt.selection_checks(device=DEV, dtype=BF16):
+            record(c)
+        bad = [c for c in RESULTS["checks"] if not c["ok"]]
+        log(f"{len(bad)} failed of {len(RESULTS['checks'])}; errors {RESULTS['errors']}")
+        log(f"wrote {common.save('kernels_checks', {'checks': RESULTS['checks'], 'errors': RESULTS['errors']}, out=args.out, tag=args.tag)}")
+        return
     ceilings()
     if args.decode:
         if not args.skip_checks:

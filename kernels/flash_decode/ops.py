@@ -155,7 +155,7 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-# Launch configurations per shape class, from the sweep in bench/bench_kernels.py (decode_sweep, H200,
+# Launch configurations per shape class, from the sweep in bench/kernels/attention.py (decode_sweep, H200,
 # one-launch kernel; bench/results/kernels_decode_h200.json):
 # (paged, GQA group > 1, batch * KV heads >= 64) -> (num_warps, num_stages, waves of programs per SM, block_n)
 DECODE_CONFIGS = {
