@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,11 +51,11 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def ngram_index(tmp_path_factory, small_corpus):
-    from retrogram.index.build import run_build
-    from retrogram.services.stages import pipeline_stages
+    from retrogram.services.cli import main
 
     out = tmp_path_factory.mktemp("newcomer") / "idx"
-    run_build(out, [str(small_corpus)], None, pipeline_stages(), ["tokenize", "ngram"], options={"workers": 1})
+    assert main(["build-index", "--corpus", str(small_corpus), "--out", str(out), "--stages", "tokenize,ngram",
+                 "--workers", "1", "--no-progress"]) == 0
     return out
 
 
@@ -410,3 +411,43 @@ def test_results_go_to_stdout_progress_and_logs_to_stderr(bytes_index, tmp_path,
     more = write_jsonl(tmp_path / "more.jsonl", [{"id": "q", "text": "Now is the winter of our discontent\n" * 3}])
     code, out, err = _cli(capsys, "build-index", "--out", idx, "--corpus", more, "--append", "--no-progress")
     assert code == 0 and err == "" and "appended 1 documents" in out, (out, err)
+
+
+# ------------------------------------------------------------------------------- the docs stand alone
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_docs_stand_alone():
+    """README links the design notes in the repository (it pointed at ../shared/DESIGN.md, which no clone
+    has); every relative link of README and docs/design.md resolves; the Using section shows `retrogram
+    health` and `build-index --append`, and both say how text queries are tokenized."""
+    import re
+
+    readme, design = (REPO / "README.md").read_text(), (REPO / "docs" / "design.md").read_text()
+    assert "../shared" not in readme and "(docs/design.md)" in readme
+    for doc, text in ((REPO / "README.md", readme), (REPO / "docs" / "design.md", design)):
+        for target in re.findall(r"\]\(([^)#:]+)\)", text):
+            assert (doc.parent / target).exists(), (doc, target)
+    using = readme.split("## Using it")[1].split("\n## ")[0]
+    assert "retrogram health " in using and "--append" in using and "--exact" in using
+    for text in (" ".join(using.split()), " ".join(design.split())):
+        assert "after a space" in text and "start of a line" in text and "--exact" in text
+
+
+def test_readme_query_examples_hold_on_the_demo_corpus(tmp_path_factory, demo_corpus, capsys):
+    """The numbers README's Using section gives for the demo index."""
+    from retrogram.ngram import Engine
+
+    idx = tmp_path_factory.mktemp("demo") / "idx"
+    code, _, err = _cli(capsys, "build-index", "--corpus", demo_corpus, "--out", idx, "--stages", "tokenize,ngram",
+                        "--no-progress")
+    assert code == 0, err
+    e = Engine(idx)
+    assert e.tokenize(" king") == [4197] and e.tokenize("king") == [644]
+    words = e.count_text("king")
+    assert (words["count"], [f["count"] for f in words["forms"]]) == (198, [193, 5])
+    assert e.count(e.tokenize("king"))["count"] == 25
+    assert e.count_text("To be, or not to be")["count"] >= 1 and e.count_text("to be or not to be")["count"] == 0
+    code, out, _ = _cli(capsys, "ngram", "count", "--index", idx, "--cnf", "king AND queen OR prince")
+    assert code == 0 and int(out.splitlines()[0]) > 0
