@@ -229,19 +229,19 @@ def _plan(batch: AttentionBatch, opts: TritonOptions) -> dict:
     starts = [0]
     for n in q_lens:
         starts.append(starts[-1] + n)
-
-    def tokens(rows):
-        return torch.tensor([t for r in rows for t in range(starts[r], starts[r + 1])], dtype=torch.int64,
-                            device=dev)
-
+    n_all = len(q_lens)
     plan = {"dec": dec, "dec_sparse": dec_sparse, "pre": pre, "pre_sparse": pre_sparse, "masked": masked,
             "starts": starts}
+    # index tensors only for groups that are a strict subset of the rows (built once per step, used by every layer)
     for name in ("dec", "dec_sparse", "pre"):
         rows = plan[name]
-        plan[name + "_rows"] = torch.tensor(rows, dtype=torch.int64, device=dev)
-        plan[name + "_tok"] = tokens(rows)
-    plan["pre_cu_q"] = torch.tensor([0] + list(_cumsum(q_lens[r] for r in pre)), dtype=torch.int32, device=dev)
-    plan["pre_max_q"] = max([q_lens[r] for r in pre], default=0)
+        if rows and len(rows) < n_all:
+            plan[name + "_rows"] = torch.tensor(rows, dtype=torch.int64, device=dev)
+            plan[name + "_tok"] = torch.tensor([t for r in rows for t in range(starts[r], starts[r + 1])],
+                                               dtype=torch.int64, device=dev)
+    if pre:
+        plan["pre_cu_q"] = torch.tensor([0, *_cumsum(q_lens[r] for r in pre)], dtype=torch.int32, device=dev)
+        plan["pre_max_q"] = max(q_lens[r] for r in pre)
     batch._memo[key] = plan
     return plan
 
@@ -303,15 +303,15 @@ def triton_attention(q: torch.Tensor, layer: int, batch: AttentionBatch, cache: 
     if plan["pre"]:
         slots, cu_k, _ = batch.kv_slots(plan["pre"], cache.page_size)
         k, v = cache.read(layer, slots)  # [sum L, HKV, D]
-        tok = plan["pre_tok"]
-        qp = q if len(plan["pre"]) == batch.n_seqs else q[tok]
+        whole = len(plan["pre"]) == batch.n_seqs
+        qp = q if whole else q[plan["pre_tok"]]
         # flash_prefill's causal mask is bottom-right aligned (query i of T_q sees keys j <= i + T_k - T_q):
         # the chunk is the last T_q of the sequence's T_k keys
         o = flash_prefill(qp[None], k[None], v[None], causal=True, scale=scale, cu_seqlens=plan["pre_cu_q"],
                           cu_seqlens_k=cu_k, max_seqlen_q=plan["pre_max_q"])[0]
-        if len(plan["pre"]) == batch.n_seqs:
+        if whole:
             return o
-        out[tok] = o
+        out[plan["pre_tok"]] = o
     if plan["pre_sparse"]:
         h = {k: v for k, v in opts.hip.items() if k != "refresh_every"}
         h["dense_below"] = opts.sparse_prefill_from
