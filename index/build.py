@@ -30,11 +30,26 @@ class StageOutput:
 
 @dataclass(frozen=True)
 class Stage:
+    """One step of build-index, owned by the package whose data it writes (see stages/__init__.py).
+
+    run: builds the stage's files from the corpus or earlier stages (StageContext -> StageOutput).
+    append: adds `build-index --append`'s new documents to what run built, in place: appends to its files,
+        rows and manifest record, through AppendContext (which also carries what earlier stages appended),
+        so that a later build finds the stage up to date. None: the stage cannot take new documents, and an
+        index that has it refuses --append.
+    check_append: refuses an append the stage cannot take (e.g. options that contradict how it was built),
+        before anything is written. Optional.
+    order: its place in the pipeline: stages run by increasing order, each after the stages it requires.
+    """
+
     name: str
     requires: tuple[str, ...]
     run: Callable[["StageContext"], StageOutput]
     option_keys: tuple[str, ...] = ()   # build options that change this stage's output
     summary: str = ""
+    append: Callable[["AppendContext"], None] | None = None
+    check_append: Callable[["AppendContext"], None] | None = None
+    order: int = 0
 
 
 @dataclass
@@ -57,6 +72,50 @@ class StageContext:
 
     def track(self, description: str, total: float | None = None):
         return _Task(self.progress, description, total)
+
+
+@dataclass
+class AppendContext:
+    """What a stage's append sees (index/append.py runs them in pipeline order).
+
+    `index` is the index as it was before the append, whose manifest each stage updates in place (its
+    record's counts, tables and files: `record`, `refresh`); the handle's parts (tokens, chunks, ...) are
+    the old ones, so a stage reads what earlier stages appended from the fields below, which they set.
+    Files are appended to (the journal truncates them back on failure) or replaced whole after
+    `journal.backup(rel)`; a new file is announced with `journal.new_file(rel)` before it is moved in."""
+
+    index: Index
+    options: dict[str, Any]
+    docs: list                    # the new documents (corpus.Document), in order
+    journal: Any = None           # append.Journal: set once every check_append has passed
+    progress: Any = None
+    # set by the stages as they append, for the ones after them:
+    doc_lo: int = 0               # tokenize: the id of the first new document (documents before the append)
+    token_lo: int = 0             # tokenize: the offset of the first new token
+    doc_offsets: Any = None       # tokenize: every document's token offsets after the append, u64 [n_docs + 1]
+    chunk_lo: int = 0             # chunks: the id of the first new chunk
+    chunk_rows: Any = None        # chunks: the new chunks, int64 [m, 4] (as chunks.bin)
+    vectors: Any = None           # embeddings: the new chunks' embeddings, float16 [m, dim]
+    prepared: dict[str, Any] = field(default_factory=dict)   # a stage's check_append -> its append
+    added: dict[str, Any] = field(default_factory=dict)      # what append_documents returns
+
+    @property
+    def index_dir(self) -> Path:
+        return self.index.dir
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.index.manifest
+
+    def record(self, stage: str) -> StageRecord:
+        return self.manifest.stages[stage]
+
+    def refresh(self, stage: str, rels) -> None:
+        """Record the new size and checksum of the stage's files `rels` (paths relative to the index)."""
+        rec = self.record(stage)
+        for rel in rels:
+            p = self.index_dir / rel
+            rec.files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
 
 
 class _Task:

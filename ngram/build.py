@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..index.build import Stage, StageContext, StageOutput
-from ..index.errors import UserError
+from ..index.build import AppendContext, Stage, StageContext, StageOutput
+from ..index.errors import IndexFormatError, UserError
 from ..index.handle import Index
 from ..index.store import open_store
 from ..index.stages.tokenize import DOC_OFFSETS, TOKENS_BIN, default_workers
 from . import kernels
-from .shards import pointer_size, separator
+from .shards import pointer_size, separator, shard_ids
 
 NGRAM_DIR = "ngram"
 BASE_BYTES = 400 << 20          # interpreter, numpy, numba in each building process
@@ -255,6 +257,38 @@ def run_ngram(ctx: StageContext) -> StageOutput:
                                "peak_rss_mb": info["peak_rss_bytes"] >> 20})
 
 
+def append_ngram(ctx: AppendContext) -> None:
+    """`build-index --append`: the new documents become one new shard IDX/ngram/*.K (K = the next number),
+    built as the stage builds each of its shards."""
+    index_dir = ctx.index_dir
+    k = max(shard_ids(index_dir / NGRAM_DIR), default=-1) + 1
+    n_new = len(ctx.docs)
+    n_tokens = int(ctx.doc_offsets[-1]) - ctx.token_lo
+    tmp = index_dir / ".tmp-append-ngram"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        plan = ShardPlan(k, ctx.doc_lo, ctx.doc_lo + n_new, n_tokens + n_new)
+        build_shard(str(index_dir), str(tmp), plan, ctx.index.token_width)
+        write_metadata(index_dir, tmp, [plan])
+        moved = []
+        for f in sorted(tmp.iterdir()):
+            rel = f"{NGRAM_DIR}/{f.name}"
+            if (index_dir / rel).exists():
+                raise IndexFormatError(f"{index_dir / rel}: already exists; cannot add n-gram shard {k}")
+            ctx.journal.new_file(rel)
+            os.replace(f, index_dir / rel)
+            moved.append(rel)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rec = ctx.record("ngram")
+    rec.counts["shards"] = int(rec.counts.get("shards", 0)) + 1
+    rec.counts["tokens"] = int(rec.counts.get("tokens", 0)) + n_tokens + n_new
+    rec.counts["documents"] = int(rec.counts.get("documents", 0)) + n_new
+    ctx.refresh("ngram", moved)
+    ctx.added["ngram_shard"] = k
+
+
 # ngram_shard_tokens (no CLI flag): an upper bound on a shard's tokens, to exercise several shards in tests.
 NGRAM = Stage("ngram", ("tokenize",), run_ngram, option_keys=("mem", "ngram_shard_tokens"),
-              summary="token stream -> suffix arrays (infini-gram v4 shards)")
+              summary="token stream -> suffix arrays (infini-gram v4 shards)", append=append_ngram, order=20)

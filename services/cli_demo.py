@@ -11,8 +11,8 @@ import numpy as np
 
 from ..index.build import run_build
 from ..index.errors import UserError
+from ..ngram import pipeline_stages
 from .cli_common import add_json_flag, console, make_progress, print_json
-from .stages import pipeline_stages
 
 DEMO_CORPUS = Path(__file__).resolve().parents[1] / "index" / "demo" / "shakespeare.jsonl.gz"
 # Queries are token sequences: a phrase that starts a line is tokenized without the leading space that

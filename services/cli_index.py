@@ -10,9 +10,9 @@ from ..index.build import run_build
 from ..index.errors import IndexFormatError, UserError
 from ..index.manifest import Manifest
 from ..index.store import STORE, open_store, table_rows
+from ..ngram import pipeline_stages, stage_names  # the pipeline: index's stages and ngram's
 from .cli_retrieve import add_retrieval_build_options, cmd_append, retrieval_build_options
 from .cli_common import add_json_flag, human_bytes, make_progress, print_json, results
-from .stages import pipeline_stages, stage_names
 
 BUILD_HELP = """\
 Build (or resume) an index over a corpus. Stages run in order; --stages picks some (their prerequisites

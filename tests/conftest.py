@@ -57,7 +57,7 @@ def small_corpus(tmp_path_factory) -> Path:
 def small_index(tmp_path_factory, small_corpus) -> Path:
     """`small_corpus` through the `tokenize` stage with the default (SmolLM2) tokenizer."""
     from retrogram.index.build import run_build
-    from retrogram.services.stages import pipeline_stages
+    from retrogram.ngram import pipeline_stages
 
     out = tmp_path_factory.mktemp("idx") / "small"
     run_build(out, [str(small_corpus)], None, pipeline_stages(), ["tokenize"], options={"workers": 1})

@@ -22,7 +22,7 @@ from retrogram.ngram import Engine
 def full_index(tmp_path_factory, small_corpus):
     """Every stage (bytes tokenizer: a small, fast index) over the first 3000 characters of each document."""
     from retrogram.index.build import run_build
-    from retrogram.services.stages import pipeline_stages
+    from retrogram.ngram import pipeline_stages
 
     d = tmp_path_factory.mktemp("handle")
     lines = [json.loads(line) for line in small_corpus.read_text().splitlines()]

@@ -22,7 +22,7 @@ from retrogram.services.cli import main as cli_main
 
 def _build(out: Path, corpus: Path, **options):
     from retrogram.index.build import run_build
-    from retrogram.services.stages import pipeline_stages
+    from retrogram.ngram import pipeline_stages
 
     run_build(out, [str(corpus)], options.pop("tokenizer", None), pipeline_stages(), ["ngram"],
               options={"workers": 1, **options})

@@ -3,6 +3,7 @@ embeddings, exact search results and n-gram counts (the new documents as one ext
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,13 +16,13 @@ from retrogram.index.search import exact_search
 from retrogram.index.search.faiss import FaissSearcher
 from retrogram.index.store import open_store
 from retrogram.index.stages.tokenize import TokenStream
+from retrogram.ngram import pipeline_stages
 
 STAGES = ["tokenize", "ngram", "chunks", "embeddings", "faiss"]
 
 
 def _build(out, corpora, **options):
     from retrogram.index.build import run_build
-    from retrogram.services.stages import pipeline_stages
 
     return run_build(out, [str(c) for c in corpora], None, pipeline_stages(), STAGES,
                      options={"workers": 1, **options})
@@ -98,7 +99,7 @@ def test_append_bad_input_leaves_index_unchanged(parts, tmp_path):
     assert {p.name: p.stat().st_size for p in idx.rglob("*") if p.is_file()} == sizes
 
 
-def test_append_failure_midway_rolls_back(parts, monkeypatch):
+def test_append_failure_midway_rolls_back(parts):
     import retrogram.index.append as ap
 
     d, a, b = parts
@@ -111,13 +112,52 @@ def test_append_failure_midway_rolls_back(parts, monkeypatch):
     def boom(*args, **kw):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(ap, "_append_faiss", boom)   # after tokens, store rows, chunks and embeddings
+    # the faiss stage's append fails: after tokens, store rows, the n-gram shard, chunks and embeddings
+    stages = [dataclasses.replace(s, append=boom) if s.name == "faiss" else s for s in pipeline_stages()]
     with pytest.raises(RuntimeError, match="disk on fire"):
-        ap.append_documents(idx, [str(b)])
+        ap.append_documents(idx, [str(b)], stages=stages)
     assert (idx / "manifest.json").read_text() == manifest
     assert {str(p.relative_to(idx)): p.stat().st_size for p in idx.rglob("*") if p.is_file()} == sizes
     assert (open_store(idx)["documents"].count, open_store(idx)["chunks"].count) == n_rows
     assert not (idx / ap.JOURNAL).exists()
+    assert _build(idx, [a]).ran == []
+
+
+def test_a_kill_after_any_stage_is_rolled_back(parts, monkeypatch):
+    """Every stage's part of an append is undone: the append dies right after one stage appended (each stage
+    in turn, the later ones not run), leaving its journal as a killed process does, and rollback_append
+    puts back every file (appended, created, replaced), table row and the manifest."""
+    import retrogram.index.append as ap
+
+    d, a, b = parts
+    idx = d / "inc4"
+    _build(idx, [a])
+    manifest = (idx / "manifest.json").read_text()
+    sizes = {str(p.relative_to(idx)): p.stat().st_size for p in idx.rglob("*") if p.is_file()}
+    n_rows = (open_store(idx)["documents"].count, open_store(idx)["chunks"].count)
+    rollback = ap.rollback_append
+    monkeypatch.setattr(ap, "rollback_append", lambda index_dir: False)   # a killed process undoes nothing
+
+    class Killed(BaseException):
+        pass
+
+    def then_die(append):
+        def f(ctx):
+            append(ctx)
+            raise Killed
+
+        return f
+
+    for name in STAGES:
+        stages = [dataclasses.replace(s, append=then_die(s.append)) if s.name == name else s for s in pipeline_stages()]
+        with pytest.raises(Killed):
+            ap.append_documents(idx, [str(b)], stages=stages)
+        assert (idx / ap.JOURNAL).is_file()
+        assert (idx / "tokens" / "tokens.bin").stat().st_size > sizes["tokens/tokens.bin"]   # appended, not undone
+        assert rollback(idx)
+        assert (idx / "manifest.json").read_text() == manifest, name
+        assert {str(p.relative_to(idx)): p.stat().st_size for p in idx.rglob("*") if p.is_file()} == sizes, name
+        assert (open_store(idx)["documents"].count, open_store(idx)["chunks"].count) == n_rows, name
     assert _build(idx, [a]).ran == []
 
 

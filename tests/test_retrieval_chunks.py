@@ -14,7 +14,7 @@ from retrogram.index.store import open_store
 @pytest.fixture(scope="module")
 def retrieval_index(tmp_path_factory, small_corpus):
     from retrogram.index.build import run_build
-    from retrogram.services.stages import pipeline_stages
+    from retrogram.ngram import pipeline_stages
 
     out = tmp_path_factory.mktemp("chunks") / "idx"
     run_build(out, [str(small_corpus)], None, pipeline_stages(), ["chunks"], options={"workers": 1})

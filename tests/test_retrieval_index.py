@@ -20,7 +20,7 @@ from retrogram.index.search.torch_exact import TorchExactSearcher
 
 def _build(out, corpus, stages, **options):
     from retrogram.index.build import run_build
-    from retrogram.services.stages import pipeline_stages
+    from retrogram.ngram import pipeline_stages
 
     run_build(out, [str(corpus)], None, pipeline_stages(), stages, options={"workers": 1, **options})
     return out

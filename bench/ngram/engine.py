@@ -74,7 +74,7 @@ def main() -> None:
 
     if not (args.index / "ngram").is_dir():
         from retrogram.index.build import run_build
-        from retrogram.services.stages import pipeline_stages
+        from retrogram.ngram import pipeline_stages
 
         run_build(args.index, [args.corpus], None, pipeline_stages(), ["ngram"], options={"mem": args.mem})
     results: dict = {}

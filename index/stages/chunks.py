@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..build import Stage, StageContext, StageOutput
+from ..build import AppendContext, Stage, StageContext, StageOutput
 from ..errors import IndexFormatError, UserError
 from ..handle import Index
 from ..store import open_store
@@ -138,5 +138,32 @@ def write_chunk_table(index_dir: Path, rows: np.ndarray, doc_offsets: np.ndarray
     db.close()
 
 
+def check_append_chunks(ctx: AppendContext) -> None:
+    """--append keeps the index's chunk length."""
+    built = int(ctx.record("chunks").counts.get("chunk_len", CHUNK_LEN))
+    if ctx.options.get("chunk_len") and int(ctx.options["chunk_len"]) != built:
+        raise UserError(f"--chunk-len {ctx.options['chunk_len']}: the index was chunked with {built}; "
+                        "--append keeps its chunk length")
+
+
+def append_chunks(ctx: AppendContext) -> None:
+    """The new documents cut into chunks, appended to chunks.bin and the chunks table (ids continue)."""
+    rec = ctx.record("chunks")
+    chunk_len = int(rec.counts.get("chunk_len", CHUNK_LEN))
+    n_chunks = int(rec.counts["chunks"])
+    rows = chunk_boundaries(ctx.doc_offsets[ctx.doc_lo:].astype(np.int64), chunk_len)
+    rows[:, 1] += ctx.doc_lo
+    with open(ctx.index_dir / CHUNKS_BIN, "ab") as f:
+        f.write(rows.astype(np.int64).tobytes())
+    write_chunk_table(ctx.index_dir, rows, ctx.doc_offsets, start_id=n_chunks, replace=False)
+    rec.counts["chunks"] = n_chunks + len(rows)
+    rec.counts["short_chunks"] = int(rec.counts.get("short_chunks", 0)) + int(rows[:, 3].sum())
+    rec.tables["chunks"] = n_chunks + len(rows)
+    ctx.refresh("chunks", [CHUNKS_BIN])
+    ctx.chunk_lo, ctx.chunk_rows = n_chunks, rows
+    ctx.added["chunks"] = len(rows)
+
+
 CHUNKS = Stage("chunks", ("tokenize",), run_chunks, option_keys=("chunk_len",),
-               summary="documents -> 64-token chunks (chunk table)")
+               summary="documents -> 64-token chunks (chunk table)", append=append_chunks,
+               check_append=check_append_chunks, order=30)

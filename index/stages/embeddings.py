@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..build import Stage, StageContext, StageOutput
-from ..embedder import Embedder, EmbedderInfo
+from ..build import AppendContext, Stage, StageContext, StageOutput
+from ..embedder import Embedder, EmbedderInfo, _weights_digest, resolve_embedder_dir
 from ..errors import IndexFormatError, UserError
 from ..handle import Index
 from ..manifest import write_json_atomic
-from .chunks import ChunkTable
+from .chunks import CHUNK_LEN, ChunkTable
+from .tokenize import TOKENS_BIN, TokenStream
 
 EMBEDDINGS_BIN = "retrieval/embeddings.f16"
 EMBEDDINGS_JSON = "retrieval/embeddings.json"
@@ -127,5 +128,39 @@ def index_embedder_info(index: Index | Path | str) -> EmbedderInfo:
     return Index.of(index).embedder_info
 
 
+def check_append_embeddings(ctx: AppendContext) -> None:
+    """--append embeds with the index's embedder (another directory of the same model will do)."""
+    spec = ctx.options.get("embedder") or ctx.record("embeddings").params.get("embedder")
+    _, path = resolve_embedder_dir(spec)
+    if _weights_digest(path) != ctx.index.embedder_info.digest:
+        raise UserError(f"--embedder {spec}: the index was embedded with {ctx.index.embedder_info.name!r}; "
+                        "--append must use the same model")
+    ctx.prepared["embedder"] = spec
+
+
+def append_embeddings(ctx: AppendContext) -> None:
+    """The new chunks embedded and appended to embeddings.f16 (embeddings.json rewritten with the new count)."""
+    rows = ctx.chunk_rows
+    if rows is None or not len(rows):
+        return
+    embedder = Embedder.load(ctx.prepared["embedder"], device=ctx.options.get("device"),
+                             batch_tokens=ctx.options.get("embed_batch_tokens"))
+    index_dir = ctx.index_dir
+    tokens = np.memmap(index_dir / TOKENS_BIN, dtype=ctx.index.token_dtype, mode="r")   # with the new documents
+    chunk_len = int(ctx.record("chunks").counts.get("chunk_len", CHUNK_LEN))
+    table = ChunkTable(rows, TokenStream(tokens, ctx.doc_offsets), chunk_len, np.zeros(0, np.int64))
+    vecs = embedder.encode(chunk_texts(ctx.index, table)).astype(np.float16)   # the new chunks only
+    with open(index_dir / EMBEDDINGS_BIN, "ab") as f:
+        f.write(vecs.tobytes())
+    cfg = json.loads((index_dir / EMBEDDINGS_JSON).read_text())
+    ctx.journal.backup(EMBEDDINGS_JSON)
+    cfg["n"] = ctx.chunk_lo + len(rows)
+    write_json_atomic(index_dir / EMBEDDINGS_JSON, cfg)
+    ctx.record("embeddings").counts["chunks"] = cfg["n"]
+    ctx.refresh("embeddings", [EMBEDDINGS_BIN, EMBEDDINGS_JSON])
+    ctx.vectors = vecs
+
+
 EMBEDDINGS = Stage("embeddings", ("chunks",), run_embeddings, option_keys=("embedder",),
-                   summary="chunks -> float16 sentence embeddings (resumable)")
+                   summary="chunks -> float16 sentence embeddings (resumable)", append=append_embeddings,
+                   check_append=check_append_embeddings, order=40)

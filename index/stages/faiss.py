@@ -11,11 +11,13 @@ float16 embeddings (FAISS's IndexRefine idea without a second copy of the vector
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import numpy as np
 
-from ..build import Stage, StageContext, StageOutput
+from ..build import AppendContext, Stage, StageContext, StageOutput
 from ..errors import UserError
 from ..manifest import write_json_atomic
 
@@ -116,5 +118,34 @@ def run_faiss(ctx: StageContext) -> StageOutput:
     return StageOutput(counts={"vectors": int(index.ntotal), "trained_on": trained_on})
 
 
+def check_append_faiss(ctx: AppendContext) -> None:
+    """--append adds to the FAISS index it has (an IVF index keeps its trained centroids)."""
+    factory = ctx.options.get("faiss_factory")
+    if factory and factory != ctx.record("faiss").params.get("faiss_factory"):
+        raise UserError(f"--faiss-factory {factory}: --append adds to the existing FAISS index "
+                        "and cannot change its factory")
+
+
+def append_faiss(ctx: AppendContext) -> None:
+    """The new chunks' embeddings added to faiss.index (rewritten whole under a temp name, then renamed)."""
+    if ctx.vectors is None:
+        return
+    faiss = import_faiss()
+    index_dir = ctx.index_dir
+    index = faiss.read_index(str(index_dir / FAISS_INDEX))
+    index.add(np.ascontiguousarray(ctx.vectors, dtype=np.float32))
+    tmp = index_dir / (FAISS_INDEX + ".tmp")
+    faiss.write_index(index, str(tmp))
+    ctx.journal.backup(FAISS_INDEX)
+    ctx.journal.backup(FAISS_JSON)
+    os.replace(tmp, index_dir / FAISS_INDEX)
+    meta = json.loads((index_dir / FAISS_JSON).read_text())
+    meta["n"] = int(index.ntotal)
+    write_json_atomic(index_dir / FAISS_JSON, meta)
+    ctx.record("faiss").counts["vectors"] = int(index.ntotal)
+    ctx.refresh("faiss", [FAISS_INDEX, FAISS_JSON])
+
+
 FAISS = Stage("faiss", ("embeddings",), run_faiss, option_keys=("faiss_factory",),
-              summary="embeddings -> FAISS index (exact when small, HNSW or IVF + re-ranking when large)")
+              summary="embeddings -> FAISS index (exact when small, HNSW or IVF + re-ranking when large)",
+              append=append_faiss, check_append=check_append_faiss, order=50)

@@ -18,11 +18,11 @@ from typing import Iterator
 
 import numpy as np
 
-from ..build import Stage, StageContext, StageOutput
+from ..build import AppendContext, Stage, StageContext, StageOutput
 from ..corpus import IngestStats, RawBatch, iter_raw_batches, parse_batch
 from ..errors import IndexFormatError, UserError
 from ..handle import Index
-from ..store import STORE, create_store, insert_documents, metadata_json
+from ..store import STORE, create_store, insert_documents, metadata_json, open_store
 
 TOKENS_BIN = "tokens/tokens.bin"
 DOC_OFFSETS = "tokens/doc_offsets.bin"
@@ -151,5 +151,38 @@ def run_tokenize(ctx: StageContext) -> StageOutput:
                        tables={"documents": n_docs})
 
 
+def append_tokenize(ctx: AppendContext) -> None:
+    """The new documents tokenized with the index's tokenizer, appended to the token stream and the
+    documents table (ids continue)."""
+    tok, dtype = ctx.index.tokenizer, ctx.index.token_dtype
+    ids = tok.encode_batch([d.text for d in ctx.docs])
+    for d, a in zip(ctx.docs, ids):
+        check_fits_stream(a, dtype, d.source)
+    index_dir = ctx.index_dir
+    old_off = np.fromfile(index_dir / DOC_OFFSETS, dtype=np.uint64)
+    n_docs, n_tokens = len(old_off) - 1, int(old_off[-1])
+    lens = np.array([len(a) for a in ids], dtype=np.int64)
+    new_off = n_tokens + np.cumsum(lens).astype(np.uint64)
+    with open(index_dir / TOKENS_BIN, "ab") as f:
+        for a in ids:
+            f.write(np.asarray(a).astype(dtype).tobytes())
+    with open(index_dir / DOC_OFFSETS, "ab") as f:
+        f.write(new_off.tobytes())
+    db = open_store(index_dir, readonly=False)
+    starts = np.concatenate([[n_tokens], new_off[:-1].astype(np.int64)])
+    with db.conn:
+        insert_documents(db, [(n_docs + i, d.source, d.external_id, int(s), int(n), metadata_json(d.metadata))
+                              for i, (d, s, n) in enumerate(zip(ctx.docs, starts, lens))])
+    db.close()
+    ctx.doc_lo, ctx.token_lo = n_docs, n_tokens
+    ctx.doc_offsets = np.concatenate([old_off, new_off])
+    rec = ctx.record("tokenize")
+    rec.counts["documents"] = n_docs + len(ctx.docs)
+    rec.counts["tokens"] = int(ctx.doc_offsets[-1])
+    rec.tables["documents"] = n_docs + len(ctx.docs)
+    ctx.refresh("tokenize", [TOKENS_BIN, DOC_OFFSETS])
+    ctx.added.update(documents=len(ctx.docs), tokens=int(lens.sum()))
+
+
 TOKENIZE = Stage("tokenize", (), run_tokenize, option_keys=(),
-                 summary="corpus -> token stream and document store")
+                 summary="corpus -> token stream and document store", append=append_tokenize, order=10)
