@@ -12,7 +12,7 @@ import pytest
 def build_ngram_index(out: Path, corpus: Path) -> Path:
     from retrogram.index.build import run_build
     from retrogram.ngram.build import NGRAM
-    from retrogram.services.stages import pipeline_stages
+    from retrogram.ngram import pipeline_stages
 
     stages = list(pipeline_stages())
     if NGRAM.name not in [s.name for s in stages]:
