@@ -1,9 +1,10 @@
 """The tables of BENCHMARKS.md, rendered from the results files in bench/results/.
 
 Each block `<!-- table:NAME -->` ... `<!-- /table -->` in BENCHMARKS.md is replaced by the table of NAME (a
-results file's stem such as `kernels_h200`, or `stem:view` for a second table of the same file), followed by
-the file's stamp (machine, GPU, versions, commit); the prose around the blocks is left as it is. Every
-results file has at least one block.
+results file's stem such as `kernels_h200`, or `stem:view` for a second table of the same file), drawn by the
+function registered below for that file's bench (`@table("kernels")`, `@table("kernels:random")`: any machine's
+file), followed by the file's stamp (machine, GPU, versions, commit); the prose around the blocks is left as it
+is. Every results file has at least one block.
 
     python -m bench.report            # rewrite the tables in BENCHMARKS.md
     python -m bench.report --check    # exit 1 when BENCHMARKS.md differs from what the results render
@@ -22,7 +23,7 @@ from bench.common import REPO, RESULTS_DIR, parser
 
 BENCHMARKS = REPO / "BENCHMARKS.md"
 BLOCK = re.compile(r"<!-- table:(\S+) -->\n.*?<!-- /table -->", re.S)
-TABLES: dict = {}   # NAME -> function(results dict) -> markdown lines
+TABLES: dict = {}   # bench[:view] -> function(results dict) -> markdown lines
 # figures round half up from their shortest decimal form (0.9205 -> 0.921), as they were written by hand
 decimal.getcontext().rounding = decimal.ROUND_HALF_UP
 
@@ -32,6 +33,7 @@ def dec(x):
 
 
 def table(name: str):
+    """Register the table of a bench's results file (any machine), or a second view of it (bench:view)."""
     def register(fn):
         TABLES[name] = fn
         return fn
@@ -80,12 +82,14 @@ def stamp_line(stem: str, data: dict) -> str:
 
 
 def render(name: str, results_dir: Path = RESULTS_DIR) -> str:
-    stem = name.split(":")[0]
-    if name not in TABLES:
-        raise KeyError(f"BENCHMARKS.md names table {name!r}, which bench/report.py does not render "
-                       f"(known: {', '.join(sorted(TABLES))})")
+    """The table NAME = <results file stem>[:view], drawn by the function registered for the file's bench."""
+    stem, _, view = name.partition(":")
     data = json.loads((results_dir / f"{stem}.json").read_text())
-    return "\n".join([*TABLES[name](data), "", stamp_line(stem, data)])
+    key = data["bench"] + (f":{view}" if view else "")
+    if key not in TABLES:
+        raise KeyError(f"BENCHMARKS.md names table {name!r}: bench/report.py draws no table {key!r} "
+                       f"(known: {', '.join(sorted(TABLES))})")
+    return "\n".join([*TABLES[key](data), "", stamp_line(stem, data)])
 
 
 def update(text: str, results_dir: Path = RESULTS_DIR) -> str:
@@ -100,7 +104,7 @@ def unplaced(text: str, results_dir: Path = RESULTS_DIR) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ index, n-gram
-@table("tokenize_cpu")
+@table("tokenize")
 def tokenize_table(d):
     base, ours = d["baseline_single_process_tokenizer_batch"], d["ours_tokenize_stage"]
     big_key = next(k for k in d if k.startswith("ours_corpus_x"))
@@ -120,7 +124,7 @@ def target(ratio) -> str:
     return "–" if ratio is None else f"≤ 1/{round(1 / ratio)}"
 
 
-@table("ngram_cpu")
+@table("ngram")
 def ngram_table(d):
     rows = []
     for name, r in d["queries"].items():
@@ -141,7 +145,7 @@ def ngram_table(d):
     return md(["query", "ours (µs)", "infini-gram (µs)", "ratio CPU (wall)", "target"], rows, "lrrrl")
 
 
-@table("ngram_scale_cpu")
+@table("ngram_scale")
 def ngram_scale_table(d):
     big, sh, q = d["big"], d["sharded"], d["queries"]
     builds = [[label, f"{x['mem_gib']:g}", f"{x['shards']} ({x['processes_at_once']} at once)", f"{dec(x['ngram_seconds']):.0f}",
@@ -158,14 +162,14 @@ def ngram_scale_table(d):
 
 
 # ------------------------------------------------------------------------------------------------ kernels
-@table("kernels_h200")
+@table("kernels")
 def prefill_table(d):
     rows = [[kilo(r["T"]), ms(r["sdpa_ms"]), f"{dec(r['sdpa_tflops']):.0f}", ms(r["flash_ms"]), f"{dec(r['flash_tflops']):.0f}",
              f"{dec(r['flash_vs_sdpa']):.2f}"] for r in d["prefill"]]
     return md(["T", "SDPA ms", "SDPA TFLOP/s", "flash_prefill ms", "TFLOP/s", "x SDPA"], rows, "rrrrrr")
 
 
-@table("kernels_h200:random")
+@table("kernels:random")
 def sparse_random_table(d):
     rows = [[kilo(r["T"]), key.split("_")[0] + " " + r["label"], ms(r["sdpa_ms"]),
              f"{ms(r['total_ms'])} ({dec(r['speedup_vs_sdpa']):.1f}x)", ms(r["attn_ms"]), f"{dec(r['density']):.3f}"]
@@ -176,7 +180,7 @@ def sparse_random_table(d):
               rows, "rlrrrr")
 
 
-@table("kernels_checks_h200")
+@table("kernels_checks")
 def checks_table(d):
     rows = []
     for c in d["checks"]:
@@ -190,7 +194,7 @@ def pct_of(tbps, copy) -> str:
     return f"{dec(tbps):.2f} ({dec(100 * tbps / copy):.0f}%)"
 
 
-@table("kernels_decode_h200")
+@table("kernels_decode")
 def decode_table(d):
     copy = d["ceilings"]["copy_TBps"]
     rows = [[r["B"], kilo(r["S"]), r["HKV"], num(r.get("sdpa_graph_TBps"), 2), pct_of(r["flash_graph_TBps"], copy),
@@ -199,7 +203,7 @@ def decode_table(d):
               "rrrrrr")
 
 
-@table("kernels_decode_h200:hip")
+@table("kernels_decode:hip")
 def hip_decode_table(d):
     by = {(r["B"], r["HKV"], r["S"]): r for r in d["decode"]}
     lens = sorted({r["S"] for r in d["decode"]})
@@ -254,7 +258,7 @@ def projected_baselines(projected: list) -> str:
                      for r in projected)
 
 
-@table("kernels_long_h200")
+@table("kernels_long")
 def long_table(d):
     sel = md(["T", "selection on SmolLM2's attention", "recall", "worst layer", "density", "worst layer's density"],
              selection_rows(d["smollm2_summary"]), "rlrrrr")
@@ -262,7 +266,7 @@ def long_table(d):
         md(PROJECTED_HEADER, projected_rows(d["projected_32x128"]), "rlrrrrrrr")
 
 
-@table("kernels_sparse_h200")
+@table("kernels_sparse")
 def sparse_table(d):
     checks = [[c["name"], f"{dec(c['value']):.3g}", "ok" if c["ok"] else "FAIL"] for c in d["checks"]]
     return md(["selection kernel check (GPU, against the reference)", "error or rows differing", ""], checks, "lrl") + \
@@ -270,7 +274,7 @@ def sparse_table(d):
         md(PROJECTED_HEADER, projected_rows(d["projected_32x128"]), "rlrrrrrrr")
 
 
-@table("kernels_mass_h200")
+@table("kernels_mass")
 def mass_table(d):
     rows = []
     for r in d["mass"]:
@@ -282,7 +286,7 @@ def mass_table(d):
                "HiP mass end to end, block cap: ms (density, x SDPA)"], rows, "rrrrll")
 
 
-@table("kernels_smollm2_h200")
+@table("kernels_smollm2")
 def smollm2_table(d):
     impls = [i for i in d["greedy"][0]["identical"] if i != "sdpa"]
     greedy = [[g["prompt"]] + ["yes" if g["identical"][i] else "no" for i in impls] for g in d["greedy"]]
@@ -296,7 +300,7 @@ def smollm2_table(d):
     return out
 
 
-@table("kernels_recall_cpu")
+@table("kernels_recall")
 def recall_table(d):
     rows = []
     for name, r in d.items():
@@ -326,7 +330,7 @@ def variant_label(section: str, v) -> str:
     return "tma={} w={} s={}".format(*v)
 
 
-@table("kernels_variants_h200")
+@table("kernels_variants")
 def variants_table(d):
     out = []
     if "read" in d:
@@ -349,7 +353,7 @@ def variants_table(d):
 
 
 # ------------------------------------------------------------------------------------------------ retrieval
-@table("retrieval_gpu_h200")
+@table("retrieval_gpu")
 def topk_table(d):
     labels = {"gaussian": "Gaussian", "clustered": "clustered (4,096-component mixture)"}
     rows = [[labels.get(r["data"], r["data"]), f"{dec(r['torch_topk_qps']):,.0f} q/s ({ms(r['torch_ms'])} ms)",
@@ -376,7 +380,7 @@ def sweep_rows(section: str, s: dict, threads=None) -> list[list]:
     return rows
 
 
-@table("retrieval_cpu")
+@table("retrieval")
 def retrieval_cpu_table(d):
     rows = []
     for section in ("real", "synthetic", "synthetic_5m", "synthetic_jitter"):
@@ -394,7 +398,7 @@ def retrieval_cpu_table(d):
     return out
 
 
-@table("retrieval_full_h200")
+@table("retrieval_full")
 def retrieval_full_table(d):
     real = d["real"]
     threads = sorted(int(t.removesuffix("t")) for t in real["exact_qps"])
@@ -408,7 +412,7 @@ def retrieval_full_table(d):
                   f"({dec(e['seconds']):.1f} s, tokenizing {dec(e['tokenize_seconds']):.1f} s)."]
 
 
-@table("retrieval_gpu_ivf_h200")
+@table("retrieval_gpu_ivf")
 def gpu_ivf_table(d):
     rows = [[r["nprobe"], f"{dec(r['recall_at_10']):.3f}", f"{dec(r['qps']):,.0f}", f"{dec(r['peak_gpu_bytes'] / 1e9):.1f}"]
             for r in d["curve"]]
@@ -419,7 +423,7 @@ def gpu_ivf_table(d):
 
 
 # ------------------------------------------------------------------------------------------------ services
-@table("services_cpu")
+@table("services")
 def services_table(d):
     e, lat = d["engine"], d.get("latency", {})
     rows = [["in-process engine, one thread: `count`", f"{dec(e['count_per_s']):,.0f}/s (p50 {dec(e['count_p50_us']):.1f} µs)", ""],
