@@ -92,6 +92,7 @@ def register(sub) -> None:
                    help="the stack's n-gram port (default 50051)")
     p.add_argument("--retriever-port", type=int, default=DEFAULT_PORTS["retriever"], metavar="P",
                    help="the stack's retriever port (default 50052)")
+    p.add_argument("--port-name", default="--port", help=argparse.SUPPRESS)   # the port's flag in a parent's errors
     p.add_argument("--startup-timeout", type=float, default=600, metavar="S",
                    help="the stack: how long to wait for each service to load its index (default 600)")
     _add_server_options(p)
@@ -143,7 +144,7 @@ def cmd_serve(args) -> int:
     port = args.port if args.port is not None else DEFAULT_PORTS[args.service]
     try:
         try:
-            check_port(args.host, port, "--port")
+            check_port(args.host, port, args.port_name)
             svc, config = make_service(args.service, args.index), _config(args, port)
         except UserError as e:   # serve() announces its own failures
             print_event("failed", services=[args.service], error=str(e))
@@ -204,7 +205,8 @@ def stack_services(index_dir: Path) -> tuple[list[str], dict[str, str]]:
 
 def _child_args(args, name: str) -> list[str]:
     """The options a stack child gets (beyond service, --index, --port, --host)."""
-    argv = ["--max-message-mb", str(args.max_message_mb), "--max-concurrent-rpcs", str(args.max_concurrent_rpcs),
+    argv = [f"--port-name=--{name}-port",
+            "--max-message-mb", str(args.max_message_mb), "--max-concurrent-rpcs", str(args.max_concurrent_rpcs),
             "--threads", str(args.threads), "--grace", str(args.grace), "--log-level", args.log_level]
     for flag in ("api_key_file", "tls_cert", "tls_key", "tls_client_ca", "io_cpu"):
         v = getattr(args, flag)

@@ -413,6 +413,55 @@ def test_results_go_to_stdout_progress_and_logs_to_stderr(bytes_index, tmp_path,
     assert code == 0 and err == "" and "appended 1 documents" in out, (out, err)
 
 
+# ------------------------------------------------------------------------------- the demo
+
+def test_demo_reports_on_stdout_logs_stages_and_stops_every_server_it_started(small_corpus, tmp_path, busy_port, capsys):
+    """Without a terminal the demo logs each step on stderr, prints its results (the ∞-gram scores too),
+    timings and what to try next on stdout, with no Python reprs; a server that cannot start is named with
+    its reason in one line, and no server the demo started is left running."""
+    import re
+    import shlex
+
+    from retrogram.ngram import Engine
+    from retrogram.services.cli_demo import PHRASES, SCORED
+
+    idx = tmp_path / "demo-index"
+    r = _retrogram("demo", "--corpus", small_corpus, "--out", idx, timeout=900)
+    assert r.returncode == 0, r.stderr
+    for stage in ("tokenize", "ngram", "chunks", "embeddings", "faiss"):
+        assert f"stage {stage}: started" in r.stderr and f"stage {stage}: done in" in r.stderr, r.stderr
+    assert "ngram server: serving on 127.0.0.1:" in r.stderr and "retriever server: stopped" in r.stderr
+    out = r.stdout
+    assert not re.search(r"\[\(|\['|\('|\[\d+, \d+", out), out   # no list or tuple reprs
+    e = Engine(idx)
+    for phrase in PHRASES:
+        assert re.search(rf"^ +{e.count_text(phrase)['count']:,}  {re.escape(phrase)}$", out, re.M), out
+    scores = out.split("∞-gram probability")[1].split("\n\n")[0].splitlines()[1:]
+    scored = e.score_text(SCORED)
+    assert len(scores) == len(scored["prob"]) == len(e.tokenize(SCORED))
+    for line, p, n in zip(scores, scored["prob"], scored["suffix_len"]):
+        assert line.split()[0] == f"{p:.3f}" and line.endswith(f"suffix of {n} token" + ("" if n == 1 else "s"))
+    assert "its answers match the in-process ones" in out
+    assert re.search(r"^timings: build [\d.]+ s, n-gram queries [\d.]+ s, retrieval [\d.]+ s, gRPC stack [\d.]+ s; "
+                     r"total [\d.]+ s$", out, re.M), out
+    tries = [line.strip() for line in out.split("try next:")[1].strip().splitlines()]
+    assert len(tries) >= 4
+    for cmd in tries:   # each works as printed (but serve, which runs until stopped)
+        argv = shlex.split(cmd)
+        assert argv[0] == "retrogram"
+        if argv[1] != "serve":
+            code, printed, err = _cli(capsys, *argv[1:])
+            assert code == 0 and printed.strip(), (cmd, err)
+    # a server that cannot start: its port taken (the other server was started beside it)
+    for failing in ("retriever", "ngram"):
+        r = _retrogram("demo", "--corpus", small_corpus, "--out", idx, f"--{failing}-port", busy_port, timeout=900)
+        line = _one_error_line(r)
+        assert (f"retrogram demo: error: {failing} server did not start: --{failing}-port {busy_port}: "
+                f"127.0.0.1:{busy_port} is already in use") in line
+        assert r.stdout == ""
+        assert _servers_of(idx) == []
+
+
 # ------------------------------------------------------------------------------- the docs stand alone
 
 REPO = Path(__file__).resolve().parents[1]
