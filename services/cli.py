@@ -7,10 +7,10 @@ import os
 import sys
 
 from ..index.errors import UserError
-from . import cli_demo, cli_index, cli_ngram, cli_retrieve, cli_serve
+from . import cli_demo, cli_generate, cli_index, cli_ngram, cli_retrieve, cli_serve
 
 # Each module adds its subcommands with register(subparsers).
-COMMAND_MODULES = [cli_index, cli_ngram, cli_retrieve, cli_serve, cli_demo]
+COMMAND_MODULES = [cli_index, cli_ngram, cli_retrieve, cli_generate, cli_serve, cli_demo]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -62,3 +62,24 @@ def small_index(tmp_path_factory, small_corpus) -> Path:
     out = tmp_path_factory.mktemp("idx") / "small"
     run_build(out, [str(small_corpus)], None, pipeline_stages(), ["tokenize"], options={"workers": 1})
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A Hugging Face model directory with SmolLM2's tokenizer (the index tokenizer, so an index built with
+    `smollm2` accepts it) and a tiny random llama of SmolLM2's architecture: the decoder's CLI and service
+    tests run the real code paths in seconds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from retrogram.index.tokenizer import load_tokenizer
+    from retrogram.retro.config import ModelConfig
+
+    out = tmp_path_factory.mktemp("tiny_lm") / "model"
+    tok = load_tokenizer("smollm2")
+    cfg = ModelConfig.tiny(vocab_size=tok.vocab_size, eos_token_ids=(tok.eos_token_id,), max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg.to_hf()), dtype=torch.float32)
+    model.save_pretrained(out)
+    tok.save(out)
+    return out
