@@ -8,15 +8,21 @@
     rt.retrieve("what is a list comprehension?", k=2)  -> [[{"score": ..., "chunk_id": ..., ...}, ...]]
 
 The n-gram client's methods and result dicts are those of `retrogram.ngram.Engine` (infini-gram 2.6.0's
-names and fields), so code written against the engine runs against a server: `connect(server)` gives the
-object the CLI's `--server HOST:PORT` uses. Given several n-gram servers, each holding some shards of one
-index, the client asks them all concurrently and combines the answers as infini-gram combines shards:
-counts add; ∞-gram queries take the longest suffix found on any server; documents are sampled across
-servers in proportion to their counts; document indexes and shard numbers run across the servers in the
-order given.
+names and fields; `retrogram.ngram.api.NgramQueries`), so code written against the engine runs against a
+server: `connect(server)` gives the object the CLI's `--server HOST:PORT` uses. Given several n-gram servers,
+each holding some shards of one index, the client asks them all concurrently and combines the answers by
+`retrogram.ngram.merge`'s rules (counts add; ∞-gram queries take the longest suffix found on any server;
+documents are sampled across servers in proportion to their counts; document indexes and shard numbers run
+across the servers in the order given).
+
+Every client method is one row of a table (NGRAM_METHODS, RETRIEVER_METHODS): the RPC, how the Python
+arguments become its request, how one server's answer becomes the engine's result, how several servers'
+results combine, and whether the call may go over a session. The sync and the async client are both built
+from the table, so each has every method (the async one as coroutines; `iter_*` as async generators).
 
 Small n-gram calls (count, prob, ntd, infgram_prob, infgram_ntd) to one server go over a long-lived Session
-stream instead of one gRPC call each (see "sessions" below); `sessions=False` turns that off.
+stream instead of one gRPC call each (see "sessions" below); `sessions=False` turns that off. Every method
+takes a keyword-only `timeout` (seconds; default the client's).
 
 Failures raise `ServiceError` (a UserError: the CLI prints its message) with the gRPC status code.
 Calls that find a server unavailable (restarting, still loading its index) are retried with backoff
@@ -25,44 +31,32 @@ Calls that find a server unavailable (restarting, still loading its index) are r
 
 from __future__ import annotations
 
+from .grpc_env import (  # noqa: I001 - first: chooses grpc's socket I/O before grpc is imported
+    API_KEY_HEADER,
+    CODE_BY_VALUE,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    LOW_LATENCY_IO,  # noqa: F401 - re-exported: the bench reports it
+    SESSION_METHOD,
+    SESSION_MIN_TIMEOUT_S,
+    env_api_key,
+)
+
 import asyncio
+import inspect
 import json
-import os
 import queue
-import random
 import threading
 import time
 import weakref
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-# grpc core reads GRPC_EXPERIMENTS once, when grpc is first imported, so this runs before `import grpc`
-# (serving.py imports this module first for the same reason).
-EVENT_ENGINE_ENV = "RETROGRAM_GRPC_EVENT_ENGINE"
-LEGACY_IO_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
-
-
-def _prefer_low_latency_io() -> bool:
-    """Route client and listener sockets through grpc core's posix iomgr polling instead of its EventEngine:
-    the thread that waits on the completion queue polls the socket itself, one thread hand-off less per call
-    in each process (on this 2-core box ~60 µs p50 off a loopback round trip; bench/results/
-    services.json, latency_variants). Not done when GRPC_EXPERIMENTS is already set, when grpc was imported before
-    this module, or with RETROGRAM_GRPC_EVENT_ENGINE=1."""
-    import sys
-
-    if "grpc" in sys.modules or os.environ.get(EVENT_ENGINE_ENV, "") not in ("", "0"):
-        return False
-    if "GRPC_EXPERIMENTS" in os.environ:
-        return False
-    os.environ["GRPC_EXPERIMENTS"] = LEGACY_IO_EXPERIMENTS   # inherited by servers started from here
-    return True
-
-
-LOW_LATENCY_IO = _prefer_low_latency_io()
-
-import grpc  # noqa: E402 - after the I/O choice above
+import grpc
 
 from ..index.errors import UserError
+from ..ngram import merge
+from ..ngram.merge import ShardLayout
 from ..protos import common_pb2 as cpb
 from ..protos import ngram_pb2 as npb
 from ..protos import ngram_pb2_grpc as ngrpc
@@ -70,8 +64,6 @@ from ..protos import retriever_pb2 as rpb
 from ..protos import retriever_pb2_grpc as rgrpc
 
 DEFAULT_TIMEOUT_S = 60.0
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
-API_KEY_HEADER = "x-api-key"
 
 _RETRY_CONFIG = json.dumps({
     "methodConfig": [{
@@ -151,7 +143,7 @@ def make_channel(target: str, *, tls: bool = False, root_certificates: bytes | N
     return mod.insecure_channel(target, options=opts)
 
 
-# ------------------------------------------------------------------------------------ proto <-> python
+# ------------------------------------------------------------------------------------ python -> proto
 
 def query_msg(q: Any) -> cpb.Query:
     """A token-id sequence (list/tuple/array of ints) or a text (str) as a Query."""
@@ -201,179 +193,6 @@ def packed_msg(queries: Sequence[Sequence[int]]) -> cpb.PackedQueries:
     return cpb.PackedQueries(ids=ids, lengths=lengths)
 
 
-def doc_dict(d: npb.DocResult, doc_offset: int = 0) -> dict:
-    return {"doc_ix": d.doc_ix + doc_offset, "doc_len": d.doc_len, "disp_len": d.disp_len,
-            "needle_offset": d.needle_offset, "metadata": d.metadata, "token_ids": list(d.token_ids),
-            "blocked": d.blocked}
-
-
-def _with_tokens(out: dict, q: Any, tokens) -> dict:
-    if isinstance(q, str):
-        out["tokens"] = list(tokens)
-    return out
-
-
-def _prob(cont: int, prompt: int) -> float:
-    return cont / prompt if prompt > 0 else -1.0
-
-
-def _dist(prompt_cnt: int, counts: dict[int, int]) -> dict[int, dict]:
-    total = sum(counts.values()) or 1
-    return {t: {"cont_cnt": c, "prob": c / total} for t, c in sorted(counts.items())}
-
-
-# Each query is a "plan": the RPC to call on every server, the request, and how to combine the answers
-# (one per server, in order) into the engine's result dict. The sync and async clients share them.
-
-class _Layout:
-    """Where documents and shards of each server start in the combined numbering."""
-
-    def __init__(self, infos: list[cpb.IndexInfo]):
-        self.infos = infos
-        self.doc_offsets, self.shard_offsets = [], []
-        d = s = 0
-        for i in infos:
-            self.doc_offsets.append(d)
-            self.shard_offsets.append(s)
-            d += i.num_documents
-            s += i.num_shards
-        self.num_documents, self.num_shards = d, s
-
-    def by_doc(self, doc_ix: int) -> tuple[int, int]:
-        for k in range(len(self.infos) - 1, -1, -1):
-            if doc_ix >= self.doc_offsets[k]:
-                return k, doc_ix - self.doc_offsets[k]
-        return 0, doc_ix
-
-    def by_shard(self, s: int) -> tuple[int, int]:
-        for k in range(len(self.infos) - 1, -1, -1):
-            if s >= self.shard_offsets[k]:
-                return k, s - self.shard_offsets[k]
-        return 0, s
-
-
-def _merge_count(rs: list[npb.CountResponse], q=None) -> dict:
-    out = {"count": sum(r.count for r in rs), "approx": any(r.approx for r in rs)}
-    return _with_tokens(out, q, rs[0].tokens)
-
-
-def _merge_count_many(rs: list[npb.CountManyResponse]) -> list[int]:
-    if len(rs) == 1:
-        return list(rs[0].counts)
-    return [sum(c) for c in zip(*(r.counts for r in rs))]
-
-
-def _merge_prob(rs: list[npb.ProbResponse]) -> dict:
-    p = sum(r.prompt_cnt for r in rs)
-    c = sum(r.cont_cnt for r in rs)
-    if len(rs) == 1:
-        return {"prompt_cnt": p, "cont_cnt": c, "prob": rs[0].prob}
-    return {"prompt_cnt": p, "cont_cnt": c, "prob": _prob(c, p)}
-
-
-def _merge_ntd(rs: list[npb.NtdResponse]) -> dict:
-    if len(rs) == 1:
-        r = rs[0]
-        return {"prompt_cnt": r.prompt_cnt,
-                "result_by_token_id": {t: {"cont_cnt": v.cont_cnt, "prob": v.prob}
-                                       for t, v in sorted(r.result_by_token_id.items())},
-                "approx": r.approx}
-    counts: dict[int, int] = {}
-    for r in rs:
-        for t, v in r.result_by_token_id.items():
-            counts[t] = counts.get(t, 0) + v.cont_cnt
-    return {"prompt_cnt": sum(counts.values()), "result_by_token_id": _dist(0, counts),
-            "approx": any(r.approx for r in rs)}
-
-
-def _longest(rs):
-    """∞-gram across servers: the answers of the servers that found the longest suffix (the others
-    have count 0 for it, so adding theirs changes nothing)."""
-    L = max(r.suffix_len for r in rs)
-    return L, [r for r in rs if r.suffix_len == L]
-
-
-def _merge_infgram_prob(rs: list[npb.InfgramProbResponse]) -> dict:
-    if len(rs) == 1:
-        r = rs[0]
-        return {"prompt_cnt": r.prompt_cnt, "cont_cnt": r.cont_cnt, "prob": r.prob, "suffix_len": r.suffix_len}
-    L, top = _longest(rs)
-    p = sum(r.prompt_cnt for r in top)
-    c = sum(r.cont_cnt for r in top)
-    return {"prompt_cnt": p, "cont_cnt": c, "prob": _prob(c, p), "suffix_len": L}
-
-
-def _merge_infgram_ntd(rs: list[npb.InfgramNtdResponse]) -> dict:
-    L, top = _longest(rs)
-    out = _merge_ntd(top)
-    out["suffix_len"] = L
-    return out
-
-
-def _merge_search(rs: list[npb.SearchDocsResponse], layout: _Layout | None, maxnum: int | None) -> dict:
-    if len(rs) == 1:
-        r = rs[0]
-        return {"cnt": r.cnt, "approx": r.approx, "idxs": list(r.idxs), "documents": [doc_dict(d) for d in r.documents]}
-    # Each server sampled its documents uniformly from its own matches; drawing each of the maxnum
-    # results from server k with probability cnt_k / cnt reproduces sampling across all shards at once.
-    cnts = [r.cnt for r in rs]
-    total = sum(cnts)
-    out = {"cnt": total, "approx": any(r.approx for r in rs), "idxs": [], "documents": []}
-    if total == 0:
-        return out
-    n = maxnum if maxnum else max(len(r.documents) for r in rs)
-    pools = [list(zip(r.idxs, r.documents)) for r in rs]
-    cnt_offsets = [sum(cnts[:k]) for k in range(len(rs))]
-    rng = random.Random()
-    for _ in range(n):
-        live = [k for k in range(len(rs)) if pools[k] and cnts[k] > 0]
-        if not live:
-            break
-        k = rng.choices(live, weights=[cnts[k] for k in live])[0]
-        idx, d = pools[k].pop(0)
-        out["idxs"].append(idx + cnt_offsets[k])
-        out["documents"].append(doc_dict(d, layout.doc_offsets[k] if layout else 0))
-    return out
-
-
-def _merge_score(chunks_by_server: list[list[npb.ScoreSequenceChunk]]) -> dict:
-    """Columns over all positions; several servers combined position by position like ∞-gram prob."""
-    cols = []
-    for chunks in chunks_by_server:
-        c = {"prob": [], "suffix_len": [], "prompt_cnt": [], "cont_cnt": [], "tokens": []}
-        for ch in chunks:
-            for key in c:
-                c[key].extend(getattr(ch, key))
-        cols.append(c)
-    if len(cols) == 1:
-        return cols[0]
-    out = {"prob": [], "suffix_len": [], "prompt_cnt": [], "cont_cnt": [], "tokens": cols[0]["tokens"]}
-    for i in range(len(cols[0]["prob"])):
-        L = max(c["suffix_len"][i] for c in cols)
-        top = [c for c in cols if c["suffix_len"][i] == L]
-        p = sum(c["prompt_cnt"][i] for c in top)
-        n = sum(c["cont_cnt"][i] for c in top)
-        out["suffix_len"].append(L)
-        out["prompt_cnt"].append(p)
-        out["cont_cnt"].append(n)
-        out["prob"].append(_prob(n, p))
-    return out
-
-
-def _opt(**kw) -> dict:
-    return {k: v for k, v in kw.items() if v is not None}
-
-
-def _neighbour(n: rpb.Neighbour) -> dict:
-    """A Neighbour message as retrogram.index.Neighbour.to_dict() gives it."""
-    d = n.document
-    return {"score": n.score, "chunk_id": n.chunk_id, "doc_id": n.doc_id, "token_offset": n.token_offset,
-            "tokens": list(n.tokens), "continuation": list(n.continuation), "text": n.text,
-            "continuation_text": n.continuation_text,
-            "document": {"source": d.source or None, "external_id": d.external_id or None,
-                         "metadata": json.loads(d.metadata) if d.metadata else {}}}
-
-
 def retrieve_query_msg(q: Any, exclude_doc: int | None = None) -> rpb.RetrieveQuery:
     """A text (str), token ids (a list of ints), or an embedding (a float numpy vector, or
     ("embedding", values)); `("ids", [...])` and `("text", "...")` say the kind explicitly."""
@@ -398,6 +217,335 @@ def retrieve_query_msg(q: Any, exclude_doc: int | None = None) -> rpb.RetrieveQu
         raise UserError(f"a retrieval query is a text, token ids or an embedding, not {type(q).__name__}") from None
 
 
+def _opt(**kw) -> dict:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+# ------------------------------------------------------------------ requests: arguments -> (message, hint)
+# Each builder's signature is its client method's (the table gives the method that signature, plus the
+# keyword-only timeout). It returns the request and what the merge or the routing needs of the arguments.
+
+def _count(input_ids):
+    return npb.CountRequest(query=query_msg(input_ids)), None
+
+
+def _count_many(list_of_ids):
+    if any(isinstance(q, str) for q in list_of_ids):
+        return npb.CountManyRequest(queries=[query_msg(q) for q in list_of_ids]), None
+    return npb.CountManyRequest(packed=packed_msg(list_of_ids)), None
+
+
+def _count_cnf(cnf, max_clause_freq=None, max_diff_tokens=None):
+    return npb.CountCnfRequest(cnf=cnf_msg(cnf), **_opt(max_clause_freq=max_clause_freq,
+                                                        max_diff_tokens=max_diff_tokens)), None
+
+
+def _prob(prompt_ids, cont_id: int):
+    return npb.ProbRequest(prompt=query_msg(prompt_ids), cont_id=int(cont_id)), None
+
+
+def _ntd(prompt_ids, max_support=None):
+    return npb.NtdRequest(prompt=query_msg(prompt_ids), **_opt(max_support=max_support)), None
+
+
+def _search_docs(input_ids, maxnum=None, max_disp_len=None):
+    return npb.SearchDocsRequest(query=query_msg(input_ids), **_opt(maxnum=maxnum, max_disp_len=max_disp_len)), maxnum
+
+
+def _search_docs_cnf(cnf, maxnum=None, max_disp_len=None, max_clause_freq=None, max_diff_tokens=None):
+    return npb.SearchDocsCnfRequest(cnf=cnf_msg(cnf), **_opt(maxnum=maxnum, max_disp_len=max_disp_len,
+                                                             max_clause_freq=max_clause_freq,
+                                                             max_diff_tokens=max_diff_tokens)), maxnum
+
+
+def _get_doc_by_rank(s: int, rank: int, max_disp_len=None):
+    return npb.GetDocByRankRequest(s=s, rank=rank, **_opt(max_disp_len=max_disp_len)), s
+
+
+def _get_doc_by_ix(doc_ix: int, max_disp_len=None):
+    return npb.GetDocByIxRequest(doc_ix=doc_ix, **_opt(max_disp_len=max_disp_len)), doc_ix
+
+
+def _score_sequence(input_ids, block_size: int = 0):
+    return npb.ScoreSequenceRequest(query=query_msg(input_ids), block_size=block_size), None
+
+
+def _tokenize(text: str):
+    if not isinstance(text, str):
+        raise UserError(f"text: expected a string, got {type(text).__name__}")
+    return npb.TokenizeRequest(texts=[text]), None
+
+
+def _decode(ids):
+    ids = [int(t) for t in ids]
+    return cpb.PackedQueries(ids=ids, lengths=[len(ids)]), None
+
+
+def _info():
+    return cpb.InfoRequest(), None
+
+
+def _is_single(q) -> bool:
+    if isinstance(q, (str, rpb.RetrieveQuery)):
+        return True
+    if isinstance(q, tuple) and len(q) == 2 and q[0] in ("embedding", "ids", "text"):
+        return True
+    if hasattr(q, "ndim"):
+        return q.ndim == 1
+    return bool(len(q)) and not isinstance(q[0], (str, tuple, list, rpb.RetrieveQuery)) and not hasattr(q[0], "ndim")
+
+
+def _retrieve(queries, k: int | None = None, exclude_doc=None, exclude_docs: Iterable[int] | None = None,
+              omit_text: bool = False):
+    """hint: whether one query was given (its list of neighbours is the answer) or a batch."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise UserError(f"k {k!r}: expected a positive number of neighbours")
+    single = _is_single(queries)
+    qs = [queries] if single else list(queries)
+    if exclude_doc is None or isinstance(exclude_doc, int):
+        per = [exclude_doc] * len(qs)
+    else:
+        per = list(exclude_doc)
+        if len(per) != len(qs):
+            raise UserError(f"exclude_doc: {len(per)} entries for {len(qs)} queries (one id or None per query)")
+    req = rpb.RetrieveRequest(queries=[retrieve_query_msg(q, e) for q, e in zip(qs, per)], k=k or 0,
+                              exclude_docs=[int(d) for d in (exclude_docs or ())], omit_text=omit_text)
+    return req, single
+
+
+def _search(queries, k: int = 2, exclude_doc=None, exclude_docs=None):
+    qs = [queries] if isinstance(queries, str) else list(queries)
+    if any(not isinstance(q, str) for q in qs):
+        raise UserError("queries: expected texts")
+    return _retrieve([("text", q) for q in qs], k=k, exclude_doc=exclude_doc, exclude_docs=exclude_docs)[0], None
+
+
+# -------------------------------------------------------------------- responses: proto -> engine results
+
+def count_dict(r: npb.CountResponse) -> dict:
+    out = {"count": r.count, "approx": r.approx}
+    if len(r.tokens):   # the ids a text query was tokenized to (a text never tokenizes to nothing that counts)
+        out["tokens"] = list(r.tokens)
+    return out
+
+
+def prob_dict(r: npb.ProbResponse) -> dict:
+    return {"prompt_cnt": r.prompt_cnt, "cont_cnt": r.cont_cnt, "prob": r.prob}
+
+
+def infgram_prob_dict(r: npb.InfgramProbResponse) -> dict:
+    return {"prompt_cnt": r.prompt_cnt, "cont_cnt": r.cont_cnt, "prob": r.prob, "suffix_len": r.suffix_len}
+
+
+def ntd_dict(r: npb.NtdResponse) -> dict:
+    return {"prompt_cnt": r.prompt_cnt,
+            "result_by_token_id": {t: {"cont_cnt": v.cont_cnt, "prob": v.prob}
+                                   for t, v in sorted(r.result_by_token_id.items())},
+            "approx": r.approx}
+
+
+def infgram_ntd_dict(r: npb.InfgramNtdResponse) -> dict:
+    out = ntd_dict(r)
+    out["suffix_len"] = r.suffix_len
+    return out
+
+
+def doc_dict(d: npb.DocResult) -> dict:
+    return {"doc_ix": d.doc_ix, "doc_len": d.doc_len, "disp_len": d.disp_len, "needle_offset": d.needle_offset,
+            "metadata": d.metadata, "token_ids": list(d.token_ids), "blocked": d.blocked}
+
+
+def search_dict(r: npb.SearchDocsResponse) -> dict:
+    return {"cnt": r.cnt, "approx": r.approx, "idxs": list(r.idxs), "documents": [doc_dict(d) for d in r.documents]}
+
+
+def score_block_dict(ch: npb.ScoreSequenceChunk) -> dict:
+    return {"offset": ch.offset, "prob": list(ch.prob), "suffix_len": list(ch.suffix_len),
+            "prompt_cnt": list(ch.prompt_cnt), "cont_cnt": list(ch.cont_cnt), "tokens": list(ch.tokens)}
+
+
+def info_dict(i: cpb.IndexInfo) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(i, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def neighbour_dict(n: rpb.Neighbour) -> dict:
+    """A Neighbour message as retrogram.index.Neighbour.to_dict() gives it."""
+    d = n.document
+    return {"score": n.score, "chunk_id": n.chunk_id, "doc_id": n.doc_id, "token_offset": n.token_offset,
+            "tokens": list(n.tokens), "continuation": list(n.continuation), "text": n.text,
+            "continuation_text": n.continuation_text,
+            "document": {"source": d.source or None, "external_id": d.external_id or None,
+                         "metadata": json.loads(d.metadata) if d.metadata else {}}}
+
+
+def neighbours_dicts(r: rpb.RetrieveResponse) -> list[list[dict]]:
+    return [[neighbour_dict(n) for n in ns.neighbours] for ns in r.results]
+
+
+def layout_of(infos: list[dict]) -> ShardLayout:
+    """The combined numbering of documents and shards over servers, from their info() dicts."""
+    return ShardLayout.of([int(i["num_documents"]) for i in infos], [int(i["num_shards"]) for i in infos])
+
+
+# ---------------------------------------------------------------------------- merges: results -> result
+# merge(results in server order, the request's hint, the servers' layout (several servers, `layout=True`))
+
+def _each(rule: Callable) -> Callable:
+    """A rule of ngram.merge that needs nothing but the results."""
+    return lambda rs, hint, layout: rule(rs)
+
+
+def _first(rs, hint, layout):
+    return rs[0]
+
+
+def _all(rs, hint, layout):
+    return rs
+
+
+def _merge_search(rs, maxnum, layout):
+    return merge.search_docs(rs, layout.doc_offsets if layout else None, maxnum)
+
+
+def _merge_doc_by_rank(rs, s, layout):
+    return merge.shift_doc(rs[0], layout.doc_offsets[layout.by_shard(s)[0]]) if layout else rs[0]
+
+
+def _merge_doc_by_ix(rs, doc_ix, layout):
+    return merge.shift_doc(rs[0], layout.doc_offsets[layout.by_doc(doc_ix)[0]]) if layout else rs[0]
+
+
+def _merge_score(parts, hint, layout):
+    return merge.score_sequence([merge.score_blocks(p) for p in parts])
+
+
+def _merge_retrieve(rs, single, layout):
+    return rs[0][0] if single else rs[0]
+
+
+def _merge_search_neighbours(rs, hint, layout):
+    from ..index.retriever import Neighbour
+
+    return [[Neighbour(**n) for n in ns] for ns in rs[0]]
+
+
+# -------------------------------------------------------------------------- routes: which server to ask
+
+def _route_rank(req: npb.GetDocByRankRequest, s: int, layout: ShardLayout):
+    k, local = layout.by_shard(s)
+    out = npb.GetDocByRankRequest()
+    out.CopyFrom(req)
+    out.s = local
+    return k, out
+
+
+def _route_ix(req: npb.GetDocByIxRequest, doc_ix: int, layout: ShardLayout):
+    k, local = layout.by_doc(doc_ix)
+    out = npb.GetDocByIxRequest()
+    out.CopyFrom(req)
+    out.doc_ix = local
+    return k, out
+
+
+# --------------------------------------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class Rpc:
+    """One client method. `ask`: "all" (every server, results merged), "first" (the first server),
+    "route" (the one server `route(request, hint, layout)` picks, with its own request), "stream" (a
+    server-streaming RPC read to the end from every server; `response` per message, `merge` over the lists),
+    "iter" (a server-streaming RPC from one server, each message as it arrives)."""
+
+    rpc: str                                   # the gRPC method
+    request: Callable[..., tuple[Any, Any]]    # the method's arguments -> (request message, hint for merge/route)
+    response: Callable[[Any], Any]             # one server's answer (or streamed message) -> the engine's result
+    merge: Callable[[list, Any, ShardLayout | None], Any] | None   # results of the servers asked -> one
+    session: bool = False                      # a small call that may go over the Session stream
+    ask: str = "all"
+    route: Callable | None = None
+    layout: bool = False                       # the merge needs the servers' layout (when there are several)
+    doc: str = ""
+    name: str = ""                             # the client method (set from the table's key)
+
+
+NGRAM_METHODS: dict[str, Rpc] = {
+    "count": Rpc("Count", _count, count_dict, _each(merge.count), session=True,
+                 doc="{'count', 'approx'} (and 'tokens' for a text, tokenized by the server)"),
+    "count_many": Rpc("CountMany", _count_many, lambda r: list(r.counts), _each(merge.count_many),
+                      doc="Counts of many sequences (token ids; texts allowed too) in one call per server."),
+    "count_cnf": Rpc("CountCnf", _count_cnf, count_dict, _each(merge.count)),
+    "prob": Rpc("Prob", _prob, prob_dict, _each(merge.prob), session=True),
+    "ntd": Rpc("Ntd", _ntd, ntd_dict, _each(merge.ntd), session=True),
+    "infgram_prob": Rpc("InfgramProb", _prob, infgram_prob_dict, _each(merge.infgram_prob), session=True),
+    "infgram_ntd": Rpc("InfgramNtd", _ntd, infgram_ntd_dict, _each(merge.infgram_ntd), session=True),
+    "search_docs": Rpc("SearchDocs", _search_docs, search_dict, _merge_search, layout=True),
+    "search_docs_cnf": Rpc("SearchDocsCnf", _search_docs_cnf, search_dict, _merge_search, layout=True),
+    "get_doc_by_rank": Rpc("GetDocByRank", _get_doc_by_rank, doc_dict, _merge_doc_by_rank, ask="route",
+                           route=_route_rank),
+    "get_doc_by_ix": Rpc("GetDocByIx", _get_doc_by_ix, doc_dict, _merge_doc_by_ix, ask="route", route=_route_ix),
+    "score_sequence": Rpc("ScoreSequence", _score_sequence, score_block_dict, _merge_score, ask="stream",
+                          doc="∞-gram probability of every token given all before it: {'prob', 'suffix_len', "
+                              "'prompt_cnt', 'cont_cnt', 'tokens'}, one entry per position (streamed from the "
+                              "server in blocks)."),
+    "iter_score_sequence": Rpc("ScoreSequence", _score_sequence, score_block_dict, None, ask="iter",
+                               doc="The blocks of ScoreSequence as they arrive (one server only), each a dict "
+                                   "with 'offset'."),
+    "tokenize": Rpc("Tokenize", _tokenize, lambda r: list(r.ids), _first, ask="first",
+                    doc="The token ids of a text with the index's tokenizer (asked of the first server)."),
+    "decode": Rpc("Detokenize", _decode, lambda r: r.texts[0], _first, ask="first"),
+    "info": Rpc("Info", _info, info_dict, _all, doc="Each server's IndexInfo, as dicts."),
+}
+
+RETRIEVER_METHODS: dict[str, Rpc] = {
+    "retrieve": Rpc("Retrieve", _retrieve, neighbours_dicts, _merge_retrieve, ask="first",
+                    doc="Neighbours of one query (a list of dicts, best first) or of a batch (a list of such "
+                        "lists), as `Retriever.search(...)` gives them (Neighbour.to_dict()). A query is a text, "
+                        "token ids, or an embedding (a float numpy vector, or ('embedding', values)). "
+                        "exclude_doc: one document id for every query, or one id (or None) per query; "
+                        "exclude_docs: ids left out for every query."),
+    "search": Rpc("Retrieve", _search, neighbours_dicts, _merge_search_neighbours, ask="first",
+                  doc="`Retriever.search` over gRPC: one list of `retrogram.index.retriever.Neighbour` per "
+                      "query text."),
+    "info": Rpc("Info", _info, info_dict, _all, doc="The server's IndexInfo, as a dict in a list."),
+}
+
+
+def _signature(build: Callable) -> inspect.Signature:
+    """The client method's signature: self, the builder's parameters, a keyword-only timeout."""
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD), *inspect.signature(build).parameters.values(),
+              P("timeout", P.KEYWORD_ONLY, default=None)]
+    return inspect.Signature(params)
+
+
+def _method(name: str, m: Rpc, ask: Callable, aio: bool) -> Callable:
+    """The client method of one row: build the request from the arguments, then the base's runner for its
+    kind of ask (`_ask_all`, ...)."""
+    build = m.request
+    if aio and m.ask != "iter":
+        async def method(self, *args, timeout=None, **kw):
+            req, hint = build(*args, **kw)
+            return await ask(self, m, req, hint, timeout)
+    else:   # sync, or an async iterator (returned, not awaited)
+        def method(self, *args, timeout=None, **kw):
+            req, hint = build(*args, **kw)
+            return ask(self, m, req, hint, timeout)
+    method.__name__ = name
+    method.__doc__ = m.doc or f"`Engine.{name}` over gRPC ({m.rpc})."
+    method.__signature__ = _signature(build)
+    return method
+
+
+def _attach(cls, table: dict[str, Rpc], aio: bool) -> None:
+    """One method on cls per row of the table."""
+    for name, m in table.items():
+        fn = _method(name, replace(m, name=name), getattr(cls, f"_ask_{m.ask}"), aio)
+        fn.__qualname__ = f"{cls.__name__}.{name}"
+        setattr(cls, name, fn)
+
+
 # ----------------------------------------------------------------------------------------- sessions
 # Small calls made one after another go over one long-lived Session stream per server (protos/common.proto):
 # with grpcio a message on an open stream costs about half of a unary call's round trip (no call set-up,
@@ -406,7 +554,6 @@ def retrieve_query_msg(q: Any, exclude_doc: int | None = None) -> rpb.RetrieveQu
 # going away, too many sessions, an old server without Session) sends the call again as a unary call, with
 # its retries and errors; every call is a read, so sending twice is safe.
 
-SESSION_MIN_TIMEOUT_S = 1.0      # calls with shorter deadlines go unary (the sync watchdog's granularity)
 SESSION_RETRY_S = 1.0            # after a session fails, unary calls only for this long
 _CLOSE = object()
 
@@ -515,12 +662,9 @@ class _AsyncSession:
         self._call.cancel()
 
 
-_CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
-
-
 def _session_answer(target: str, method: str, resp: cpb.SessionResponse, response_cls):
     if resp.code:
-        raise ServiceError(target, method, _CODE_BY_VALUE.get(resp.code, grpc.StatusCode.UNKNOWN), resp.message)
+        raise ServiceError(target, method, CODE_BY_VALUE.get(resp.code, grpc.StatusCode.UNKNOWN), resp.message)
     return response_cls.FromString(resp.response)
 
 
@@ -533,33 +677,58 @@ def _response_classes(service_descriptor) -> dict:
 # -------------------------------------------------------------------------------------------- base
 
 class _Base:
+    """Channels, stubs and sessions to the servers of one service. A subclass names its service and table:
+    `class NgramClient(_SyncBase, service=..., stub=..., table=NGRAM_METHODS)`."""
+
+    service_name = ""
+    session_methods: frozenset = frozenset()
+    response_classes: dict = {}
+    stub_class: Any = None
+    max_servers: int | None = None
+    aio = False
+
+    def __init_subclass__(cls, service=None, stub=None, table: dict[str, Rpc] | None = None,
+                          max_servers: int | None = None, **kw):
+        super().__init_subclass__(**kw)
+        if service is not None:
+            cls.service_name = service.full_name
+            cls.response_classes = _response_classes(service)
+            cls.stub_class = stub
+            cls.max_servers = max_servers
+        if table is not None:
+            names = {m.name for m in service.methods} if service is not None else None
+            bad = sorted(m.rpc for m in table.values() if names is not None and m.rpc not in names)
+            if bad:
+                raise TypeError(f"{cls.__name__}: {', '.join(bad)} not methods of {cls.service_name}")
+            # the per-token queries a decoder or a scoring loop makes one after another
+            cls.session_methods = frozenset(m.rpc for m in table.values() if m.session)
+            _attach(cls, table, cls.aio)
+
     def __init__(self, targets: str | Sequence[str], *, api_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
                  tls: bool = False, root_certificates: bytes | str | Path | None = None,
                  client_cert: tuple[bytes, bytes] | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 retries: bool = True, wait_for_ready: bool = False, server_name: str | None = None, aio: bool = False,
+                 retries: bool = True, wait_for_ready: bool = False, server_name: str | None = None,
                  sessions: bool = True):
         self.targets = [parse_target(t) for t in ([targets] if isinstance(targets, str) else list(targets))]
         if not self.targets:
             raise UserError("no server given")
+        if self.max_servers is not None and len(self.targets) > self.max_servers:
+            raise UserError(f"{type(self).__name__} takes one server")
         if isinstance(root_certificates, (str, Path)):
             root_certificates = Path(root_certificates).read_bytes()
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
         self.metadata = ((API_KEY_HEADER, api_key),) if api_key else None
         self.channels = [make_channel(t, tls=tls, root_certificates=root_certificates, client_cert=client_cert,
-                                      aio=aio, max_message_bytes=max_message_bytes, retries=retries,
+                                      aio=self.aio, max_message_bytes=max_message_bytes, retries=retries,
                                       server_name=server_name) for t in self.targets]
-        self._layout: _Layout | None = None
+        self.stubs = [self.stub_class(c) for c in self.channels]
+        self._layout: ShardLayout | None = None
         # small calls to one server go over a Session stream (see "sessions" above); sessions=False: never
         self.use_sessions = sessions
         self._sessions: list = [None] * len(self.targets)
         self._session_retry_at = [0.0] * len(self.targets)
         self._session_lock = threading.Lock()
-
-    # set by subclasses: the service's full name, the methods sent over a session, response classes
-    service_name = ""
-    session_methods: frozenset = frozenset()
-    response_classes: dict = {}
 
     def _session_for(self, k: int, method: str, timeout: float | None, make):
         """Server k's session for this call, or None when the call should be a unary one."""
@@ -574,7 +743,8 @@ class _Base:
             with self._session_lock:
                 s = self._sessions[k]
                 if s is None:
-                    s = self._sessions[k] = make(self.channels[k], f"/{self.service_name}/Session", self.metadata)
+                    s = self._sessions[k] = make(self.channels[k], f"/{self.service_name}/{SESSION_METHOD}",
+                                                 self.metadata)
         return s
 
     def _session_failed(self, k: int, s, exc: BaseException, method: str, timeout: float | None) -> None:
@@ -604,8 +774,15 @@ class _Base:
             kw["wait_for_ready"] = True
         return kw
 
+    def _one_server(self, m: Rpc) -> None:
+        if len(self.stubs) != 1:
+            merged = m.name.removeprefix("iter_")
+            raise UserError(f"{m.name} streams from one server; use {merged} with several")
+
 
 class _SyncBase(_Base):
+    # -- one call
+
     def _call(self, k: int, method: str, request, timeout=None):
         t = self.timeout if timeout is None else timeout
         s = self._session_for(k, method, t, _SyncSession)
@@ -637,25 +814,40 @@ class _SyncBase(_Base):
                 raise _error(self.targets[k], method, e) from None
         return out
 
-    def _stream(self, k: int, method: str, request, timeout=None) -> list:
+    def _stream(self, k: int, method: str, request, timeout=None):
         try:
-            return list(getattr(self.stubs[k], method)(request, **self._kw(timeout)))
+            yield from getattr(self.stubs[k], method)(request, **self._kw(timeout))
         except grpc.RpcError as e:
             raise _error(self.targets[k], method, e) from None
 
-    def info(self) -> list[dict]:
-        """Each server's IndexInfo, as dicts."""
-        from google.protobuf.json_format import MessageToDict
+    # -- the kinds of ask (Rpc.ask)
 
-        return [MessageToDict(i, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-                for i in self._infos()]
+    def _ask_all(self, m: Rpc, req, hint, timeout):
+        conv = m.response
+        rs = [conv(a) for a in self._call_all(m.rpc, req, timeout)]
+        return m.merge(rs, hint, self.layout() if m.layout and len(rs) > 1 else None)
 
-    def _infos(self) -> list[cpb.IndexInfo]:
-        return self._call_all("Info", cpb.InfoRequest())
+    def _ask_first(self, m: Rpc, req, hint, timeout):
+        return m.merge([m.response(self._call(0, m.rpc, req, timeout))], hint, None)
 
-    def layout(self) -> _Layout:
+    def _ask_route(self, m: Rpc, req, hint, timeout):
+        layout = self.layout() if len(self.stubs) > 1 else None
+        k, req = m.route(req, hint, layout) if layout else (0, req)
+        return m.merge([m.response(self._call(k, m.rpc, req, timeout))], hint, layout)
+
+    def _ask_stream(self, m: Rpc, req, hint, timeout):
+        conv = m.response
+        parts = [[conv(x) for x in self._stream(k, m.rpc, req, timeout)] for k in range(len(self.stubs))]
+        return m.merge(parts, hint, None)
+
+    def _ask_iter(self, m: Rpc, req, hint, timeout):
+        self._one_server(m)
+        conv = m.response
+        return (conv(x) for x in self._stream(0, m.rpc, req, timeout))
+
+    def layout(self) -> ShardLayout:
         if self._layout is None:
-            self._layout = _Layout(self._infos())
+            self._layout = layout_of(self.info())
         return self._layout
 
     def close(self) -> None:
@@ -671,8 +863,7 @@ class _SyncBase(_Base):
 
 
 class _AsyncBase(_Base):
-    def __init__(self, targets, **kw):
-        super().__init__(targets, aio=True, **kw)
+    aio = True
 
     async def _call(self, k: int, method: str, request, timeout=None):
         t = self.timeout if timeout is None else timeout
@@ -695,24 +886,48 @@ class _AsyncBase(_Base):
             return [await self._call(0, method, request, timeout)]
         return list(await asyncio.gather(*(self._call(k, method, request, timeout) for k in range(len(self.stubs)))))
 
-    async def _stream(self, k: int, method: str, request, timeout=None) -> list:
+    async def _stream(self, k: int, method: str, request, timeout=None):
         try:
-            return [m async for m in getattr(self.stubs[k], method)(request, **self._kw(timeout))]
+            async for x in getattr(self.stubs[k], method)(request, **self._kw(timeout)):
+                yield x
         except grpc.RpcError as e:
             raise _error(self.targets[k], method, e) from None
 
-    async def _infos(self) -> list[cpb.IndexInfo]:
-        return await self._call_all("Info", cpb.InfoRequest())
+    async def _ask_all(self, m: Rpc, req, hint, timeout):
+        conv = m.response
+        rs = [conv(a) for a in await self._call_all(m.rpc, req, timeout)]
+        return m.merge(rs, hint, await self.layout() if m.layout and len(rs) > 1 else None)
 
-    async def info(self) -> list[dict]:
-        from google.protobuf.json_format import MessageToDict
+    async def _ask_first(self, m: Rpc, req, hint, timeout):
+        return m.merge([m.response(await self._call(0, m.rpc, req, timeout))], hint, None)
 
-        return [MessageToDict(i, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-                for i in await self._infos()]
+    async def _ask_route(self, m: Rpc, req, hint, timeout):
+        layout = await self.layout() if len(self.stubs) > 1 else None
+        k, req = m.route(req, hint, layout) if layout else (0, req)
+        return m.merge([m.response(await self._call(k, m.rpc, req, timeout))], hint, layout)
 
-    async def layout(self) -> _Layout:
+    async def _ask_stream(self, m: Rpc, req, hint, timeout):
+        conv = m.response
+
+        async def read(k):
+            return [conv(x) async for x in self._stream(k, m.rpc, req, timeout)]
+
+        parts = await asyncio.gather(*(read(k) for k in range(len(self.stubs))))
+        return m.merge(list(parts), hint, None)
+
+    def _ask_iter(self, m: Rpc, req, hint, timeout):
+        self._one_server(m)
+        conv = m.response
+
+        async def blocks():
+            async for x in self._stream(0, m.rpc, req, timeout):
+                yield conv(x)
+
+        return blocks()
+
+    async def layout(self) -> ShardLayout:
         if self._layout is None:
-            self._layout = _Layout(await self._infos())
+            self._layout = layout_of(await self.info())
         return self._layout
 
     async def close(self) -> None:
@@ -727,254 +942,30 @@ class _AsyncBase(_Base):
         await self.close()
 
 
-# ------------------------------------------------------------------------------------------- n-gram
+# ------------------------------------------------------------------------------------------- clients
 
-class _NgramService:
-    """What the sync and async n-gram clients share: the service, its stubs, the calls sent over a session."""
-
-    service_name = npb.DESCRIPTOR.services_by_name["NgramService"].full_name
-    # the per-token queries a decoder or a scoring loop makes one after another
-    session_methods = frozenset({"Count", "Prob", "InfgramProb", "Ntd", "InfgramNtd"})
-    response_classes = _response_classes(npb.DESCRIPTOR.services_by_name["NgramService"])
-
-    def __init__(self, targets: str | Sequence[str], **kw):
-        super().__init__(targets, **kw)
-        self.stubs = [ngrpc.NgramServiceStub(c) for c in self.channels]
+_NGRAM = npb.DESCRIPTOR.services_by_name["NgramService"]
+_RETRIEVER = rpb.DESCRIPTOR.services_by_name["RetrieverService"]
 
 
-class NgramClient(_NgramService, _SyncBase):
-    """The n-gram engine over gRPC (one server, or several shard servers whose answers are combined)."""
-
-    def count(self, input_ids, timeout=None) -> dict:
-        return _merge_count(self._call_all("Count", npb.CountRequest(query=query_msg(input_ids)), timeout), input_ids)
-
-    def count_many(self, list_of_ids, timeout=None) -> list[int]:
-        """Counts of many sequences (token ids; texts allowed too) in one call per server."""
-        return _merge_count_many(self._call_all("CountMany", _count_many_req(list_of_ids), timeout))
-
-    def count_cnf(self, cnf, max_clause_freq=None, max_diff_tokens=None, timeout=None) -> dict:
-        req = npb.CountCnfRequest(cnf=cnf_msg(cnf), **_opt(max_clause_freq=max_clause_freq, max_diff_tokens=max_diff_tokens))
-        return _merge_count(self._call_all("CountCnf", req, timeout))
-
-    def prob(self, prompt_ids, cont_id: int, timeout=None) -> dict:
-        req = npb.ProbRequest(prompt=query_msg(prompt_ids), cont_id=int(cont_id))
-        return _merge_prob(self._call_all("Prob", req, timeout))
-
-    def ntd(self, prompt_ids, max_support=None, timeout=None) -> dict:
-        req = npb.NtdRequest(prompt=query_msg(prompt_ids), **_opt(max_support=max_support))
-        return _merge_ntd(self._call_all("Ntd", req, timeout))
-
-    def infgram_prob(self, prompt_ids, cont_id: int, timeout=None) -> dict:
-        req = npb.ProbRequest(prompt=query_msg(prompt_ids), cont_id=int(cont_id))
-        return _merge_infgram_prob(self._call_all("InfgramProb", req, timeout))
-
-    def infgram_ntd(self, prompt_ids, max_support=None, timeout=None) -> dict:
-        req = npb.NtdRequest(prompt=query_msg(prompt_ids), **_opt(max_support=max_support))
-        return _merge_infgram_ntd(self._call_all("InfgramNtd", req, timeout))
-
-    def search_docs(self, input_ids, maxnum=None, max_disp_len=None, timeout=None) -> dict:
-        req = npb.SearchDocsRequest(query=query_msg(input_ids), **_opt(maxnum=maxnum, max_disp_len=max_disp_len))
-        rs = self._call_all("SearchDocs", req, timeout)
-        return _merge_search(rs, self.layout() if len(rs) > 1 else None, maxnum)
-
-    def search_docs_cnf(self, cnf, maxnum=None, max_disp_len=None, max_clause_freq=None, max_diff_tokens=None,
-                        timeout=None) -> dict:
-        req = npb.SearchDocsCnfRequest(cnf=cnf_msg(cnf), **_opt(maxnum=maxnum, max_disp_len=max_disp_len,
-                                       max_clause_freq=max_clause_freq, max_diff_tokens=max_diff_tokens))
-        rs = self._call_all("SearchDocsCnf", req, timeout)
-        return _merge_search(rs, self.layout() if len(rs) > 1 else None, maxnum)
-
-    def get_doc_by_rank(self, s: int, rank: int, max_disp_len=None, timeout=None) -> dict:
-        k, local = self.layout().by_shard(s) if len(self.stubs) > 1 else (0, s)
-        req = npb.GetDocByRankRequest(s=local, rank=rank, **_opt(max_disp_len=max_disp_len))
-        off = self.layout().doc_offsets[k] if len(self.stubs) > 1 else 0
-        return doc_dict(self._call(k, "GetDocByRank", req, timeout), off)
-
-    def get_doc_by_ix(self, doc_ix: int, max_disp_len=None, timeout=None) -> dict:
-        k, local = self.layout().by_doc(doc_ix) if len(self.stubs) > 1 else (0, doc_ix)
-        req = npb.GetDocByIxRequest(doc_ix=local, **_opt(max_disp_len=max_disp_len))
-        off = self.layout().doc_offsets[k] if len(self.stubs) > 1 else 0
-        return doc_dict(self._call(k, "GetDocByIx", req, timeout), off)
-
-    def score_sequence(self, input_ids, block_size: int = 0, timeout=None) -> dict:
-        """∞-gram probability of every token given all before it: {"prob", "suffix_len", "prompt_cnt",
-        "cont_cnt", "tokens"}, one entry per position (streamed from the server in blocks)."""
-        req = npb.ScoreSequenceRequest(query=query_msg(input_ids), block_size=block_size)
-        return _merge_score([self._stream(k, "ScoreSequence", req, timeout) for k in range(len(self.stubs))])
-
-    def tokenize(self, text: str, timeout=None) -> list[int]:
-        """The token ids of a text with the index's tokenizer (asked of the first server)."""
-        if not isinstance(text, str):
-            raise UserError(f"text: expected a string, got {type(text).__name__}")
-        r = self._call(0, "Tokenize", npb.TokenizeRequest(texts=[text]), timeout)
-        return list(r.ids)
-
-    def decode(self, ids, timeout=None) -> str:
-        ids = [int(t) for t in ids]
-        r = self._call(0, "Detokenize", cpb.PackedQueries(ids=ids, lengths=[len(ids)]), timeout)
-        return r.texts[0]
-
-    def iter_score_sequence(self, input_ids, block_size: int = 0, timeout=None):
-        """The blocks of ScoreSequence as they arrive (one server only), each a dict with 'offset'."""
-        if len(self.stubs) != 1:
-            raise UserError("iter_score_sequence streams from one server; use score_sequence with several")
-        req = npb.ScoreSequenceRequest(query=query_msg(input_ids), block_size=block_size)
-        try:
-            for ch in self.stubs[0].ScoreSequence(req, **self._kw(timeout)):
-                yield {"offset": ch.offset, "prob": list(ch.prob), "suffix_len": list(ch.suffix_len),
-                       "prompt_cnt": list(ch.prompt_cnt), "cont_cnt": list(ch.cont_cnt), "tokens": list(ch.tokens)}
-        except grpc.RpcError as e:
-            raise _error(self.targets[0], "ScoreSequence", e) from None
+class NgramClient(_SyncBase, service=_NGRAM, stub=ngrpc.NgramServiceStub, table=NGRAM_METHODS):
+    """The n-gram engine over gRPC (one server, or several shard servers whose answers are combined):
+    the methods of NGRAM_METHODS, with Engine's arguments and results (retrogram.ngram.api.NgramQueries)."""
 
 
-def _count_many_req(list_of_ids) -> npb.CountManyRequest:
-    seqs = list_of_ids
-    if any(isinstance(q, str) for q in seqs):
-        return npb.CountManyRequest(queries=[query_msg(q) for q in seqs])
-    return npb.CountManyRequest(packed=packed_msg(seqs))
+class AsyncNgramClient(_AsyncBase, service=_NGRAM, stub=ngrpc.NgramServiceStub, table=NGRAM_METHODS):
+    """NgramClient's methods as coroutines (grpc.aio); same arguments and results
+    (retrogram.ngram.api.AsyncNgramQueries). iter_score_sequence is an async iterator."""
 
 
-class AsyncNgramClient(_NgramService, _AsyncBase):
-    """NgramClient's methods as coroutines (grpc.aio); same arguments and results."""
-
-    async def count(self, input_ids, timeout=None) -> dict:
-        return _merge_count(await self._call_all("Count", npb.CountRequest(query=query_msg(input_ids)), timeout), input_ids)
-
-    async def count_many(self, list_of_ids, timeout=None) -> list[int]:
-        return _merge_count_many(await self._call_all("CountMany", _count_many_req(list_of_ids), timeout))
-
-    async def count_cnf(self, cnf, max_clause_freq=None, max_diff_tokens=None, timeout=None) -> dict:
-        req = npb.CountCnfRequest(cnf=cnf_msg(cnf), **_opt(max_clause_freq=max_clause_freq, max_diff_tokens=max_diff_tokens))
-        return _merge_count(await self._call_all("CountCnf", req, timeout))
-
-    async def prob(self, prompt_ids, cont_id: int, timeout=None) -> dict:
-        req = npb.ProbRequest(prompt=query_msg(prompt_ids), cont_id=int(cont_id))
-        return _merge_prob(await self._call_all("Prob", req, timeout))
-
-    async def ntd(self, prompt_ids, max_support=None, timeout=None) -> dict:
-        req = npb.NtdRequest(prompt=query_msg(prompt_ids), **_opt(max_support=max_support))
-        return _merge_ntd(await self._call_all("Ntd", req, timeout))
-
-    async def infgram_prob(self, prompt_ids, cont_id: int, timeout=None) -> dict:
-        req = npb.ProbRequest(prompt=query_msg(prompt_ids), cont_id=int(cont_id))
-        return _merge_infgram_prob(await self._call_all("InfgramProb", req, timeout))
-
-    async def infgram_ntd(self, prompt_ids, max_support=None, timeout=None) -> dict:
-        req = npb.NtdRequest(prompt=query_msg(prompt_ids), **_opt(max_support=max_support))
-        return _merge_infgram_ntd(await self._call_all("InfgramNtd", req, timeout))
-
-    async def search_docs(self, input_ids, maxnum=None, max_disp_len=None, timeout=None) -> dict:
-        req = npb.SearchDocsRequest(query=query_msg(input_ids), **_opt(maxnum=maxnum, max_disp_len=max_disp_len))
-        rs = await self._call_all("SearchDocs", req, timeout)
-        return _merge_search(rs, await self.layout() if len(rs) > 1 else None, maxnum)
-
-    async def search_docs_cnf(self, cnf, maxnum=None, max_disp_len=None, max_clause_freq=None, max_diff_tokens=None,
-                              timeout=None) -> dict:
-        req = npb.SearchDocsCnfRequest(cnf=cnf_msg(cnf), **_opt(maxnum=maxnum, max_disp_len=max_disp_len,
-                                       max_clause_freq=max_clause_freq, max_diff_tokens=max_diff_tokens))
-        rs = await self._call_all("SearchDocsCnf", req, timeout)
-        return _merge_search(rs, await self.layout() if len(rs) > 1 else None, maxnum)
-
-    async def get_doc_by_rank(self, s: int, rank: int, max_disp_len=None, timeout=None) -> dict:
-        lay = await self.layout() if len(self.stubs) > 1 else None
-        k, local = lay.by_shard(s) if lay else (0, s)
-        req = npb.GetDocByRankRequest(s=local, rank=rank, **_opt(max_disp_len=max_disp_len))
-        return doc_dict(await self._call(k, "GetDocByRank", req, timeout), lay.doc_offsets[k] if lay else 0)
-
-    async def get_doc_by_ix(self, doc_ix: int, max_disp_len=None, timeout=None) -> dict:
-        lay = await self.layout() if len(self.stubs) > 1 else None
-        k, local = lay.by_doc(doc_ix) if lay else (0, doc_ix)
-        req = npb.GetDocByIxRequest(doc_ix=local, **_opt(max_disp_len=max_disp_len))
-        return doc_dict(await self._call(k, "GetDocByIx", req, timeout), lay.doc_offsets[k] if lay else 0)
-
-    async def tokenize(self, text: str, timeout=None) -> list[int]:
-        if not isinstance(text, str):
-            raise UserError(f"text: expected a string, got {type(text).__name__}")
-        return list((await self._call(0, "Tokenize", npb.TokenizeRequest(texts=[text]), timeout)).ids)
-
-    async def decode(self, ids, timeout=None) -> str:
-        ids = [int(t) for t in ids]
-        return (await self._call(0, "Detokenize", cpb.PackedQueries(ids=ids, lengths=[len(ids)]), timeout)).texts[0]
-
-    async def score_sequence(self, input_ids, block_size: int = 0, timeout=None) -> dict:
-        req = npb.ScoreSequenceRequest(query=query_msg(input_ids), block_size=block_size)
-        parts = await asyncio.gather(*(self._stream(k, "ScoreSequence", req, timeout) for k in range(len(self.stubs))))
-        return _merge_score(list(parts))
-
-
-# ---------------------------------------------------------------------------------------- retriever
-
-def _is_single(q) -> bool:
-    if isinstance(q, (str, rpb.RetrieveQuery)):
-        return True
-    if isinstance(q, tuple) and len(q) == 2 and q[0] in ("embedding", "ids", "text"):
-        return True
-    if hasattr(q, "ndim"):
-        return q.ndim == 1
-    return bool(len(q)) and not isinstance(q[0], (str, tuple, list, rpb.RetrieveQuery)) and not hasattr(q[0], "ndim")
-
-
-def _retrieve_req(queries, k, exclude_doc, exclude_docs, omit_text) -> tuple[rpb.RetrieveRequest, bool]:
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise UserError(f"k {k!r}: expected a positive number of neighbours")
-    single = _is_single(queries)
-    qs = [queries] if single else list(queries)
-    if exclude_doc is None or isinstance(exclude_doc, int):
-        per = [exclude_doc] * len(qs)
-    else:
-        per = list(exclude_doc)
-        if len(per) != len(qs):
-            raise UserError(f"exclude_doc: {len(per)} entries for {len(qs)} queries (one id or None per query)")
-    req = rpb.RetrieveRequest(queries=[retrieve_query_msg(q, e) for q, e in zip(qs, per)], k=k or 0,
-                              exclude_docs=[int(d) for d in (exclude_docs or ())], omit_text=omit_text)
-    return req, single
-
-
-class RetrieverClient(_SyncBase):
+class RetrieverClient(_SyncBase, service=_RETRIEVER, stub=rgrpc.RetrieverServiceStub, table=RETRIEVER_METHODS,
+                      max_servers=1):
     """The chunk retriever over gRPC."""
 
-    def __init__(self, targets: str | Sequence[str], **kw):
-        super().__init__(targets, **kw)
-        if len(self.targets) != 1:
-            raise UserError("RetrieverClient takes one server")
-        self.stubs = [rgrpc.RetrieverServiceStub(c) for c in self.channels]
 
-    def retrieve(self, queries, k: int | None = None, exclude_doc=None, exclude_docs: Iterable[int] | None = None,
-                 omit_text: bool = False, timeout=None):
-        """Neighbours of one query (a list of dicts, best first) or of a batch (a list of such lists), as
-        `Retriever.search(...)` gives them (Neighbour.to_dict()). A query is a text, token ids, or an
-        embedding (a float numpy vector, or ("embedding", values)). exclude_doc: one document id for every
-        query, or one id (or None) per query; exclude_docs: ids left out for every query."""
-        req, single = _retrieve_req(queries, k, exclude_doc, exclude_docs, omit_text)
-        r = self._call(0, "Retrieve", req, timeout)
-        out = [[_neighbour(n) for n in ns.neighbours] for ns in r.results]
-        return out[0] if single else out
-
-    def search(self, queries, k: int = 2, exclude_doc=None, exclude_docs=None, timeout=None) -> list:
-        """`Retriever.search` over gRPC: one list of `retrogram.index.retriever.Neighbour` per query text."""
-        from ..index.retriever import Neighbour
-
-        qs = [queries] if isinstance(queries, str) else list(queries)
-        if any(not isinstance(q, str) for q in qs):
-            raise UserError("queries: expected texts")
-        res = self.retrieve([("text", q) for q in qs], k=k, exclude_doc=exclude_doc, exclude_docs=exclude_docs,
-                            timeout=timeout)
-        return [[Neighbour(**n) for n in ns] for ns in res]
-
-
-class AsyncRetrieverClient(_AsyncBase):
-    def __init__(self, targets: str | Sequence[str], **kw):
-        super().__init__(targets, **kw)
-        if len(self.targets) != 1:
-            raise UserError("AsyncRetrieverClient takes one server")
-        self.stubs = [rgrpc.RetrieverServiceStub(c) for c in self.channels]
-
-    async def retrieve(self, queries, k: int | None = None, exclude_doc=None, exclude_docs: Iterable[int] | None = None,
-                       omit_text: bool = False, timeout=None):
-        req, single = _retrieve_req(queries, k, exclude_doc, exclude_docs, omit_text)
-        r = await self._call(0, "Retrieve", req, timeout)
-        out = [[_neighbour(n) for n in ns.neighbours] for ns in r.results]
-        return out[0] if single else out
+class AsyncRetrieverClient(_AsyncBase, service=_RETRIEVER, stub=rgrpc.RetrieverServiceStub,
+                           table=RETRIEVER_METHODS, max_servers=1):
+    """RetrieverClient's methods as coroutines (grpc.aio)."""
 
 
 # ------------------------------------------------------------------------------------------- CLI hook
@@ -983,9 +974,7 @@ def connect(servers: str | Sequence[str], service: str = "ngram", **kw):
     """The client object the CLI uses in place of the engine for `--server`: NgramClient (same methods and
     result dicts as retrogram.ngram.Engine) or RetrieverClient. The API key comes from
     $RETROGRAM_API_KEY when set."""
-    import os
-
-    kw.setdefault("api_key", os.environ.get("RETROGRAM_API_KEY", "").split(",")[0].strip() or None)
+    kw.setdefault("api_key", env_api_key())
     if service == "ngram":
         return NgramClient(servers, **kw)
     if service == "retriever":
