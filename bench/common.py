@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import metadata
@@ -33,6 +34,17 @@ def log(*a) -> None:
     line = " ".join(str(x) for x in a)
     LOG.append(line)
     print(line, flush=True)
+
+
+def guarded(errors: list, name: str, fn, *a, **kw):
+    """fn(*a, **kw), or None when it raises: the error is logged and recorded in errors, since one failing
+    section must not cost the rest of a run."""
+    try:
+        return fn(*a, **kw)
+    except Exception as e:
+        log(f"!! {name} failed: {e!r}")
+        traceback.print_exc()
+        errors.append({"section": name, "error": repr(e), "trace": traceback.format_exc()[-3000:]})
 
 
 # ------------------------------------------------------------------------------------------------ CPU timers

@@ -13,10 +13,10 @@ caches), HiP prefill/decode, vertical-slash prefill and CCA. Prints a table; res
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import time
-import traceback
 
 import torch
 import triton
@@ -52,15 +52,9 @@ RESULTS: dict = {"checks": [], "prefill": [], "decode": [], "hip_prefill": [], "
 
 
 def guarded(name):
+    """A section whose failure is recorded in RESULTS["errors"] instead of ending the run."""
     def deco(fn):
-        def run(*a, **kw):
-            try:
-                return fn(*a, **kw)
-            except Exception as e:  # one failing section must not cost the rest of the run
-                log(f"!! {name} failed: {e!r}")
-                traceback.print_exc()
-                RESULTS["errors"].append({"section": name, "error": repr(e), "trace": traceback.format_exc()[-3000:]})
-        return run
+        return functools.wraps(fn)(lambda *a, **kw: common.guarded(RESULTS["errors"], name, fn, *a, **kw))
     return deco
 
 
@@ -139,15 +133,21 @@ SPARSE_CONFIGS = (
 )
 
 
+def sdpa_causal_ms(q, k, v):
+    """SDPA's time on the causal problem q, k, v [1, T, H, D]: the prefill section's when it timed this T."""
+    done = {r["T"]: r["sdpa_ms"] for r in RESULTS["prefill"]}
+    if q.shape[1] in done:
+        return done[q.shape[1]]
+    qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    return gpu_ms(lambda: sdpa_flash(qs, ks, vs, True))
+
+
 @guarded("sparse_prefill")
 def sparse_prefill(lens, H=32, D=128, configs=SPARSE_CONFIGS):
-    sdpa_ms = {r["T"]: r["sdpa_ms"] for r in RESULTS["prefill"]}
+    sdpa_ms = {}
     for T in lens:
         q, k, v = rnd(1, T, H, D), rnd(1, T, H, D), rnd(1, T, H, D)
-        if T not in sdpa_ms:
-            qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-            sdpa_ms[T] = gpu_ms(lambda: sdpa_flash(qs, ks, vs, True))
-            del qs, ks, vs
+        sdpa_ms[T] = sdpa_causal_ms(q, k, v)
         o = torch.empty_like(q)
         kend = prefill_kend(T, T, 64, True, DEV)
         nvis = ((kend + 63) // 64).float().sum().item() * H

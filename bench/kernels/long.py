@@ -337,14 +337,7 @@ def gpu_line() -> str:
 
 
 def guarded(name, fn, *a):
-    try:
-        return fn(*a)
-    except Exception as e:  # one failing section must not cost the rest of the run
-        import traceback
-
-        log(f"!! {name} failed: {e!r}")
-        traceback.print_exc()
-        LONG["errors"].append({"section": name, "error": repr(e), "trace": traceback.format_exc()[-3000:]})
+    return common.guarded(LONG["errors"], name, fn, *a)
 
 
 def main():

@@ -25,7 +25,7 @@ from bench import common
 from bench.common import gpu_ms, log
 from bench.kernels import attention as bk
 from bench.kernels.attention import RESULTS, guarded, rnd
-from bench.kernels.inputs import density_lists, sdpa_flash
+from bench.kernels.inputs import density_lists
 from retrogram.kernels import testing as kt
 from retrogram.kernels.block_sparse import block_sparse_attention, sampled_block_mass, topp_block_list
 from retrogram.kernels.flash_prefill import flash_prefill
@@ -42,17 +42,15 @@ def mass_checks(f=1):
 
 @guarded("mass_prefill")
 def mass_prefill(lens, H=32, D=128, densities=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4), caps=(64, 128, 256)):
-    sdpa_ms = {r["T"]: r["sdpa_ms"] for r in RESULTS["prefill"]}
+    sdpa_ms = {}
     for T in lens:
         q, k, v = rnd(1, T, H, D), rnd(1, T, H, D), rnd(1, T, H, D)
-        if T not in sdpa_ms:
-            qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-            sdpa_ms[T] = gpu_ms(lambda: sdpa_flash(qs, ks, vs, True))
+        sdpa_ms[T] = bk.sdpa_causal_ms(q, k, v)
+        row_fl = next((r["flash_ms"] for r in RESULTS["prefill"] if r["T"] == T), None)
+        if row_fl is None:
             fo = torch.empty_like(q)
             row_fl = gpu_ms(lambda: flash_prefill(q, k, v, causal=True, out=fo))
-            del qs, ks, vs, fo
-        else:
-            row_fl = next(r["flash_ms"] for r in RESULTS["prefill"] if r["T"] == T)
+            del fo
         row = {"T": T, "H": H, "D": D, "sdpa_ms": sdpa_ms[T], "flash_ms": row_fl}
         kend = prefill_kend(T, T, 64, True, bk.DEV)
         for rows in (2, 4):
