@@ -70,9 +70,9 @@ class Manifest:
 
     @property
     def token_dtype(self):
-        import numpy as np
+        from .tokenizer import TOKEN_DTYPES
 
-        return {1: np.uint8, 2: np.uint16, 4: np.uint32}[self.token_width]
+        return TOKEN_DTYPES[self.token_width]
 
     def to_json(self) -> dict:
         return {"format": FORMAT_NAME, "version": self.version, "tokenizer": self.tokenizer,

@@ -21,6 +21,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BYTES_MARKER = "retrogram_bytes_tokenizer.json"
 
 
+# Bytes per token -> the token stream's dtype (the width an index's manifest records; n-gram shards too).
+TOKEN_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
 def token_width_for(vocab_size: int) -> int:
     """Bytes per token in the token stream; the largest value of the width is the document separator."""
     if vocab_size <= 0xFF + 1:   # byte-level: 0xff never occurs in UTF-8, so it can still separate

@@ -34,10 +34,10 @@ from ..index.errors import IndexFormatError, UserError
 from ..index.handle import Index
 from ..index.store import open_store
 from ..index.stages.tokenize import DOC_OFFSETS, TOKENS_BIN, default_workers
-from . import kernels
-from .shards import pointer_size, separator, shard_ids
+from ..index.tokenizer import TOKEN_DTYPES
+from . import suffix_array
+from .shards import NGRAM_DIR, pointer_size, separator, shard_ids
 
-NGRAM_DIR = "ngram"
 BASE_BYTES = 400 << 20          # interpreter, numpy, numba in each building process
 PACK_CHUNK = 1 << 23            # suffix-array entries packed and written at a time
 INT32_LIMIT = (1 << 31) - 1     # libdivsufsort's 32-bit entries index up to this many bytes
@@ -115,7 +115,7 @@ def plan_shards(doc_offsets: np.ndarray, width: int, mem_bytes: int, workers: in
 def build_shard(index_dir: str, out_dir: str, plan: ShardPlan, width: int) -> dict:
     """Write tokenized.K, offset.K and table.K for one shard (runs in a worker process)."""
     t0 = time.perf_counter()
-    dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32}[width]
+    dtype = TOKEN_DTYPES[width]
     offsets = np.fromfile(Path(index_dir) / DOC_OFFSETS, dtype=np.uint64)[plan.doc_lo:plan.doc_hi + 1].astype(np.int64)
     n_docs = plan.doc_hi - plan.doc_lo
     first, last = int(offsets[0]), int(offsets[-1])
@@ -149,7 +149,7 @@ def write_table(out: Path, k: int, ds: np.ndarray) -> float:
     t0 = time.perf_counter()
     sa = divsufsort(raw)                        # int32 (int64 beyond 2 GiB) suffix array of the bytes
     seconds = time.perf_counter() - t0
-    kept = kernels.keep_aligned(sa, width) if width > 1 else len(sa)
+    kept = suffix_array.keep_aligned(sa, width) if width > 1 else len(sa)
     if kept != len(ds):
         raise AssertionError(f"suffix array of {len(ds)} tokens kept {kept} aligned suffixes")
     ps = pointer_size(len(raw))
@@ -157,7 +157,7 @@ def write_table(out: Path, k: int, ds: np.ndarray) -> float:
     with open(Path(out) / f"table.{k}", "wb") as f:
         for a in range(0, kept, PACK_CHUNK):
             chunk = sa[a:min(kept, a + PACK_CHUNK)]
-            kernels.pack_pointers(chunk, ps, buf)
+            suffix_array.pack_pointers(chunk, ps, buf)
             f.write(buf[:len(chunk) * ps].tobytes())
     return seconds
 
@@ -167,7 +167,7 @@ def write_shard(out: Path, k: int, docs: list[np.ndarray], width: int, metadata:
     table.K, and metadata.K/metaoff.K when `metadata` (one string per document, without newline) is given."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32}[width]
+    dtype = TOKEN_DTYPES[width]
     sep = separator(width)
     parts, offs, pos = [], [], 0
     for d in docs:

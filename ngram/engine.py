@@ -30,7 +30,7 @@ over several shards are added. Differences, all deliberate:
   text as typed. `tokenize` is the plain tokenizer.
 - `count_many` and `score_sequence` are ours (batched forms, one compiled call each).
 
-Opening an engine computes each shard's prefix buckets (kernels.prefix_buckets: the first suffix-array
+Opening an engine computes each shard's prefix buckets (suffix_array.prefix_buckets: the first suffix-array
 rank of every first token, 512 KiB) by galloping over the suffix array, ~0.2 s for a 16M-token shard;
 every search over a whole shard then starts in its query's bucket.
 
@@ -51,13 +51,13 @@ import numpy as np
 from ..index.errors import IndexFormatError, UserError
 from ..index.handle import Index
 from ..index.manifest import MANIFEST
-from . import kernels
-from .shards import DTYPE_NAMES, DTYPES, Shard, open_shards, separator, shard_table
+from ..index.tokenizer import TOKEN_DTYPES
+from . import suffix_array
+from .shards import DTYPE_NAMES, NGRAM_DIR, Shard, open_shards, separator, shard_table
 
 # Bounds on the tuning arguments (infini-gram's defaults in the middle of each range).
 LIMITS = {"max_support": (1, 1_000_000), "max_clause_freq": (1, 10_000_000), "max_diff_tokens": (1, 1_000_000),
           "maxnum": (1, 10_000), "max_disp_len": (1, 10_000_000)}
-NGRAM_DIR = "ngram"
 
 
 class QueryError(UserError):
@@ -211,9 +211,9 @@ class Engine:
             width = found
             self.shards += shards
         self.width = width
-        self.token_dtype = np.dtype(DTYPES[width]).newbyteorder("<")
+        self.token_dtype = np.dtype(TOKEN_DTYPES[width]).newbyteorder("<")
         self.sep = separator(width)
-        self._typecode = {1: "B", 2: "H", 4: "I"}[width]   # array.array codes of the token widths
+        self._typecode = self.token_dtype.char   # array.array's code of the width: B, H or I
         info = self.tokenizer_info or {}
         vocab = vocab_size if vocab_size is not None else info.get("vocab_size") or self.sep
         if isinstance(vocab, bool) or not isinstance(vocab, (int, np.integer)) or vocab < 1:
@@ -223,9 +223,9 @@ class Engine:
         eos = eos_token_id if eos_token_id is not None else info.get("eos_token_id")
         self.eos_token_id = int(eos) if eos is not None else self.sep
         self._table = shard_table(self.shards)
-        self._tok_cnt = int(self._table[:, kernels.TOK_CNT].sum())
-        self._doc_cnt = int(self._table[:, kernels.DOC_CNT].sum())
-        self._doc_base = np.concatenate([[0], np.cumsum(self._table[:, kernels.DOC_CNT])]).astype(np.int64)
+        self._tok_cnt = int(self._table[:, suffix_array.TOK_CNT].sum())
+        self._doc_cnt = int(self._table[:, suffix_array.DOC_CNT].sum())
+        self._doc_base = np.concatenate([[0], np.cumsum(self._table[:, suffix_array.DOC_CNT])]).astype(np.int64)
         self._tokenizer = None
         self._lock = threading.Lock()
 
@@ -250,6 +250,10 @@ class Engine:
         return Path(d), Path(d), None
 
     # -- argument checks (the boundary) ---------------------------------------------------------------
+
+    def _arg(self, name: str, value: Any) -> int:
+        """A tuning argument of a query (max_support, maxnum, ...): the engine's default when None, else checked."""
+        return getattr(self, name) if value is None else _check_int(name, value)
 
     def _bad_id(self, name: str, bad: int) -> QueryError:
         what = "the document separator" if bad == self.sep else f"outside the vocabulary [0, {self.vocab_size})"
@@ -317,13 +321,13 @@ class Engine:
         """{'count': occurrences of the sequence, 'approx': False}."""
         q = self._ids("input_ids", input_ids)
         self._not_longer_than_corpus("input_ids", q)
-        return {"count": int(kernels.count(self._table, q)), "approx": False}
+        return {"count": int(suffix_array.count(self._table, q)), "approx": False}
 
     def find(self, input_ids) -> dict:
         """{'cnt': count, 'segment_by_shard': [(start, end) rank range in each shard's suffix array]}."""
         q = self._ids("input_ids", input_ids)
         self._not_longer_than_corpus("input_ids", q)
-        cnt, seg = kernels.find(self._table, q)
+        cnt, seg = suffix_array.find(self._table, q)
         return {"cnt": int(cnt), "segment_by_shard": [(int(a), int(b)) for a, b in seg]}
 
     def count_many(self, list_of_ids: Iterable) -> np.ndarray:
@@ -332,7 +336,7 @@ class Engine:
         if not isinstance(list_of_ids, (list, tuple)):
             raise QueryError(f"list_of_ids: expected a list of token-id lists, got {type(list_of_ids).__name__}")
         flat, offsets = self._many_ids("list_of_ids", list_of_ids)
-        return kernels.count_many(self._table, flat, offsets)
+        return suffix_array.count_many(self._table, flat, offsets)
 
     def count_packed(self, ids, lengths) -> np.ndarray:
         """count_many over queries packed in two flat arrays: query i is ids[sum(lengths[:i]) :
@@ -355,7 +359,7 @@ class Engine:
         offsets = np.zeros(lengths.size + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         offsets *= self.width
-        return kernels.count_many(self._table, ids.astype(self.token_dtype).view(np.uint8), offsets)
+        return suffix_array.count_many(self._table, ids.astype(self.token_dtype).view(np.uint8), offsets)
 
     def _many_ids(self, name: str, list_of_ids: list | tuple) -> tuple[np.ndarray, np.ndarray]:
         """Many queries -> (their bytes concatenated, byte offsets [n + 1]). Lists of ints are converted
@@ -383,7 +387,7 @@ class Engine:
         does not occur)."""
         q = np.concatenate([self._ids("prompt_ids", prompt_ids, allow_empty=True), self._cont(cont_id)])
         self._not_longer_than_corpus("prompt_ids", q[:-self.width])
-        prompt_cnt, cont_cnt = kernels.prob(self._table, q, self.width)
+        prompt_cnt, cont_cnt = suffix_array.prob(self._table, q, self.width)
         return {"prompt_cnt": int(prompt_cnt), "cont_cnt": int(cont_cnt),
                 "prob": cont_cnt / prompt_cnt if prompt_cnt else -1.0}
 
@@ -393,25 +397,25 @@ class Engine:
     def ntd(self, prompt_ids, max_support: int | None = None) -> dict:
         """{'prompt_cnt', 'result_by_token_id': {token id: {'cont_cnt', 'prob'}}, 'approx'}: the
         distribution of the token after the prompt (end of document reported as eos_token_id)."""
-        max_support = self.max_support if max_support is None else _check_int("max_support", max_support)
+        max_support = self._arg("max_support", max_support)
         q = self._ids("prompt_ids", prompt_ids, allow_empty=True)
         self._not_longer_than_corpus("prompt_ids", q)
-        cnt, approx, toks, cnts = kernels.ntd(self._table, q, self.width, max_support, self.eos_token_id, self.sep)
+        cnt, approx, toks, cnts = suffix_array.ntd(self._table, q, self.width, max_support, self.eos_token_id, self.sep)
         return {"prompt_cnt": int(cnt), "result_by_token_id": self._dist(toks, cnts, cnt), "approx": bool(approx)}
 
     def infgram_prob(self, prompt_ids, cont_id: int) -> dict:
         """`prob` given the longest suffix of the prompt that occurs: {'prompt_cnt', 'cont_cnt', 'prob',
         'suffix_len'} (suffix_len in tokens)."""
         q = np.concatenate([self._ids("prompt_ids", prompt_ids, allow_empty=True), self._cont(cont_id)])
-        L, prompt_cnt, cont_cnt = kernels.infgram_prob(self._table, q, self.width)
+        L, prompt_cnt, cont_cnt = suffix_array.infgram_prob(self._table, q, self.width)
         return {"prompt_cnt": int(prompt_cnt), "cont_cnt": int(cont_cnt),
                 "prob": cont_cnt / prompt_cnt if prompt_cnt else -1.0, "suffix_len": int(L)}
 
     def infgram_ntd(self, prompt_ids, max_support: int | None = None) -> dict:
         """`ntd` after the longest suffix of the prompt that occurs, plus 'suffix_len'."""
-        max_support = self.max_support if max_support is None else _check_int("max_support", max_support)
+        max_support = self._arg("max_support", max_support)
         q = self._ids("prompt_ids", prompt_ids, allow_empty=True)
-        L, cnt, approx, toks, cnts = kernels.infgram_ntd(self._table, q, self.width, max_support,
+        L, cnt, approx, toks, cnts = suffix_array.infgram_ntd(self._table, q, self.width, max_support,
                                                          self.eos_token_id, self.sep)
         return {"prompt_cnt": int(cnt), "result_by_token_id": self._dist(toks, cnts, cnt), "approx": bool(approx),
                 "suffix_len": int(L)}
@@ -422,7 +426,7 @@ class Engine:
         equals infgram_prob(input_ids[:i], input_ids[i]). Each position reuses the previous one's
         suffix-array range, so the cost per token does not grow with the length of the context."""
         q = self._ids("input_ids", input_ids)
-        L, prompt_cnt, cont_cnt = kernels.score_sequence(self._table, q, self.width)
+        L, prompt_cnt, cont_cnt = suffix_array.score_sequence(self._table, q, self.width)
         return {"prob": cont_cnt / prompt_cnt, "prompt_cnt": prompt_cnt, "cont_cnt": cont_cnt, "suffix_len": L}
 
     # -- CNF ------------------------------------------------------------------------------------------
@@ -430,10 +434,11 @@ class Engine:
     def find_cnf(self, cnf, max_clause_freq: int | None = None, max_diff_tokens: int | None = None) -> dict:
         """{'cnt', 'approx', 'ptrs_by_shard'}: matches of an AND of ORs of n-grams, each clause's term within
         max_diff_tokens of the others, all in one document (ptrs: byte offsets of each match's start)."""
-        mcf = self.max_clause_freq if max_clause_freq is None else _check_int("max_clause_freq", max_clause_freq)
-        mdt = self.max_diff_tokens if max_diff_tokens is None else _check_int("max_diff_tokens", max_diff_tokens)
+        mcf = self._arg("max_clause_freq", max_clause_freq)
+        mdt = self._arg("max_diff_tokens", max_diff_tokens)
         q, term_off, clause_off = self._cnf(cnf)
-        cnt, approx, ptrs, off = kernels.find_cnf(self._table, q, term_off, clause_off, self.width, self.sep, mcf, mdt)
+        cnt, approx, ptrs, off = suffix_array.find_cnf(self._table, q, term_off, clause_off, self.width, self.sep,
+                                                       mcf, mdt)
         if len(off) == 0:   # a clause matches nothing anywhere
             return {"cnt": 0, "approx": False, "ptrs_by_shard": []}
         return {"cnt": int(cnt), "approx": bool(approx),
@@ -441,10 +446,10 @@ class Engine:
 
     def count_cnf(self, cnf, max_clause_freq: int | None = None, max_diff_tokens: int | None = None) -> dict:
         """{'count', 'approx'} of a CNF query (see find_cnf)."""
-        mcf = self.max_clause_freq if max_clause_freq is None else _check_int("max_clause_freq", max_clause_freq)
-        mdt = self.max_diff_tokens if max_diff_tokens is None else _check_int("max_diff_tokens", max_diff_tokens)
+        mcf = self._arg("max_clause_freq", max_clause_freq)
+        mdt = self._arg("max_diff_tokens", max_diff_tokens)
         q, term_off, clause_off = self._cnf(cnf)
-        cnt, approx, _, _ = kernels.find_cnf(self._table, q, term_off, clause_off, self.width, self.sep, mcf, mdt)
+        cnt, approx, _, _ = suffix_array.find_cnf(self._table, q, term_off, clause_off, self.width, self.sep, mcf, mdt)
         return {"count": int(cnt), "approx": bool(approx)}
 
     # -- documents ------------------------------------------------------------------------------------
@@ -458,22 +463,22 @@ class Engine:
                 "blocked": False}
 
     def _doc_at_ptr(self, s: int, ptr: int, max_disp_len: int) -> dict:
-        r = kernels.locate_doc(self._table, s, ptr, self.width, max_disp_len // 2, (max_disp_len + 1) // 2)
+        r = suffix_array.locate_doc(self._table, s, ptr, self.width, max_disp_len // 2, (max_disp_len + 1) // 2)
         return self._doc(s, *r)
 
     def search_docs(self, input_ids, maxnum: int | None = None, max_disp_len: int | None = None) -> dict:
         """{'cnt', 'approx', 'idxs', 'documents'}: min(maxnum, cnt) distinct occurrences drawn uniformly,
         each with its document: up to max_disp_len tokens around the match ('needle_offset' is where the
         match starts in 'token_ids'). idxs: each draw's index among all cnt occurrences."""
-        maxnum = self.maxnum if maxnum is None else _check_int("maxnum", maxnum)
-        max_disp_len = self.max_disp_len if max_disp_len is None else _check_int("max_disp_len", max_disp_len)
+        maxnum = self._arg("maxnum", maxnum)
+        max_disp_len = self._arg("max_disp_len", max_disp_len)
         q = self._ids("input_ids", input_ids)
         self._not_longer_than_corpus("input_ids", q)
-        cnt, seg = kernels.find(self._table, q)
+        cnt, seg = suffix_array.find(self._table, q)
         if cnt == 0:
             return {"cnt": 0, "approx": False, "idxs": [], "documents": []}
         idxs = distinct_draws(int(cnt), maxnum)
-        shards, ptrs = kernels.match_pointers(self._table, seg, idxs)
+        shards, ptrs = suffix_array.match_pointers(self._table, seg, idxs)
         docs = [self._doc_at_ptr(int(s), int(p), max_disp_len) for s, p in zip(shards, ptrs)]
         return {"cnt": int(cnt), "approx": False, "idxs": idxs.tolist(), "documents": docs}
 
@@ -481,12 +486,13 @@ class Engine:
                         max_clause_freq: int | None = None, max_diff_tokens: int | None = None) -> dict:
         """`search_docs` for a CNF query: draws among its distinct match locations (find_cnf lists one location
         once per pairing of its clauses, so cnt counts some twice), idxs scaled to cnt as infini-gram does."""
-        maxnum = self.maxnum if maxnum is None else _check_int("maxnum", maxnum)
-        max_disp_len = self.max_disp_len if max_disp_len is None else _check_int("max_disp_len", max_disp_len)
-        mcf = self.max_clause_freq if max_clause_freq is None else _check_int("max_clause_freq", max_clause_freq)
-        mdt = self.max_diff_tokens if max_diff_tokens is None else _check_int("max_diff_tokens", max_diff_tokens)
+        maxnum = self._arg("maxnum", maxnum)
+        max_disp_len = self._arg("max_disp_len", max_disp_len)
+        mcf = self._arg("max_clause_freq", max_clause_freq)
+        mdt = self._arg("max_diff_tokens", max_diff_tokens)
         q, term_off, clause_off = self._cnf(cnf)
-        cnt, approx, ptrs, off = kernels.find_cnf(self._table, q, term_off, clause_off, self.width, self.sep, mcf, mdt)
+        cnt, approx, ptrs, off = suffix_array.find_cnf(self._table, q, term_off, clause_off, self.width, self.sep,
+                                                       mcf, mdt)
         if cnt == 0:
             return {"cnt": 0, "approx": False, "idxs": [], "documents": []}
         shard_of = np.repeat(np.arange(len(off) - 1), np.diff(off))   # [len(ptrs)]
@@ -519,11 +525,11 @@ class Engine:
     def get_doc_by_rank(self, s: int, rank: int, max_disp_len: int | None = None) -> dict:
         """The document around the suffix at `rank` of shard s's suffix array (a DocResult)."""
         s = self._check_shard(s)
-        max_disp_len = self.max_disp_len if max_disp_len is None else _check_int("max_disp_len", max_disp_len)
+        max_disp_len = self._arg("max_disp_len", max_disp_len)
         n = self.shards[s].tok_cnt
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < n:
             raise QueryError(f"rank: expected an integer in [0, {n}) for shard {s}, got {rank!r}")
-        return self._doc_at_ptr(s, int(kernels.rank_to_ptr(self._table, s, int(rank))), max_disp_len)
+        return self._doc_at_ptr(s, int(suffix_array.rank_to_ptr(self._table, s, int(rank))), max_disp_len)
 
     def get_docs_by_ranks(self, list_of_s_and_rank, max_disp_len: int | None = None) -> list[dict]:
         return [self.get_doc_by_rank(s, rank, max_disp_len) for s, rank in list_of_s_and_rank]
@@ -531,11 +537,11 @@ class Engine:
     def get_doc_by_ix(self, doc_ix: int, max_disp_len: int | None = None) -> dict:
         """Document `doc_ix` (global index: its id in store.sqlite for a retrogram index), its first
         max_disp_len tokens (a DocResult)."""
-        max_disp_len = self.max_disp_len if max_disp_len is None else _check_int("max_disp_len", max_disp_len)
+        max_disp_len = self._arg("max_disp_len", max_disp_len)
         if isinstance(doc_ix, bool) or not isinstance(doc_ix, (int, np.integer)) or not 0 <= doc_ix < self._doc_cnt:
             raise QueryError(f"doc_ix: expected an integer in [0, {self._doc_cnt}), got {doc_ix!r}")
         s = int(np.searchsorted(self._doc_base, doc_ix, side="right")) - 1
-        doc_len, a, b, ma, mb = kernels.doc_window(self._table, s, int(doc_ix - self._doc_base[s]), self.width,
+        doc_len, a, b, ma, mb = suffix_array.doc_window(self._table, s, int(doc_ix - self._doc_base[s]), self.width,
                                                    max_disp_len)
         return self._doc(s, int(doc_ix), doc_len, a, b, 0, ma, mb)
 

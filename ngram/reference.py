@@ -77,7 +77,7 @@ def open_infinigram(directories, width: int, eos_token_id: int, vocab_size: int 
     """infini-gram's engine on shard directories, prefetching off (its fastest setting for our queries)."""
     from infini_gram.engine import InfiniGramEngine
 
-    dtype = {1: "u8", 2: "u16", 4: "u32"}[width]
+    dtype = f"u{8 * width}"   # infini-gram's token_dtype name
     if isinstance(directories, (str, os.PathLike)):
         directories = [directories]
     return InfiniGramEngine(index_dir=[str(d) for d in directories], eos_token_id=eos_token_id,

@@ -24,10 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from ..index.errors import IndexFormatError
-from . import kernels
+from ..index.tokenizer import TOKEN_DTYPES
+from . import suffix_array
+from .suffix_array import (BK_ADDR, BK_BYTES, DOC_CNT, DS_ADDR, DS_SIZE, MT_ADDR, MT_SIZE, OD_ADDR, OM_ADDR,
+                           PTR_SIZE, SA_ADDR, TABLE_COLUMNS, TOK_CNT)
 
-DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
-DTYPE_NAMES = {"u8": 1, "u16": 2, "u32": 4}
+NGRAM_DIR = "ngram"   # a retrogram index keeps its shards in IDX/ngram/
+DTYPE_NAMES = {f"u{8 * w}": w for w in TOKEN_DTYPES}   # infini-gram's token_dtype names: 'u8' -> 1 byte
 SHARD_FILE = re.compile(r"^(tokenized|table|offset|metadata|metaoff)\.(\d+)$")
 
 
@@ -66,10 +69,10 @@ class Shard:
     om: np.ndarray | None = None   # metaoff.K bytes
     tokens: np.ndarray = field(init=False)    # tokenized.K as token ids
     offsets: np.ndarray = field(init=False)   # offset.K as u64
-    buckets: np.ndarray | None = field(init=False, default=None)   # kernels.prefix_buckets, on first use
+    buckets: np.ndarray | None = field(init=False, default=None)   # suffix_array.prefix_buckets, on first use
 
     def __post_init__(self):
-        self.tokens = self.ds.view(DTYPES[self.width])
+        self.tokens = self.ds.view(TOKEN_DTYPES[self.width])
         self.offsets = self.od.view(np.uint64)
 
     @property
@@ -85,16 +88,16 @@ class Shard:
         return len(self.sa) // self.tok_cnt
 
     def table_row(self) -> list[int]:
-        row = [0] * kernels.TABLE_COLUMNS
-        row[kernels.DS_ADDR], row[kernels.DS_SIZE] = self.ds.ctypes.data, len(self.ds)
-        row[kernels.SA_ADDR], row[kernels.PTR_SIZE], row[kernels.TOK_CNT] = self.sa.ctypes.data, self.ptr_size, self.tok_cnt
-        row[kernels.OD_ADDR], row[kernels.DOC_CNT] = self.od.ctypes.data, self.doc_cnt
+        row = [0] * TABLE_COLUMNS
+        row[DS_ADDR], row[DS_SIZE] = self.ds.ctypes.data, len(self.ds)
+        row[SA_ADDR], row[PTR_SIZE], row[TOK_CNT] = self.sa.ctypes.data, self.ptr_size, self.tok_cnt
+        row[OD_ADDR], row[DOC_CNT] = self.od.ctypes.data, self.doc_cnt
         if self.mt is not None and len(self.mt):
-            row[kernels.MT_ADDR], row[kernels.MT_SIZE], row[kernels.OM_ADDR] = self.mt.ctypes.data, len(self.mt), self.om.ctypes.data
+            row[MT_ADDR], row[MT_SIZE], row[OM_ADDR] = self.mt.ctypes.data, len(self.mt), self.om.ctypes.data
         if self.buckets is None:
-            kb = kernels.bucket_bytes(self.width)
-            self.buckets = kernels.prefix_buckets(self.ds, self.sa, self.ptr_size, self.tok_cnt, kb)
-        row[kernels.BK_ADDR], row[kernels.BK_BYTES] = self.buckets.ctypes.data, kernels.bucket_bytes(self.width)
+            self.buckets = suffix_array.prefix_buckets(self.ds, self.sa, self.ptr_size, self.tok_cnt,
+                                                       suffix_array.bucket_bytes(self.width))
+        row[BK_ADDR], row[BK_BYTES] = self.buckets.ctypes.data, suffix_array.bucket_bytes(self.width)
         return row
 
 
@@ -183,5 +186,5 @@ def open_shards(directory: Path, width: int | None) -> tuple[list[Shard], int]:
 
 
 def shard_table(shards: list[Shard]) -> np.ndarray:
-    return np.array([s.table_row() for s in shards], dtype=np.int64).reshape(len(shards), kernels.TABLE_COLUMNS)
+    return np.array([s.table_row() for s in shards], dtype=np.int64).reshape(len(shards), suffix_array.TABLE_COLUMNS)
 

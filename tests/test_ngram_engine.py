@@ -384,7 +384,7 @@ def test_count_many_names_the_bad_query():
 @settings(**SETTINGS)
 @given(st.integers(0, 2000), st.sampled_from([1, 100, 1 << 20, 1 << 33, 1 << 45]), st.integers(0, 2**32))
 def test_radix_sort_and_directory_lookups(n, bound, seed):
-    from retrogram.ngram.kernels import _directory, _first_at_least, _radix_sort
+    from retrogram.ngram.suffix_array import _directory, _first_at_least, _radix_sort
 
     rng = np.random.default_rng(seed)
     x = rng.integers(0, bound, n) if rng.random() < 0.5 else rng.integers(0, min(bound, 7), n)
@@ -417,7 +417,7 @@ def test_cnf_with_large_clauses_identical_to_infinigram(width):
 def test_both_cnf_merges_find_the_same_neighbours(seed, n, max_diff, n_terms):
     """The two ways of merging a clause into the candidates (sort the clause's matches / index the
     candidates) agree with each other and with a direct scan, whichever set is the larger."""
-    from retrogram.ngram.kernels import _nearest_by_indexing_candidates, _nearest_by_sorting_matches
+    from retrogram.ngram.suffix_array import _nearest_by_indexing_candidates, _nearest_by_sorting_matches
 
     rng = np.random.default_rng(seed)
     c = Corpus([[list(map(int, rng.integers(0, 4, rng.integers(20, 200)))) for _ in range(8)] for _ in range(2)])

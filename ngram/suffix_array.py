@@ -1,4 +1,5 @@
-"""The compiled query code: numba `njit(nogil=True, cache=True)` over the memory-mapped shard files.
+"""The suffix-array code (queries, and the build's packing), compiled with numba `njit(nogil=True,
+cache=True)` over the memory-mapped shard files; the Triton attention kernels are `retrogram.kernels`.
 
 Everything here works on bytes, exactly as infini-gram's C++ engine does: a shard's `tokenized.K` is read
 as a byte array (tokens little-endian, `w` bytes each), `table.K` as a byte array of `ptr_size`-byte
