@@ -17,7 +17,8 @@ the names exist.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 TokenIds = Sequence[int]
 Cnf = Sequence[Sequence[TokenIds]]   # an AND of ORs of token sequences

@@ -14,8 +14,8 @@ answers in part order; one answer is returned as it is.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 SCORE_COLUMNS = ("prob", "suffix_len", "prompt_cnt", "cont_cnt")
 
@@ -35,7 +35,7 @@ class ShardLayout:
     num_shards: int
 
     @classmethod
-    def of(cls, num_documents: Sequence[int], num_shards: Sequence[int]) -> "ShardLayout":
+    def of(cls, num_documents: Sequence[int], num_shards: Sequence[int]) -> ShardLayout:
         """From each part's document and shard counts, in part order."""
         docs, shards = [0], [0]
         for d, s in zip(num_documents, num_shards):

@@ -9,10 +9,9 @@ import threading
 from pathlib import Path
 
 from ..index.errors import UserError
+from . import registry
 from .cli_common import console, print_json
 
-SERVICES = ("ngram", "retriever")
-DEFAULT_PORTS = {"ngram": 50051, "retriever": 50052}
 INDEX_ENV = "RETROGRAM_INDEX"
 # Set in the environment of a server that a parent (the stack, the demo) starts: the child then leaves its
 # startup error to the parent, which reads it from the child's "failed" event and says it once.
@@ -80,18 +79,21 @@ def _add_server_options(p) -> None:
 
 
 def register(sub) -> None:
+    specs = registry.services()
+    listing = "\n".join(f"  {s.name:<10} {s.description} (port {s.default_port})" for s in specs)
     p = sub.add_parser("serve", help="serve an index over gRPC (n-gram and retriever services)",
-                       description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("service", nargs="?", default="all", choices=("all",) + SERVICES,
-                   help="which service (default: all, each in its own process)")
+                       description=f"{SERVE_HELP}\nServices:\n{listing}\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("service", nargs="?", default="all", choices=["all", *registry.names()],
+                   help="which service (default: all of the stack's, each in its own process)")
     p.add_argument("--index", type=Path, default=os.environ.get(INDEX_ENV), metavar="DIR",
                    help=f"the index directory (default ${INDEX_ENV})")
+    ports = ", ".join(f"{s.default_port} {s.name}" for s in specs)
     p.add_argument("--port", type=int, default=None, metavar="P",
-                   help="port of a single service (default 50051 ngram, 50052 retriever; 0: any free port)")
-    p.add_argument("--ngram-port", type=int, default=DEFAULT_PORTS["ngram"], metavar="P",
-                   help="the stack's n-gram port (default 50051)")
-    p.add_argument("--retriever-port", type=int, default=DEFAULT_PORTS["retriever"], metavar="P",
-                   help="the stack's retriever port (default 50052)")
+                   help=f"port of a single service (default {ports}; 0: any free port)")
+    for s in registry.stack():
+        p.add_argument(f"--{s.name}-port", type=int, default=s.default_port, metavar="P",
+                       help=f"the stack's {s.name} port (default {s.default_port})")
     p.add_argument("--port-name", default="--port", help=argparse.SUPPRESS)   # the port's flag in a parent's errors
     p.add_argument("--startup-timeout", type=float, default=600, metavar="S",
                    help="the stack: how long to wait for each service to load its index (default 600)")
@@ -121,31 +123,29 @@ def _config(args, port: int):
                        inline_small_calls=not args.no_inline, io_cpu=args.io_cpu)
 
 
-def make_service(name: str, index_dir: Path):
-    if name == "ngram":
-        from .ngram_service import NgramServicer
+def make_service(name: str, args):
+    """The registered service `name`, made from the `serve` arguments (an index service from --index)."""
+    from .serving import IndexService
 
-        return NgramServicer(index_dir)
-    if name == "retriever":
-        from .retriever_service import RetrieverServicer
-
-        return RetrieverServicer(index_dir)
-    raise UserError(f"unknown service {name!r}; expected one of {', '.join(SERVICES)}")
+    cls = registry.get(name).load_class()
+    if issubclass(cls, IndexService) and getattr(args, "index", None) is None:
+        raise UserError(f"--index: required (or set ${INDEX_ENV})")
+    return cls.from_args(args)
 
 
 def cmd_serve(args) -> int:
-    if args.index is None:
-        raise UserError(f"--index: required (or set ${INDEX_ENV})")
     if args.service == "all":
+        if args.index is None:
+            raise UserError(f"--index: required (or set ${INDEX_ENV})")
         return serve_stack(args)
     from .serving import print_event, serve, setup_logging
 
     setup_logging(args.log_level)
-    port = args.port if args.port is not None else DEFAULT_PORTS[args.service]
+    port = args.port if args.port is not None else registry.get(args.service).default_port
     try:
         try:
             check_port(args.host, port, args.port_name)
-            svc, config = make_service(args.service, args.index), _config(args, port)
+            svc, config = make_service(args.service, args), _config(args, port)
         except UserError as e:   # serve() announces its own failures
             print_event("failed", services=[args.service], error=str(e))
             raise
@@ -186,14 +186,14 @@ def check_port(host: str, port: int, flag: str) -> None:
 # ---------------------------------------------------------------------------------------------- stack
 
 def stack_services(index_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """Which services an index can back, and why the others cannot."""
+    """Which of the stack's services an index can back, and why the others cannot."""
     from ..index.manifest import Manifest
 
     manifest = Manifest.load(index_dir)
     have, why = [], {}
-    for name in SERVICES:
+    for name in [s.name for s in registry.stack()]:
         try:
-            make_service(name, index_dir).check_index()
+            make_service(name, argparse.Namespace(index=index_dir)).check()
             have.append(name)
         except UserError as e:
             why[name] = str(e)
@@ -219,7 +219,7 @@ def _child_args(args, name: str) -> list[str]:
     if args.no_inline:
         argv.append("--no-inline")
     if args.metrics_port is not None:
-        argv += ["--metrics-port", str(args.metrics_port + SERVICES.index(name))]
+        argv += ["--metrics-port", str(args.metrics_port + [s.name for s in registry.stack()].index(name))]
     return argv
 
 
@@ -228,9 +228,9 @@ def serve_stack(args) -> int:
 
     if args.port is not None:
         raise UserError("--port is for a single service (retrogram serve ngram --port P); "
-                        "use --ngram-port / --retriever-port for the stack")
+                        f"use {' / '.join(f'--{s.name}-port' for s in registry.stack())} for the stack")
     names, why = stack_services(args.index)
-    ports = {"ngram": args.ngram_port, "retriever": args.retriever_port}
+    ports = {s.name: getattr(args, f"{s.name}_port") for s in registry.stack()}
     for name in names:
         check_port(args.host, ports[name], f"--{name}-port")
     for name, reason in why.items():

@@ -131,7 +131,7 @@ class ThreadServer:
         self.config = config or ServeConfig()
         validate_config(self.config)
         for s in services:
-            s.check_index()
+            s.check()
         self.services = services
         self._server = Server(services, self.config)
         self._loop = asyncio.new_event_loop()
@@ -154,9 +154,17 @@ class ThreadServer:
         self._started.set()
         self._loop.run_forever()
 
-    def load(self) -> "ThreadServer":
-        asyncio.run_coroutine_threadsafe(self._server.load(), self._loop).result()
+    def load(self, wait: bool = True) -> "ThreadServer":
+        """Load the services' resources (health SERVING once done); wait=False returns at once."""
+        self.loading = asyncio.run_coroutine_threadsafe(self._server.load(), self._loop)
+        if wait:
+            self.loading.result()
         return self
+
+    @property
+    def in_flight(self) -> int:
+        """Calls the server is answering now."""
+        return self._server.in_flight
 
     @property
     def address(self) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 from ..index.errors import UserError
 from ..protos import common_pb2 as cpb
 from ..protos import ngram_pb2 as pb
-from .serving import CallContext, Service, invalid, not_found, server_version, too_large
+from .serving import CallContext, IndexService, invalid, not_found, server_version, too_large
 
 # Request limits: beyond them a call is refused with RESOURCE_EXHAUSTED (saying which limit).
 MAX_QUERY_TOKENS = 1 << 16          # tokens in one query (ScoreSequence: MAX_SCORE_TOKENS)
@@ -39,7 +39,7 @@ def _small_doc(req) -> bool:
     return not req.HasField("max_disp_len") or req.max_disp_len <= 1000
 
 
-class NgramServicer(Service):
+class NgramServicer(IndexService):
     name = "ngram"
     descriptor = pb.DESCRIPTOR.services_by_name["NgramService"]
     # a count over <= 64 ids takes a few microseconds in the compiled engine (bench/results/services.json:
@@ -58,7 +58,7 @@ class NgramServicer(Service):
 
     # -- lifecycle
 
-    def check_index(self) -> None:
+    def check(self) -> None:
         """A retrogram index needs its tokenize and ngram stages; a bare directory of infini-gram shard
         files is checked by the engine when it opens."""
         from ..index.manifest import MANIFEST, Manifest
@@ -146,7 +146,7 @@ class NgramServicer(Service):
 
     def Count(self, request: pb.CountRequest, ctx: CallContext):
         ids = self._ids(request.query)
-        r = _ok(self.engine.count(ids))
+        r = self.engine.count(ids)
         out = pb.CountResponse(count=r["count"], approx=r["approx"])
         if request.query.HasField("text"):
             out.tokens.extend(ids)
@@ -187,8 +187,8 @@ class NgramServicer(Service):
 
     def CountCnf(self, request: pb.CountCnfRequest, ctx: CallContext):
         cnf = self._cnf(request.cnf)
-        r = _ok(self.engine.count_cnf(cnf, **_kw(max_clause_freq=self._opt(request, "max_clause_freq", 1 << 40),
-                                                  max_diff_tokens=self._opt(request, "max_diff_tokens", 1 << 20))))
+        r = self.engine.count_cnf(cnf, **_kw(max_clause_freq=self._opt(request, "max_clause_freq", 1 << 40),
+                                              max_diff_tokens=self._opt(request, "max_diff_tokens", 1 << 20)))
         return pb.CountResponse(count=r["count"], approx=r["approx"])
 
     def _cont(self, request) -> int:
@@ -197,11 +197,11 @@ class NgramServicer(Service):
         return request.cont_id
 
     def Prob(self, request: pb.ProbRequest, ctx: CallContext):
-        r = _ok(self.engine.prob(self._ids(request.prompt, "prompt"), self._cont(request)))
+        r = self.engine.prob(self._ids(request.prompt, "prompt"), self._cont(request))
         return pb.ProbResponse(prompt_cnt=r["prompt_cnt"], cont_cnt=r["cont_cnt"], prob=r["prob"])
 
     def InfgramProb(self, request: pb.ProbRequest, ctx: CallContext):
-        r = _ok(self.engine.infgram_prob(self._ids(request.prompt, "prompt"), self._cont(request)))
+        r = self.engine.infgram_prob(self._ids(request.prompt, "prompt"), self._cont(request))
         return pb.InfgramProbResponse(prompt_cnt=r["prompt_cnt"], cont_cnt=r["cont_cnt"], prob=r["prob"],
                                       suffix_len=r["suffix_len"])
 
@@ -214,15 +214,15 @@ class NgramServicer(Service):
             e.prob = d["prob"]
 
     def Ntd(self, request: pb.NtdRequest, ctx: CallContext):
-        r = _ok(self.engine.ntd(self._ids(request.prompt, "prompt"),
-                                **_kw(max_support=self._opt(request, "max_support", MAX_SUPPORT))))
+        r = self.engine.ntd(self._ids(request.prompt, "prompt"),
+                            **_kw(max_support=self._opt(request, "max_support", MAX_SUPPORT)))
         out = pb.NtdResponse()
         self._dist(out, r)
         return out
 
     def InfgramNtd(self, request: pb.NtdRequest, ctx: CallContext):
-        r = _ok(self.engine.infgram_ntd(self._ids(request.prompt, "prompt"),
-                                        **_kw(max_support=self._opt(request, "max_support", MAX_SUPPORT))))
+        r = self.engine.infgram_ntd(self._ids(request.prompt, "prompt"),
+                                    **_kw(max_support=self._opt(request, "max_support", MAX_SUPPORT)))
         out = pb.InfgramNtdResponse(suffix_len=r["suffix_len"])
         self._dist(out, r)
         return out
@@ -233,17 +233,17 @@ class NgramServicer(Service):
 
     def SearchDocs(self, request: pb.SearchDocsRequest, ctx: CallContext):
         ids = self._ids(request.query)
-        r = _ok(self.engine.search_docs(ids, **_kw(maxnum=self._opt(request, "maxnum", MAX_MAXNUM),
-                                                   max_disp_len=self._opt(request, "max_disp_len", MAX_DISP_LEN))))
+        r = self.engine.search_docs(ids, **_kw(maxnum=self._opt(request, "maxnum", MAX_MAXNUM),
+                                               max_disp_len=self._opt(request, "max_disp_len", MAX_DISP_LEN)))
         return self._search(r)
 
     def SearchDocsCnf(self, request: pb.SearchDocsCnfRequest, ctx: CallContext):
         cnf = self._cnf(request.cnf)
-        r = _ok(self.engine.search_docs_cnf(cnf, **_kw(
+        r = self.engine.search_docs_cnf(cnf, **_kw(
             maxnum=self._opt(request, "maxnum", MAX_MAXNUM),
             max_disp_len=self._opt(request, "max_disp_len", MAX_DISP_LEN),
             max_clause_freq=self._opt(request, "max_clause_freq", 1 << 40),
-            max_diff_tokens=self._opt(request, "max_diff_tokens", 1 << 20))))
+            max_diff_tokens=self._opt(request, "max_diff_tokens", 1 << 20)))
         return self._search(r)
 
     def GetDocByRank(self, request: pb.GetDocByRankRequest, ctx: CallContext):
@@ -253,16 +253,16 @@ class NgramServicer(Service):
         tok = self.engine.get_tok_cnt(request.s)
         if request.rank >= tok:
             raise not_found(f"rank {request.rank:,}: beyond shard {request.s}'s suffix array ({tok:,} positions)")
-        r = _ok(self.engine.get_doc_by_rank(request.s, request.rank,
-                                            **_kw(max_disp_len=self._opt(request, "max_disp_len", MAX_DISP_LEN))))
+        r = self.engine.get_doc_by_rank(request.s, request.rank,
+                                        **_kw(max_disp_len=self._opt(request, "max_disp_len", MAX_DISP_LEN)))
         return _doc(r)
 
     def GetDocByIx(self, request: pb.GetDocByIxRequest, ctx: CallContext):
         n = self._info.num_documents
         if request.doc_ix >= n:
             raise not_found(f"doc_ix {request.doc_ix:,}: no such document (this server holds {n:,}: 0..{n - 1:,})")
-        r = _ok(self.engine.get_doc_by_ix(request.doc_ix,
-                                          **_kw(max_disp_len=self._opt(request, "max_disp_len", MAX_DISP_LEN))))
+        r = self.engine.get_doc_by_ix(request.doc_ix,
+                                      **_kw(max_disp_len=self._opt(request, "max_disp_len", MAX_DISP_LEN)))
         return _doc(r)
 
     def Tokenize(self, request: pb.TokenizeRequest, ctx: CallContext):
@@ -296,7 +296,6 @@ class NgramServicer(Service):
         if block > MAX_QUERY_TOKENS:
             raise too_large(f"block_size {block:,}: the limit is {MAX_QUERY_TOKENS:,}")
         r = self.engine.score_sequence(ids)
-        r = _ok(r) if isinstance(r, dict) and "error" in r else r
         cols = _score_columns(r, len(ids))
         if not ids:
             return
@@ -315,15 +314,7 @@ def _kw(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def _ok(r):
-    """An engine result, or the error it reported infini-gram style ({'error': message})."""
-    if isinstance(r, dict) and "error" in r:
-        raise UserError(str(r["error"]))
-    return r
-
-
 def _doc(d: dict) -> pb.DocResult:
-    d = _ok(d)
     md = d.get("metadata", "")
     if not isinstance(md, str):
         import json

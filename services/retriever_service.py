@@ -13,7 +13,7 @@ import numpy as np
 from ..index.errors import UserError
 from ..protos import common_pb2 as cpb
 from ..protos import retriever_pb2 as pb
-from .serving import CallContext, Service, invalid, server_version, too_large
+from .serving import CallContext, IndexService, invalid, server_version, too_large
 
 DEFAULT_K = 2
 MAX_K = 1000
@@ -23,7 +23,7 @@ MAX_TEXT_CHARS = 1 << 17
 MAX_EXCLUDE = 1 << 16
 
 
-class RetrieverServicer(Service):
+class RetrieverServicer(IndexService):
     name = "retriever"
     descriptor = pb.DESCRIPTOR.services_by_name["RetrieverService"]
     inline = {"Info": lambda req: True}
@@ -35,7 +35,7 @@ class RetrieverServicer(Service):
         self.retriever = None
         self._info: cpb.IndexInfo | None = None
 
-    def check_index(self) -> None:
+    def check(self) -> None:
         from ..index.manifest import Manifest
 
         if not self.index_dir.is_dir():

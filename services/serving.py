@@ -1,18 +1,32 @@
-"""What every retrogram gRPC server shares: grpcio asyncio server, health checking (NOT_SERVING until the
-index is loaded), reflection, deadlines and cancellation, error mapping, size and concurrency limits,
-API keys, TLS, Prometheus metrics, structured logs, graceful shutdown on SIGTERM.
+"""A gRPC server for any resource: grpcio asyncio server, health checking (NOT_SERVING until the resource is
+loaded), reflection, deadlines and cancellation, error mapping, size and concurrency limits, API keys, TLS,
+Prometheus metrics, structured logs, graceful shutdown on SIGTERM, and Session streams of small calls.
 
-A service is a `Service` subclass naming its protobuf service descriptor; each RPC is a plain method of
-the same name taking (request message, CallContext) and returning the response message (or, for a
-server-streaming RPC, yielding them). Those methods run in a thread pool, never on the event loop: the
-engines release the GIL, so calls run in parallel. Everything else (parsing, limits, errors, metrics,
-logs) is done here, once, for every method.
+A service is a `Service` subclass naming its protobuf service descriptor, with a `load()` (its engine, index,
+model: slow, run while health says NOT_SERVING) and one method per RPC, of the same name, taking (request
+message, CallContext). A method is one of three kinds, told apart by how it is defined:
+
+    def Count(self, request, ctx):            # sync: runs on a worker thread (the engines release the GIL),
+        return pb.CountResponse(...)           #   or on the event loop when `inline` says the call is tiny;
+                                              #   a sync server-streaming method is a generator, also on threads
+    async def Relay(self, request, ctx):      # async: runs on the event loop (a gateway awaiting other services)
+        return await ...
+    async def Generate(self, request, ctx):   # async generator: a server-streaming method on the event loop
+        async for token in ...:                #   (a decoder streaming tokens)
+            yield pb.GenerateEvent(...)
+
+When the client cancels or the deadline passes, an async method gets CancelledError where it awaits, and an
+async generator is closed (CancelledError where it awaits, GeneratorExit at its `yield`): put clean-up in
+`finally`. Sync methods call `ctx.check()` between blocks of work. Everything else (parsing, limits,
+errors, metrics, logs, sessions, drain) is done here, once, for every method. Hosting a service:
+`serve([svc], ServeConfig(...))`, or `retrogram serve NAME` once it is in the registry (registry.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ipaddress
 import json
 import logging
@@ -28,7 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import client as _client  # noqa: F401 - chooses grpc's socket I/O before grpc is imported (see there)
+from .grpc_env import (  # noqa: I001 - first: chooses grpc's socket I/O before grpc is imported (see there)
+    API_KEY_ENV,
+    API_KEY_HEADER,
+    CODE_BY_NAME,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    SESSION_METHOD,
+)
 
 import grpc  # noqa: E402
 from google.protobuf import message as _message
@@ -42,12 +62,8 @@ from ..protos import common_pb2 as cpb
 
 log = logging.getLogger("retrogram.services")
 
-API_KEY_HEADER = "x-api-key"
-API_KEY_ENV = "RETROGRAM_API_KEY"
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 DEFAULT_MAX_CONCURRENT_RPCS = 256
 HEALTH_EXEMPT = "/grpc.health.v1.Health/"
-SESSION_METHOD = "Session"   # a service's bidi stream of unary calls (protos/common.proto, SessionRequest)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -73,9 +89,6 @@ def too_large(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
-_CODE_BY_NAME = {c.name: c for c in grpc.StatusCode}
-
-
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status and message a client sees for an exception raised while answering a call.
 
@@ -86,8 +99,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RequestError):
         return exc.code, exc.message
     named = getattr(exc, "grpc_code", None)
-    if isinstance(named, str) and named.upper() in _CODE_BY_NAME:
-        return _CODE_BY_NAME[named.upper()], str(exc)
+    if isinstance(named, str) and named.upper() in CODE_BY_NAME:
+        return CODE_BY_NAME[named.upper()], str(exc)
     if isinstance(exc, UserError):
         cls = type(exc).__name__.lower()
         if isinstance(exc, LookupError) or "notfound" in cls:
@@ -138,25 +151,42 @@ def server_version() -> str:
 
 
 class Service:
-    """Base of every servicer. Subclasses set `name` and `descriptor`, implement `check_index` (fast:
-    the index's files are there), `load` (slow: open the engine) and one method per RPC."""
+    """Base of every servicer: one resource to load, and one method per RPC (see the module docstring for
+    the three kinds of method).
+
+    Subclasses set `name` (the registry's, the metrics' and the logs' name), `descriptor` (the protobuf
+    ServiceDescriptor) and `kind` (what load() loads: "index", "model", ...), and implement:
+      check()   fast, before the port is bound: raise UserError naming what cannot be served
+      load()    slow: open the engine, load the model. `def`: on a worker thread; `async def`: on the event
+                loop (a gateway connecting to its backends). Until it returns, health says NOT_SERVING and
+                calls are refused with UNAVAILABLE ("still loading").
+      close()   on shutdown, once the calls in flight are done (`def` or `async def`)
+      describe() what is loaded, for logs and messages (an index's directory)
+    `retrogram serve NAME` makes one with `from_args(args)` (the parsed `serve` arguments)."""
 
     name: str = ""
     descriptor: Any = None   # google.protobuf.descriptor.ServiceDescriptor
+    kind: str = "resource"
     # method -> predicate on the request: true when the call is so small (a few microseconds of compiled
     # engine work) that handing it to a worker thread would cost more than the work; such calls run on the
-    # event loop. Everything else runs on the worker threads.
+    # event loop. Every other sync call runs on the worker threads.
     inline: dict[str, Callable[[Any], bool]] = {}
 
-    def __init__(self, index_dir: Path | str):
-        self.index_dir = Path(index_dir)
+    def __init__(self):
         self.ready = False
 
-    def check_index(self) -> None:
-        """Raise UserError naming the file when the index cannot be served (run before binding)."""
+    @classmethod
+    def from_args(cls, args) -> "Service":
+        return cls()
+
+    def describe(self) -> str:
+        return ""
+
+    def check(self) -> None:
+        pass
 
     def load(self) -> None:
-        """Open the engine (blocking; runs in a thread while health says NOT_SERVING)."""
+        pass
 
     def close(self) -> None:
         pass
@@ -164,6 +194,26 @@ class Service:
     @property
     def full_name(self) -> str:
         return self.descriptor.full_name
+
+
+class IndexService(Service):
+    """A service over one index directory (`retrogram serve NAME --index DIR`)."""
+
+    kind = "index"
+
+    def __init__(self, index_dir: Path | str):
+        super().__init__()
+        self.index_dir = Path(index_dir)
+
+    @classmethod
+    def from_args(cls, args) -> "IndexService":
+        return cls(args.index)
+
+    def describe(self) -> str:
+        return str(self.index_dir)
+
+    def check(self) -> None:
+        """Raise UserError naming the file when the index cannot be served."""
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -180,10 +230,11 @@ class _Metrics:
                                  buckets=(5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2,
                                           0.5, 1, 2, 5, 10, 30))
         self.in_flight = Gauge("retrogram_rpc_in_flight", "RPCs being answered", ["service"], registry=self.registry)
-        self.loaded = Gauge("retrogram_index_loaded", "1 once the service's index is loaded", ["service"],
-                            registry=self.registry)
-        self.load_seconds = Gauge("retrogram_index_load_seconds", "time taken to load the index", ["service"],
-                                  registry=self.registry)
+        # named for the first resources served (indexes); any service's load() sets them
+        self.loaded = Gauge("retrogram_index_loaded", "1 once the service's resource (index, model) is loaded",
+                            ["service"], registry=self.registry)
+        self.load_seconds = Gauge("retrogram_index_load_seconds", "time taken to load the service's resource",
+                                  ["service"], registry=self.registry)
 
 
 _metrics: _Metrics | None = None
@@ -381,6 +432,24 @@ def _parse(cls, raw: bytes):
     return msg
 
 
+@contextlib.asynccontextmanager
+async def _deadline(ctx: CallContext):
+    """Cancel the awaits inside at the call's deadline, then answer DEADLINE_EXCEEDED. (grpc cancels a call
+    whose deadline passed too, but not a Session message's, which has its own.)"""
+    if ctx.deadline is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    scope = asyncio.timeout_at(loop.time() + (ctx.deadline - time.monotonic()))
+    try:
+        async with scope:
+            yield
+    except TimeoutError:
+        if scope.expired():
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{ctx.method}: deadline exceeded") from None
+        raise
+
+
 class _CallScope:
     """One unary or server-streaming call's bookkeeping around its handler: the in-flight counts, the status
     an error answers (logged, through Server._fail), the metrics and the access log."""
@@ -445,6 +514,8 @@ class Server:
     # -- handlers
 
     def _handlers(self, svc: Service) -> grpc.GenericRpcHandler:
+        """The service's methods by kind: sync (worker threads), async (event loop), async generator
+        (server streaming on the event loop), sync generator (server streaming on worker threads)."""
         handlers, runners = {}, {}
         session = None
         for m in svc.descriptor.methods:
@@ -457,10 +528,19 @@ class Server:
             req_cls = message_factory.GetMessageClass(m.input_type)
             if m.client_streaming:
                 raise TypeError(f"{m.full_name}: client streaming is not supported")
+            is_async, is_agen = inspect.iscoroutinefunction(fn), inspect.isasyncgenfunction(fn)
             if m.server_streaming:
-                handlers[m.name] = grpc.unary_stream_rpc_method_handler(self._stream(svc, m.name, fn, req_cls))
+                if is_async:
+                    raise TypeError(f"{m.full_name} streams: write {type(svc).__name__}.{m.name} as a generator "
+                                    "(def ... yield) or an async generator (async def ... yield)")
+                make = self._async_stream if is_agen else self._stream
+                handlers[m.name] = grpc.unary_stream_rpc_method_handler(make(svc, m.name, fn, req_cls))
             else:
-                runners[m.name] = self._runner(svc, m.name, fn, req_cls)
+                if is_agen or inspect.isgeneratorfunction(fn):
+                    raise TypeError(f"{m.full_name} is unary: {type(svc).__name__}.{m.name} must return its "
+                                    "response, not yield")
+                make = self._async_runner if is_async else self._runner
+                runners[m.name] = make(svc, m.name, fn, req_cls)
                 handlers[m.name] = grpc.unary_unary_rpc_method_handler(self._unary(svc, m.name, runners[m.name]))
         if session is not None:
             handlers[session.name] = grpc.stream_stream_rpc_method_handler(self._session(svc, runners))
@@ -470,8 +550,9 @@ class Server:
         if self._stopping:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{svc.name} server is shutting down")
         if not svc.ready:
+            what = " ".join(filter(None, (svc.kind, svc.describe())))
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               f"{svc.name} server is still loading its index {svc.index_dir}; retry shortly")
+                               f"{svc.name} server is still loading its {what}; retry shortly")
         return CallContext(f"{svc.descriptor.name}.{method}", context.time_remaining())
 
     def _status(self, context, svc: Service, method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -526,6 +607,17 @@ class Server:
 
         return run
 
+    def _async_runner(self, svc: Service, method: str, fn: Callable, req_cls):
+        """`async run(raw request, CallContext) -> raw response` for one async method, on the event loop.
+        Its deadline (the call's, or a session message's) cancels it where it awaits."""
+
+        async def run(raw: bytes, ctx: CallContext) -> bytes:
+            req = _parse(req_cls, raw)
+            async with _deadline(ctx):
+                return (await fn(req, ctx)).SerializeToString()
+
+        return run
+
     def _unary(self, svc: Service, method: str, run):
         in_flight = self._metrics.in_flight.labels(svc.name)
 
@@ -536,7 +628,13 @@ class Server:
 
         return handler
 
+    # Streaming handlers write each message with context.write from the call's own task (rather than
+    # being async generators that grpc iterates): a client's cancel or the deadline then raises
+    # CancelledError right here, so the method is closed and the call accounted for at once, not
+    # whenever grpc's abandoned generator is finalized.
+
     def _stream(self, svc: Service, method: str, fn: Callable, req_cls):
+        """A sync server-streaming method: its generator runs on the worker threads, a few messages a hop."""
         executor = self._executor
         in_flight = self._metrics.in_flight.labels(svc.name)
 
@@ -555,7 +653,7 @@ class Server:
                 size += len(b)
             return out, False
 
-        async def handler(raw: bytes, context: grpc.aio.ServicerContext):
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> None:
             loop = asyncio.get_running_loop()
             async with _CallScope(self, svc, method, context, in_flight) as call:
                 ctx = call.ctx = self._begin(svc, method, context)
@@ -566,7 +664,30 @@ class Server:
                     ctx.check()
                     items, done = await loop.run_in_executor(executor, step, it)
                     for item in items:
-                        yield item
+                        await context.write(item)
+
+        return handler
+
+    def _async_stream(self, svc: Service, method: str, fn: Callable, req_cls):
+        """An async-generator server-streaming method, on the event loop. It is always closed: finished, or
+        cancelled where it awaits (client cancel, deadline), or closed at its yield (aclose) when the call
+        ends while a message is being written."""
+        in_flight = self._metrics.in_flight.labels(svc.name)
+
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> None:
+            async with _CallScope(self, svc, method, context, in_flight) as call:
+                ctx = call.ctx = self._begin(svc, method, context)
+                agen = fn(_parse(req_cls, raw), ctx)
+                try:
+                    while True:
+                        async with _deadline(ctx):
+                            try:
+                                item = await agen.__anext__()
+                            except StopAsyncIteration:
+                                return
+                        await context.write(item.SerializeToString())
+                finally:
+                    await agen.aclose()
 
         return handler
 
@@ -697,18 +818,29 @@ class Server:
         return f"{host}:{self.port}"
 
     async def load(self) -> None:
-        """Load every service's index (off the loop); health turns SERVING for each as it is ready."""
-        loop = asyncio.get_running_loop()
+        """Load every service's resource (`def load`: on a worker thread; `async def load`: on the loop);
+        health turns SERVING for each as it is ready."""
         for s in self.services:
             t0 = time.perf_counter()
-            await loop.run_in_executor(self._executor, s.load)
+            await self._run_hook(s.load)
             s.ready = True
             dt = time.perf_counter() - t0
             self._metrics.loaded.labels(s.name).set(1)
             self._metrics.load_seconds.labels(s.name).set(dt)
             await self._health.set(s.full_name, health_pb2.HealthCheckResponse.SERVING)
-            _log(logging.INFO, "index_loaded", service=s.name, index=str(s.index_dir), seconds=round(dt, 3))
+            _log(logging.INFO, f"{s.kind}_loaded", service=s.name, **{s.kind: s.describe()}, seconds=round(dt, 3))
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def _run_hook(self, fn: Callable) -> None:
+        if inspect.iscoroutinefunction(fn):
+            await fn()
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls being answered now (session messages included)."""
+        return self._in_flight
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls (UNAVAILABLE, health NOT_SERVING), let the calls in flight finish (up to
@@ -728,7 +860,10 @@ class Server:
         self._executor.shutdown(wait=True, cancel_futures=False)
         for s in self.services:
             with contextlib.suppress(Exception):
-                s.close()
+                if inspect.iscoroutinefunction(s.close):
+                    await s.close()
+                else:
+                    s.close()
         self._server = None
 
     async def wait(self) -> None:
@@ -744,12 +879,12 @@ def print_event(event: str, stream=None, **fields) -> None:
 
 
 async def serve_async(services: list[Service], config: ServeConfig, announce: bool = True) -> int:
-    """Run a server until SIGTERM/SIGINT: check the indexes, bind, announce, load, serve, drain, exit."""
+    """Run a server until SIGTERM/SIGINT: check the services, bind, announce, load, serve, drain, exit."""
     names = [s.name for s in services]
     try:
         validate_config(config)
         for s in services:
-            s.check_index()
+            s.check()
         server = Server(services, config)
         await server.start()
     except UserError as e:   # whoever started this process reads why from the event (`retrogram serve`'s stack)
@@ -778,7 +913,9 @@ async def serve_async(services: list[Service], config: ServeConfig, announce: bo
         e = loader.exception()
         code, msg = status_for(e)
         msg = msg or f"{type(e).__name__}: {e}"
-        log.error("index_load_failed", exc_info=e if code == grpc.StatusCode.INTERNAL else None,
+        kinds = sorted({s.kind for s in services})
+        event = f"{kinds[0] if len(kinds) == 1 else 'resource'}_load_failed"   # index_load_failed, ...
+        log.error(event, exc_info=e if code == grpc.StatusCode.INTERNAL else None,
                   extra={"fields": {"services": names, "error": msg}})
         print_event("failed", services=names, error=msg)
         failed = msg

@@ -131,10 +131,11 @@ def test_count_many_in_several_steps(client, engine, queries):
 def test_text_queries_are_tokenized_by_the_server(client, engine):
     r = client.count("my lord")
     assert r["tokens"] == engine.tokenize("my lord")
-    assert {k: r[k] for k in ("count", "approx")} == engine.count_text("my lord")
+    # the server tokenizes a text as typed (the engine's exact=True; the CLI adds the other forms itself)
+    assert r["count"] == engine.count_text("my lord", exact=True)["count"] and r["approx"] is False
     assert client.count_many(["my lord", engine.tokenize("the king")]) == \
         engine.count_many([engine.tokenize("my lord"), engine.tokenize("the king")]).tolist()
-    assert client.count_cnf([["my lord"], ["the"]]) == engine.count_cnf_text([["my lord"], ["the"]])
+    assert client.count_cnf([["my lord"], ["the"]]) == engine.count_cnf_text([["my lord"], ["the"]], exact=True)
 
 
 def test_score_sequence_streams_every_position(client, engine, ngram_index):
@@ -162,9 +163,54 @@ def test_async_client(server, engine, queries):
             assert await c.infgram_prob(q[:-1], q[-1]) == engine.infgram_prob(q[:-1], q[-1])
             s = await c.score_sequence(q * 5)
             assert s["suffix_len"] == engine.score_sequence(q * 5)["suffix_len"].tolist()
+            blocks = [b async for b in c.iter_score_sequence(q * 5, block_size=3)]   # the async client has it too
+            with NgramClient(server.address) as sync:
+                assert blocks == list(sync.iter_score_sequence(q * 5, block_size=3))
+            assert [b["offset"] for b in blocks] == list(range(0, len(q * 5), 3))
+            assert await c.get_doc_by_ix(1, max_disp_len=20) == engine.get_doc_by_ix(1, max_disp_len=20)
+            assert await c.tokenize("my lord") == engine.tokenize("my lord")
             with pytest.raises(ServiceError) as e:
                 await c.count([])
             assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT
+
+    asyncio.run(main())
+
+
+def test_clients_from_one_table_satisfy_the_query_protocol(server, engine):
+    """Both n-gram clients have every method of the table, with the same signatures (the async one's
+    coroutines, its iter_* async iterators), and satisfy the engine's query Protocol by name, position,
+    kind and default of every parameter, as Engine does."""
+    import asyncio
+    import inspect
+
+    from retrogram.ngram.api import AsyncNgramQueries, NgramQueries, conformance_errors
+    from retrogram.services.client import (
+        NGRAM_METHODS,
+        RETRIEVER_METHODS,
+        AsyncRetrieverClient,
+        RetrieverClient,
+    )
+
+    for sync, aio, table in ((NgramClient, AsyncNgramClient, NGRAM_METHODS),
+                             (RetrieverClient, AsyncRetrieverClient, RETRIEVER_METHODS)):
+        for name, m in table.items():
+            s, a = getattr(sync, name), getattr(aio, name)
+            assert inspect.signature(s) == inspect.signature(a), name
+            assert list(inspect.signature(s).parameters)[-1] == "timeout", name
+            assert not inspect.iscoroutinefunction(s) and inspect.iscoroutinefunction(a) == (m.ask != "iter"), name
+        assert sync.session_methods == aio.session_methods == {m.rpc for m in table.values() if m.session}
+    assert NgramClient.session_methods == {"Count", "Prob", "InfgramProb", "Ntd", "InfgramNtd"}
+    assert conformance_errors(engine, NgramQueries) == []
+    with NgramClient(server.address) as c:
+        assert conformance_errors(c, NgramQueries) == [] and isinstance(c, NgramQueries)
+        assert conformance_errors(c, AsyncNgramQueries)   # not the async protocol
+    assert conformance_errors(AsyncNgramClient, NgramQueries)   # nor the reverse
+
+    async def main():
+        async with AsyncNgramClient(server.address) as a:
+            assert conformance_errors(a, AsyncNgramQueries) == [] and isinstance(a, AsyncNgramQueries)
+            q = engine.tokenize(" the king")
+            assert await a.ntd(q, 3) == engine.ntd(q, 3)   # positional arguments as the engine takes them
 
     asyncio.run(main())
 
@@ -691,11 +737,12 @@ def test_cli_server_flag_errors(server, ngram_index):
     assert r.returncode == 2 and "--index and --server" in r.stderr
 
 
-def test_grpc_io_choice_is_made_before_grpc_loads():
-    """client.py (imported by serving.py) picks grpc core's iomgr polling before grpc is imported, unless
-    told not to, and leaves a GRPC_EXPERIMENTS given by the user alone."""
-    code = ("import os, sys; from retrogram.services import client; "
-            "print(client.LOW_LATENCY_IO, os.environ.get('GRPC_EXPERIMENTS', ''))")
+@pytest.mark.parametrize("module", ["client", "serving"])
+def test_grpc_io_choice_is_made_before_grpc_loads(module):
+    """grpc_env (imported first by client.py and serving.py) picks grpc core's iomgr polling before grpc is
+    imported, unless told not to, and leaves a GRPC_EXPERIMENTS given by the user alone."""
+    code = (f"import os, sys; from retrogram.services import {module}; from retrogram.services import grpc_env; "
+            "print(grpc_env.LOW_LATENCY_IO, os.environ.get('GRPC_EXPERIMENTS', ''))")
     base = {k: v for k, v in os.environ.items() if k not in ("GRPC_EXPERIMENTS", "RETROGRAM_GRPC_EVENT_ENGINE")}
 
     def run(**env):
