@@ -190,7 +190,8 @@ def test_text_queries(ngram_index):
     ids = e.tokenize(phrase)
     # exact=True: the text's own tokens (the words wherever they stand: tests/test_cli_newcomer.py)
     assert e.count_text(phrase, exact=True)["count"] == e.count(ids)["count"] >= 1
-    assert e.prob_text(phrase, exact=True) == e.prob(ids[:-1], ids[-1])
+    assert e.prob_text(phrase, exact=True) == {**e.prob(ids[:-1], ids[-1]), "forms": [
+        {"tokens": ids, "prompt_cnt": e.count(ids[:-1])["count"], "cont_cnt": e.count(ids)["count"]}]}
     assert e.infgram_prob_text(phrase, exact=True)["suffix_len"] == len(ids) - 1
     assert e.search_docs_text(phrase, exact=True)["cnt"] == e.count(ids)["count"]
     scored = e.score_text(phrase)
@@ -220,8 +221,8 @@ def test_cli(ngram_index, tmp_path, capsys):
     assert [x["count"] for x in lines] == [e.count_text(" the king")["count"], e.count_text(" my lord")["count"]]
     code, out, _ = _cli(capsys, "ngram", "prob", "--index", idx, "--json", " the king")
     assert json.loads(out)["cont_cnt"] == e.count(ids)["count"]
-    code, out, _ = _cli(capsys, "ngram", "ntd", "--index", idx, " the", "--top", "3")
-    assert code == 0 and out.startswith("prompt_cnt=") and len(out.splitlines()) == 4
+    code, out, _ = _cli(capsys, "ngram", "ntd", "--index", idx, " the", "--top", "3")   # the counts, the text's
+    assert code == 0 and out.startswith("prompt_cnt=") and len(out.splitlines()) == 1 + 1 + 3   # one form, 3 rows
     code, out, _ = _cli(capsys, "ngram", "infgram-ntd", "--index", idx, "--json", " the king")
     assert "suffix_len" in json.loads(out)
     code, out, _ = _cli(capsys, "ngram", "search", "--index", idx, "--json", "--cnf", " king AND lord OR queen",
