@@ -172,17 +172,19 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("running", "waiting", "max_waiting", "kv_pages_total", "kv_pages_free", "tokens_per_s")
+    __slots__ = ("running", "waiting", "max_waiting", "kv_pages_total", "kv_pages_free", "tokens_per_s", "max_running")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     max_waiting: int
     kv_pages_total: int
     kv_pages_free: int
     tokens_per_s: float
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., max_waiting: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    max_running: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., max_waiting: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., max_running: _Optional[int] = ...) -> None: ...

@@ -6,6 +6,8 @@
     ng.count("to be or")    -> {"count": 3, "approx": False, "tokens": [...]}   (text: tokenized by the server)
     rt = RetrieverClient("127.0.0.1:50052")
     rt.retrieve("what is a list comprehension?", k=2)  -> [[{"score": ..., "chunk_id": ..., ...}, ...]]
+    dc = DecoderClient("127.0.0.1:50053")
+    for ev in dc.generate("Who was Hamlet?", {"max_tokens": 32}, chat=True): print(ev["text"], end="")
 
 The n-gram client's methods and result dicts are those of `retrogram.ngram.Engine` (infini-gram 2.6.0's
 names and fields; `retrogram.ngram.api.NgramQueries`), so code written against the engine runs against a
@@ -15,7 +17,7 @@ each holding some shards of one index, the client asks them all concurrently and
 documents are sampled across servers in proportion to their counts; document indexes and shard numbers run
 across the servers in the order given).
 
-Every client method is one row of a table (NGRAM_METHODS, RETRIEVER_METHODS): the RPC, how the Python
+Every client method is one row of a table (NGRAM_METHODS, RETRIEVER_METHODS, DECODER_METHODS): the RPC, how the Python
 arguments become its request, how one server's answer becomes the engine's result, how several servers'
 results combine, and whether the call may go over a session. The sync and the async client are both built
 from the table, so each has every method (the async one as coroutines; `iter_*` as async generators).
@@ -25,8 +27,9 @@ stream instead of one gRPC call each (see "sessions" below); `sessions=False` tu
 takes a keyword-only `timeout` (seconds; default the client's).
 
 Failures raise `ServiceError` (a UserError: the CLI prints its message) with the gRPC status code.
-Calls that find a server unavailable (restarting, still loading its index) are retried with backoff
-(every call is a read, so retrying is safe), and channels reconnect on their own after a restart.
+Calls that find a server unavailable (restarting, still loading its index or model) are retried with
+backoff (UNAVAILABLE means nothing was answered, so sending again is safe), and channels reconnect on their
+own after a restart. A decoder's generate has no deadline unless given one; closing its iterator cancels it.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ from ..index.errors import UserError
 from ..ngram import merge
 from ..ngram.merge import ShardLayout
 from ..protos import common_pb2 as cpb
+from ..protos import decoder_pb2 as dpb
+from ..protos import decoder_pb2_grpc as dgrpc
 from ..protos import ngram_pb2 as npb
 from ..protos import ngram_pb2_grpc as ngrpc
 from ..protos import retriever_pb2 as rpb
@@ -67,7 +72,10 @@ DEFAULT_TIMEOUT_S = 60.0
 
 _RETRY_CONFIG = json.dumps({
     "methodConfig": [{
-        "name": [{"service": "retrogram.v1.NgramService"}, {"service": "retrogram.v1.RetrieverService"}],
+        # UNAVAILABLE: no call was answered (a server restarting, loading, draining), so a Generate too
+        # is safe to send again
+        "name": [{"service": "retrogram.v1.NgramService"}, {"service": "retrogram.v1.RetrieverService"},
+                 {"service": "retrogram.v1.DecoderService"}],
         "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
                         "retryableStatusCodes": ["UNAVAILABLE"]},
     }]})
@@ -285,6 +293,60 @@ def _info():
     return cpb.InfoRequest(), None
 
 
+def _sampling_msg(params) -> dpb.SamplingParams:
+    """retrogram.retro.sampling.SamplingParams (or a dict of its fields) as the proto; not validated here:
+    the server answers INVALID_ARGUMENT naming the field."""
+    if params is None:
+        return dpb.SamplingParams()
+    if isinstance(params, dpb.SamplingParams):
+        return params
+    get = params.get if isinstance(params, dict) else (lambda k, d=None: getattr(params, k, d))
+    msg = dpb.SamplingParams(top_k=int(get("top_k", 0) or 0), max_tokens=int(get("max_tokens", 0) or 0),
+                             stop=list(get("stop", ()) or ()), stop_token_ids=[int(t) for t in get("stop_token_ids", ()) or ()],
+                             ignore_eos=bool(get("ignore_eos", False)), ngram_lambda=float(get("ngram_lambda", 0.0) or 0.0),
+                             ngram_lambda_by_length=_lambda_steps(get("ngram_lambda_by_length")))
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        v = get(name)
+        if v is not None:
+            setattr(msg, name, float(v))
+    if get("seed") is not None:
+        msg.seed = int(get("seed"))
+    return msg
+
+
+def _lambda_steps(steps) -> list:
+    return [dpb.LambdaStep(min_length=int(a), weight=float(w)) for a, w in (steps or ())]
+
+
+def _generate(prompt, params=None, chat: bool = False, truncate: bool = False, logprobs: bool = False,
+              request_id: str = ""):
+    """prompt: a text, token ids, or chat messages ([{"role", "content"}, ...]); chat=True puts a text through
+    the model's chat template as a user message. params: SamplingParams or a dict of its fields."""
+    req = dpb.GenerateRequest(sampling=_sampling_msg(params), truncate_prompt=truncate, logprobs=logprobs,
+                              request_id=request_id)
+    if isinstance(prompt, str) and chat:
+        req.chat.messages.append(dpb.ChatMessage(role="user", content=prompt))
+    elif not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], dict):
+        req.chat.messages.extend(dpb.ChatMessage(role=str(m.get("role", "")), content=str(m.get("content", "")))
+                                 for m in prompt)
+    else:
+        req.text_or_ids.CopyFrom(query_msg(prompt))
+    return req, None
+
+
+def _score_text(text, ngram_lambda: float = 0.0, ngram_lambda_by_length=None):
+    return dpb.ScoreRequest(text_or_ids=query_msg(text), ngram_lambda=float(ngram_lambda),
+                            ngram_lambda_by_length=_lambda_steps(ngram_lambda_by_length)), None
+
+
+def _decoder_info():
+    return dpb.DecoderInfoRequest(), None
+
+
+def _load():
+    return dpb.LoadRequest(), None
+
+
 def _is_single(q) -> bool:
     if isinstance(q, (str, rpb.RetrieveQuery)):
         return True
@@ -382,6 +444,39 @@ def neighbour_dict(n: rpb.Neighbour) -> dict:
 
 def neighbours_dicts(r: rpb.RetrieveResponse) -> list[list[dict]]:
     return [[neighbour_dict(n) for n in ns.neighbours] for ns in r.results]
+
+
+_FINISH = {dpb.FINISH_STOP: "stop", dpb.FINISH_LENGTH: "length"}
+
+
+def generate_event_dict(e: dpb.GenerateEvent) -> dict:
+    """{token_ids, text, logprobs, finish_reason (None until the last), usage (the last only), prompt_ids
+    (the first only)}, as `retrogram generate --json` prints them."""
+    out = {"token_ids": list(e.token_ids), "text": e.text, "logprobs": list(e.logprobs),
+           "finish_reason": _FINISH.get(e.finish_reason),
+           "usage": _message_dict(e.usage) if e.HasField("usage") else None}
+    if len(e.prompt_ids):
+        out["prompt_ids"] = list(e.prompt_ids)
+    return out
+
+
+def score_dict(r: dpb.ScoreResponse) -> dict:
+    out = {"token_ids": list(r.token_ids), "logprobs": list(r.logprobs), "perplexity": r.perplexity}
+    if len(r.mixed_logprobs):
+        out.update(mixed_logprobs=list(r.mixed_logprobs), mixed_perplexity=r.mixed_perplexity)
+    return out
+
+
+def _message_dict(m) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def decoder_info_dict(i: dpb.DecoderInfo) -> dict:
+    out = _message_dict(i)
+    out.setdefault("eos_token_id", None)
+    return out
 
 
 def layout_of(infos: list[dict]) -> ShardLayout:
@@ -509,6 +604,24 @@ RETRIEVER_METHODS: dict[str, Rpc] = {
                   doc="`Retriever.search` over gRPC: one list of `retrogram.index.retriever.Neighbour` per "
                       "query text."),
     "info": Rpc("Info", _info, info_dict, _all, doc="The server's IndexInfo, as a dict in a list."),
+}
+
+
+DECODER_METHODS: dict[str, Rpc] = {
+    "generate": Rpc("Generate", _generate, generate_event_dict, None, ask="iter",
+                    doc="The generation's events as they come: dicts {token_ids, text, logprobs (when asked), "
+                        "finish_reason (None until the last event), usage (on the last), prompt_ids (on the "
+                        "first)}. Closing the iterator (or leaving a `with` / `async with aclosing(...)`) cancels "
+                        "the call, and the server stops decoding. No deadline unless `timeout` is given."),
+    "score": Rpc("Score", _score_text, score_dict, _first, ask="first",
+                 doc="Per-token log-probabilities and perplexity of a text (or token ids) under the LM: {token_ids, "
+                     "logprobs (one per token after the first), perplexity}, and mixed_logprobs / mixed_perplexity "
+                     "under LM + ∞-gram when ngram_lambda (or ngram_lambda_by_length) is given."),
+    "load": Rpc("Load", _load, _message_dict, _first, ask="first",
+                doc="The server's load: {running, waiting, max_running, max_waiting, kv_pages_total, kv_pages_free, "
+                    "tokens_per_s}."),
+    "info": Rpc("Info", _decoder_info, decoder_info_dict, _first, ask="first",
+                doc="The model, tokenizer, context, device, KV cache and index the server decodes with."),
 }
 
 
@@ -686,6 +799,9 @@ class _Base:
     stub_class: Any = None
     max_servers: int | None = None
     aio = False
+    # whether a streaming call without its own timeout gets the client's: not for a decoder's generation,
+    # which may stream for minutes (it is cancelled by closing its iterator)
+    streams_take_timeout = True
 
     def __init_subclass__(cls, service=None, stub=None, table: dict[str, Rpc] | None = None,
                           max_servers: int | None = None, **kw):
@@ -768,8 +884,10 @@ class _Base:
                 self._sessions[k] = None
                 s.close()
 
-    def _kw(self, timeout) -> dict:
-        kw = {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata}
+    def _kw(self, timeout, stream: bool = False) -> dict:
+        if timeout is None and (self.streams_take_timeout or not stream):
+            timeout = self.timeout
+        kw = {"timeout": timeout, "metadata": self.metadata}
         if self.wait_for_ready:
             kw["wait_for_ready"] = True
         return kw
@@ -815,10 +933,13 @@ class _SyncBase(_Base):
         return out
 
     def _stream(self, k: int, method: str, request, timeout=None):
+        call = getattr(self.stubs[k], method)(request, **self._kw(timeout, stream=True))
         try:
-            yield from getattr(self.stubs[k], method)(request, **self._kw(timeout))
+            yield from call
         except grpc.RpcError as e:
             raise _error(self.targets[k], method, e) from None
+        finally:
+            call.cancel()   # closed early (the caller stopped reading): the server stops too; a no-op when done
 
     # -- the kinds of ask (Rpc.ask)
 
@@ -887,11 +1008,14 @@ class _AsyncBase(_Base):
         return list(await asyncio.gather(*(self._call(k, method, request, timeout) for k in range(len(self.stubs)))))
 
     async def _stream(self, k: int, method: str, request, timeout=None):
+        call = getattr(self.stubs[k], method)(request, **self._kw(timeout, stream=True))
         try:
-            async for x in getattr(self.stubs[k], method)(request, **self._kw(timeout)):
+            async for x in call:
                 yield x
         except grpc.RpcError as e:
             raise _error(self.targets[k], method, e) from None
+        finally:
+            call.cancel()   # closed early (aclose): the server stops too; a no-op when done
 
     async def _ask_all(self, m: Rpc, req, hint, timeout):
         conv = m.response
@@ -946,6 +1070,7 @@ class _AsyncBase(_Base):
 
 _NGRAM = npb.DESCRIPTOR.services_by_name["NgramService"]
 _RETRIEVER = rpb.DESCRIPTOR.services_by_name["RetrieverService"]
+_DECODER = dpb.DESCRIPTOR.services_by_name["DecoderService"]
 
 
 class NgramClient(_SyncBase, service=_NGRAM, stub=ngrpc.NgramServiceStub, table=NGRAM_METHODS):
@@ -968,11 +1093,31 @@ class AsyncRetrieverClient(_AsyncBase, service=_RETRIEVER, stub=rgrpc.RetrieverS
     """RetrieverClient's methods as coroutines (grpc.aio)."""
 
 
+class DecoderClient(_SyncBase, service=_DECODER, stub=dgrpc.DecoderServiceStub, table=DECODER_METHODS,
+                    max_servers=1):
+    """The decoder over gRPC: generate (an iterator of event dicts), score, load, info.
+
+        with DecoderClient("127.0.0.1:50053") as c:
+            for ev in c.generate("Who was Hamlet?", {"max_tokens": 64, "temperature": 0}, chat=True):
+                print(ev["text"], end="")
+    """
+
+    streams_take_timeout = False
+
+
+class AsyncDecoderClient(_AsyncBase, service=_DECODER, stub=dgrpc.DecoderServiceStub, table=DECODER_METHODS,
+                         max_servers=1):
+    """DecoderClient's methods as coroutines (grpc.aio); generate is an async iterator (close it with
+    `contextlib.aclosing` to cancel the call when leaving the loop early)."""
+
+    streams_take_timeout = False
+
+
 # ------------------------------------------------------------------------------------------- CLI hook
 
 def connect(servers: str | Sequence[str], service: str = "ngram", **kw):
     """The client object the CLI uses in place of the engine for `--server`: NgramClient (same methods and
-    result dicts as retrogram.ngram.Engine) or RetrieverClient. The API key comes from
+    result dicts as retrogram.ngram.Engine), RetrieverClient or DecoderClient. The API key comes from
     $RETROGRAM_API_KEY when set."""
     kw.setdefault("api_key", env_api_key())
     if service == "ngram":
@@ -981,4 +1126,8 @@ def connect(servers: str | Sequence[str], service: str = "ngram", **kw):
         if not isinstance(servers, str) and len(servers) != 1:
             raise UserError("--server: the retriever is asked of one server")
         return RetrieverClient(servers if isinstance(servers, str) else servers[0], **kw)
+    if service == "decoder":
+        if not isinstance(servers, str) and len(servers) != 1:
+            raise UserError("--server: the decoder is asked of one server")
+        return DecoderClient(servers if isinstance(servers, str) else servers[0], **kw)
     raise ValueError(f"unknown service {service!r}")
