@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..index.errors import UserError
+from ..index.handle import Index
 from ..protos import common_pb2 as cpb
 from ..protos import ngram_pb2 as pb
 from .serving import CallContext, IndexService, invalid, not_found, server_version, too_large
@@ -51,8 +52,8 @@ class NgramServicer(IndexService):
               "GetDocByIx": _small_doc,
               "GetDocByRank": _small_doc}
 
-    def __init__(self, index_dir: Path | str):
-        super().__init__(index_dir)
+    def __init__(self, index: Index | Path | str):
+        super().__init__(index)
         self.engine = None
         self._info: cpb.IndexInfo | None = None
 
@@ -61,18 +62,17 @@ class NgramServicer(IndexService):
     def check(self) -> None:
         """A retrogram index needs its tokenize and ngram stages; a bare directory of infini-gram shard
         files is checked by the engine when it opens."""
-        from ..index.manifest import MANIFEST, Manifest
+        from ..index.manifest import MANIFEST
 
-        if not self.index_dir.is_dir():
+        if self.index is None and not self.index_dir.is_dir():
             raise UserError(f"{self.index_dir}: no such index directory")
-        if (self.index_dir / MANIFEST).is_file():
-            manifest = Manifest.load(self.index_dir)
-            manifest.require_stage(self.index_dir, "ngram")
+        if self.index is not None or (self.index_dir / MANIFEST).is_file():
+            self.open_index("ngram")
 
     def load(self) -> None:
         from ..ngram.engine import Engine
 
-        eng = self.engine = Engine(self.index_dir)
+        eng = self.engine = Engine(self.index if self.index is not None else self.index_dir)
         tok = eng.tokenizer_info or {}
         self._info = cpb.IndexInfo(
             index_dir=str(self.index_dir), tokenizer=str(tok.get("name", "")), tokenizer_sha256=str(tok.get("sha256", "")),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..index.errors import UserError
+from ..index.handle import Index
 from ..protos import common_pb2 as cpb
 from ..protos import retriever_pb2 as pb
 from .serving import CallContext, IndexService, invalid, server_version, too_large
@@ -28,29 +28,25 @@ class RetrieverServicer(IndexService):
     descriptor = pb.DESCRIPTOR.services_by_name["RetrieverService"]
     inline = {"Info": lambda req: True}
 
-    def __init__(self, index_dir: Path | str, embedder: str | None = None, device: str | None = None):
-        super().__init__(index_dir)
+    def __init__(self, index: Index | Path | str, embedder: str | None = None, device: str | None = None):
+        super().__init__(index)
         self.embedder = embedder
         self.device = device
         self.retriever = None
         self._info: cpb.IndexInfo | None = None
 
     def check(self) -> None:
-        from ..index.manifest import Manifest
-
-        if not self.index_dir.is_dir():
-            raise UserError(f"{self.index_dir}: no such index directory")
-        Manifest.load(self.index_dir).require_stage(self.index_dir, "faiss")
+        self.open_index("faiss")
 
     def load(self) -> None:
-        from ..index.manifest import Manifest
         from ..index.retriever import Retriever
 
-        r = self.retriever = Retriever.open(self.index_dir, embedder=self.embedder, device=self.device)
+        index = self.open_index("faiss")
+        r = self.retriever = Retriever.open(index, embedder=self.embedder, device=self.device)
         r.embedder   # load the query embedder now: SERVING means queries by text are ready
         r.tokenizer
         r.search_ids(np.zeros((1, r.dim), np.float32) + 1.0 / np.sqrt(r.dim), 1)
-        manifest = Manifest.load(self.index_dir)
+        manifest = index.manifest
         tok = manifest.tokenizer
         self._info = cpb.IndexInfo(
             index_dir=str(self.index_dir), tokenizer=str(tok.get("name", "")), tokenizer_sha256=str(tok.get("sha256", "")),

@@ -58,6 +58,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ..index.errors import UserError
+from ..index.handle import Index
 from ..protos import common_pb2 as cpb
 
 log = logging.getLogger("retrogram.services")
@@ -197,13 +198,22 @@ class Service:
 
 
 class IndexService(Service):
-    """A service over one index directory (`retrogram serve NAME --index DIR`)."""
+    """A service over one index directory (`retrogram serve NAME --index DIR`): an `Index` (retrogram.index),
+    or its directory, which `open_index` opens once for check() and load() together."""
 
     kind = "index"
 
-    def __init__(self, index_dir: Path | str):
+    def __init__(self, index: Index | Path | str):
         super().__init__()
-        self.index_dir = Path(index_dir)
+        self.index: Index | None = index if isinstance(index, Index) else None
+        self.index_dir = self.index.dir if self.index is not None else Path(index)
+
+    def open_index(self, stage: str) -> Index:
+        """The index (opened on first use, its manifest read once), after checking it has `stage`."""
+        if self.index is None:
+            self.index = Index.open(self.index_dir)
+        self.index.require(stage)
+        return self.index
 
     @classmethod
     def from_args(cls, args) -> "IndexService":

@@ -100,3 +100,24 @@ def test_missing_parts_are_named(full_index, tmp_path):
         f.write(b"\0" * 8)
     with pytest.raises(IndexFormatError, match=r"chunks\.bin: truncated or changed"):
         Index.open(copy).chunks
+
+
+def test_servicers_take_an_index(full_index, manifest_loads):
+    """The gRPC servicers open their index once for check() and load() (a path), or take an open Index."""
+    from retrogram.services.ngram_service import NgramServicer
+    from retrogram.services.retriever_service import RetrieverServicer
+
+    for svc in (NgramServicer(full_index), RetrieverServicer(full_index, device="cpu")):
+        manifest_loads.clear()
+        svc.check()
+        svc.load()
+        assert len(manifest_loads) == 1 and svc.describe() == str(full_index)
+    index = Index.open(full_index)
+    manifest_loads.clear()
+    ng, rt = NgramServicer(index), RetrieverServicer(index, device="cpu")
+    for svc in (ng, rt):
+        svc.check()
+        svc.load()
+        assert svc.describe() == str(full_index)
+    assert manifest_loads == [] and ng.engine.indexes == [index] and rt.retriever.index is index
+    assert rt.Info(None, None).num_documents == ng.Info(None, None).num_documents == index.tokens.n_docs
