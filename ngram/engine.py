@@ -115,7 +115,7 @@ def count_forms(engine, forms: list[list[int]]) -> dict:
             "forms": [{"tokens": f, "count": n} for f, n in zip(forms, counts)]}
 
 
-def search_forms(engine, forms: list[list[int]], maxnum: int | None = None, max_disp_len: int | None = None) -> dict:
+def search_forms(engine, forms: list[list[int]], maxnum: int, max_disp_len: int | None = None) -> dict:
     """`search_docs` over the matches of all forms together: min(maxnum, cnt) distinct matches drawn
     uniformly among them (each form gets as many as a draw without replacement gives it); idxs number the
     matches form after form. engine: an Engine or an NgramClient."""
@@ -124,7 +124,6 @@ def search_forms(engine, forms: list[list[int]], maxnum: int | None = None, max_
     out = {"cnt": counted["count"], "approx": False, "idxs": [], "documents": [], "forms": counted["forms"]}
     if counted["count"] == 0:
         return out
-    maxnum = getattr(engine, "maxnum", 1) if maxnum is None else maxnum
     per_form = np.random.default_rng().multivariate_hypergeometric(cnts, min(maxnum, counted["count"]))
     base = 0
     for f, n, k in zip(forms, cnts, per_form.tolist()):
@@ -134,7 +133,6 @@ def search_forms(engine, forms: list[list[int]], maxnum: int | None = None, max_
             out["documents"] += r["documents"]
         base += n
     return out
-
 
 
 def prob_forms(engine, forms: list[list[int]]) -> dict:
@@ -161,6 +159,7 @@ def ntd_forms(engine, forms: list[list[int]], max_support: int | None = None) ->
                                                              for t, c in cont.items()},
             "approx": any(r["approx"] for r in rs),
             "forms": [{"tokens": f, "prompt_cnt": r["prompt_cnt"]} for f, r in zip(forms, rs)]}
+
 
 class Engine:
     """Exact n-gram statistics over one or more sets of infini-gram v4 shards (see the module doc).
@@ -609,6 +608,7 @@ class Engine:
 
     def search_docs_text(self, text: str, maxnum: int | None = None, max_disp_len: int | None = None,
                          exact: bool = False) -> dict:
+        maxnum = self.maxnum if maxnum is None else _check_int("maxnum", maxnum)
         return search_forms(self, self.text_forms(text, exact), maxnum, max_disp_len)
 
     def cnf_from_text(self, cnf_text: list[list[str]], exact: bool = False) -> list[list[list[int]]]:

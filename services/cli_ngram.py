@@ -268,14 +268,10 @@ def _tok(engine, t: int) -> str:
 
 def _ids_text(engine, ids: list[int]) -> str:
     """'comma,separated,ids' and what they decode to: the token ids a query used, shown to the user."""
-    return f"{','.join(map(str, ids))}  {_decode_repr(engine, ids)}"
-
-
-def _decode_repr(engine, ids: list[int]) -> str:
     try:
-        return repr(engine.decode(ids))
-    except UserError:
-        return ""
+        return f"{','.join(map(str, ids))}  {engine.decode(ids)!r}"
+    except UserError:   # bare infini-gram shards: no tokenizer
+        return ",".join(map(str, ids))
 
 
 def _print_forms(engine, out: dict) -> None:
