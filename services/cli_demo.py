@@ -76,9 +76,10 @@ def ngram_queries(engine) -> dict:
 def cmd_demo(args) -> int:
     if args.corpus == DEMO_CORPUS and not DEMO_CORPUS.is_file():
         raise UserError(f"{DEMO_CORPUS}: the demo corpus is missing from this installation")
+    from .cli_serve import check_port_number
+
     for flag, port in (("--ngram-port", args.ngram_port), ("--retriever-port", args.retriever_port)):
-        if not 0 <= port <= 65535:
-            raise UserError(f"{flag} {port}: expected a port number in [0, 65535] (0: any free port)")
+        check_port_number(port, flag)   # whether it is free, the server that binds it says
     report: dict = {}
     seconds: dict[str, float] = {}
     t_all = t0 = time.perf_counter()

@@ -156,14 +156,18 @@ def cmd_serve(args) -> int:
         raise
 
 
+def check_port_number(port: int, flag: str) -> None:
+    if not 0 <= port <= 65535:
+        raise UserError(f"{flag} {port}: expected a port number in [0, 65535] (0: any free port)")
+
+
 def check_port(host: str, port: int, flag: str) -> None:
     """Refuse a port out of range or one that something already listens on, naming the flag (grpc itself
     would log a C-level error line and raise a RuntimeError that says only "Failed to bind")."""
     import errno
     import socket
 
-    if not 0 <= port <= 65535:
-        raise UserError(f"{flag} {port}: expected a port number in [0, 65535] (0: any free port)")
+    check_port_number(port, flag)
     if port == 0:
         return
     try:

@@ -197,6 +197,8 @@ def test_errors_name_the_flag_not_the_engine_argument(ngram_index, small_corpus,
         (["retrieve", "--index", tmp_path / "none", "--k", "0", "who?"], "--k 0: expected a positive number of neighbours"),
         (["neighbours", "--index", tmp_path / "none", "--out", tmp_path / "n.npy", "--k", "-1"],
          "--k -1: expected a positive number of neighbours"),
+        (["demo", "--out", tmp_path / "demo", "--retriever-port", "70000"],
+         "--retriever-port 70000: expected a port number in [0, 65535]"),
     ]:
         code, out, err = _cli(capsys, *argv)
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
