@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IndexFormatError
+from .errors import IndexFormatError, UserError
 
 FORMAT_NAME = "retrogram-index"
 FORMAT_VERSION = 1
@@ -34,6 +34,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_json(path: Path, error=UserError, what: str = "file") -> Any:
+    """A JSON file's value, or `error` naming the file when it cannot be read or parsed."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: unreadable {what} ({e})") from None
 
 
 @dataclass
@@ -88,10 +96,7 @@ class Manifest:
             raise IndexFormatError(f"{index_dir}: no such index directory")
         if not path.is_file():
             raise IndexFormatError(f"{path}: missing; {index_dir} is not a retrogram index (run `retrogram build-index`)")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise IndexFormatError(f"{path}: unreadable manifest ({e})") from None
+        d = read_json(path, IndexFormatError, "manifest")
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise IndexFormatError(f"{path}: not a retrogram manifest (format {d.get('format')!r} if any)")
         if d.get("version") != FORMAT_VERSION:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from .attention import AttentionBatch, prepare_step
+from .graphs import capture
 from .kv_cache import KVCache
 from .model import Transformer
 
@@ -116,19 +117,7 @@ class CUDAGraphDecoder:
 
     def _graph(self, sparse: bool):
         if sparse not in self._graphs:
-            # warm up on a side stream (Triton compiles here), then capture; the warm-up runs compute this very
-            # step (same inputs, same cache slot), so they change nothing
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._forward()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(g, pool=self._pool):
-                out = self._forward()
+            g, out, self._pool = capture(self._forward, self._pool)
             self._graphs[sparse] = (g, out)
         return self._graphs[sparse]
 

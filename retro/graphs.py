@@ -25,6 +25,23 @@ from .model import Transformer
 SCRATCH = ("__decode_graph_scratch__",)
 
 
+def capture(forward, pool=None):
+    """(graph, static output, pool): `forward` warmed up on a side stream (Triton compiles there), then
+    captured as a CUDA graph in the memory pool `pool` (a new one when None). The warm-up runs compute the
+    very step being captured (same inputs, same cache slots), so they change nothing."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+    with torch.cuda.graph(g, pool=pool):
+        out = forward()
+    return g, out, pool
+
+
 def buckets(max_batch: int) -> list[int]:
     """1, 2, 4, ... and max_batch itself."""
     out, b = [], 1
@@ -79,19 +96,7 @@ class DecodeGraphs:
 
     def _graph(self, B: int):
         if B not in self._graphs:
-            # warm up on a side stream (Triton compiles here), then capture; warm-up and capture recompute
-            # this very step into the same slots, so they change nothing
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._forward(B)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(g, pool=self._pool):
-                out = self._forward(B)
+            g, out, self._pool = capture(lambda: self._forward(B), self._pool)
             self._graphs[B] = (g, out)
         return self._graphs[B]
 

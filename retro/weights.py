@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..index.errors import UserError
-from ..index.manifest import Manifest, sha256_file, write_json_atomic
+from ..index.manifest import Manifest, read_json, sha256_file, write_json_atomic
 from ..index.tokenizer import DEFAULT_TOKENIZER, SMOLLM2_GGUF, load_tokenizer, smollm2_package_dir, tokenizer_identity
 from .config import ModelConfig
 from .model import Transformer
@@ -137,11 +137,7 @@ def read_config(model_dir: Path) -> ModelConfig:
     path = model_dir / "config.json"
     if not path.is_file():
         raise UserError(f"model directory {model_dir}: no config.json (expected a Hugging Face model directory)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({e})") from None
-    return ModelConfig.from_hf(cfg, where=str(path))
+    return ModelConfig.from_hf(read_json(path, UserError, "config"), where=str(path))
 
 
 def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
