@@ -7,6 +7,8 @@ import torch
 
 from retrogram.retro.attention import prepare_step
 from retrogram.retro.config import ModelConfig
+from retrogram.retro.model import Transformer
+from retrogram.retro.rope import Rotary
 from retrogram.retro.weights import build_model, convert_hf_state_dict
 
 
@@ -36,6 +38,20 @@ def hf_logits(hf, ids) -> torch.Tensor:
     """[T, V] logits of one full sequence."""
     with torch.no_grad():
         return hf(torch.as_tensor(ids)[None]).logits[0].float()
+
+
+def random_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0, scale: float = 0.15,
+                 norm_scale: float = 0.2) -> Transformer:
+    """Our Transformer with random weights (norm weights around 1), RoPE frequencies kept in float32."""
+    g = torch.Generator().manual_seed(seed)
+    m = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(1 + norm_scale * torch.randn(p.shape, generator=g) if name.endswith("norm.weight")
+                    else scale * torch.randn(p.shape, generator=g))
+    m = m.to(device, dtype).eval().requires_grad_(False)
+    m.rope = Rotary(cfg).to(device)
+    return m
 
 
 def run_schedule(model, cache, seqs: dict, schedule):

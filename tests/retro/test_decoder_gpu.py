@@ -12,11 +12,13 @@ import os
 import pytest
 import torch
 
+import decoder_helpers as helpers
+
 from retrogram.retro.attention import TritonOptions, prepare_step
 from retrogram.retro.config import ModelConfig
 from retrogram.retro.generate import CUDAGraphDecoder, decode_one_token, generate, prefill
 from retrogram.retro.model import Transformer
-from retrogram.retro.rope import Rotary
+from retrogram.kernels.testing import rel
 
 pytestmark = [
     pytest.mark.gpu,
@@ -30,22 +32,8 @@ CFG = ModelConfig.tiny(vocab_size=1024, dim=576, n_layers=4, n_heads=9, n_kv_hea
                        intermediate_size=1536, max_position_embeddings=8192)
 
 
-def rel(a, b):
-    assert torch.isfinite(a).all()
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def random_model(dtype, seed=0) -> Transformer:
-    g = torch.Generator().manual_seed(seed)
-    m = Transformer(CFG)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if name.endswith("norm.weight")
-                    else 0.05 * torch.randn(p.shape, generator=g))
-    m.rope = Rotary(CFG)
-    m = m.to("cuda", dtype).eval().requires_grad_(False)
-    m.rope = Rotary(CFG).cuda()  # float32 frequencies
-    return m
+    return helpers.random_model(CFG, "cuda", dtype, seed, scale=0.05, norm_scale=0.1)
 
 
 def test_triton_matches_sdpa_in_bf16_over_mixed_steps():

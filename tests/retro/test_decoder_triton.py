@@ -16,8 +16,9 @@ from retrogram.retro.attention import TritonOptions, prepare_step  # noqa: E402
 from retrogram.retro.config import ModelConfig  # noqa: E402
 from retrogram.retro.generate import CUDAGraphDecoder, decode_one_token, prefill  # noqa: E402
 from retrogram.retro.model import Transformer  # noqa: E402
-from retrogram.retro.rope import Rotary  # noqa: E402
+from retrogram.kernels.testing import rel  # noqa: E402
 
+import decoder_helpers as helpers  # noqa: E402
 from decoder_helpers import run_schedule  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu"
@@ -25,20 +26,8 @@ DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET")
 TOL = 1e-5 if DEV == "cpu" else 5e-3
 
 
-def rel(a, b):
-    assert torch.isfinite(a).all()
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def random_model(cfg: ModelConfig, seed=0) -> Transformer:
-    g = torch.Generator().manual_seed(seed)
-    m = Transformer(cfg)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if name.endswith("norm.weight")
-                    else 0.15 * torch.randn(p.shape, generator=g))
-    m.rope = Rotary(cfg)
-    return m.to(DEV).eval().requires_grad_(False)
+    return helpers.random_model(cfg, DEV, seed=seed)
 
 
 def both(model, schedule, seqs, page_size, opts=None, tree=None):
