@@ -109,10 +109,10 @@ def cmd_generate(args) -> int:
     params = _params(args)
     t0 = time.perf_counter()
     if args.server:
-        from .client import DecoderClient
+        from .client import connect
 
-        with DecoderClient(args.server) as c:
-            events = c.generate(prompt, params, chat=not args.raw, truncate=args.truncate)
+        with connect(args.server, "decoder") as c:   # logprobs: the events --json prints locally too
+            events = c.generate(prompt, params, chat=not args.raw, truncate=args.truncate, logprobs=True)
             return _stream(args, events, t0)
     dec = _local(args)
     ids = dec.prompt(text=prompt, chat=not args.raw, truncate=args.truncate, max_tokens=params.max_tokens)
@@ -148,9 +148,9 @@ def cmd_score(args) -> int:
         raise UserError(f"--ngram-lambda: expected a number in [0, 1], got {args.ngram_lambda}")
     steps = _lambda_steps(args.ngram_lambda_by_length)
     if args.server:
-        from .client import DecoderClient
+        from .client import connect
 
-        with DecoderClient(args.server) as c:
+        with connect(args.server, "decoder") as c:
             out = c.score(text, ngram_lambda=args.ngram_lambda, ngram_lambda_by_length=steps)
     else:
         dec = _local(args)

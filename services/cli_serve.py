@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 from ..index.errors import UserError
@@ -18,13 +19,16 @@ INDEX_ENV = "RETROGRAM_INDEX"
 CHILD_ENV = "RETROGRAM_SERVER_CHILD"
 
 SERVE_HELP = """\
-Serve an index over gRPC.
+Serve an index (and the decoder) over gRPC.
 
-  retrogram serve --index DIR                   both services, each in its own process, on loopback
-                                                ports 50051 (ngram) and 50052 (retriever); Ctrl-C stops all
+  retrogram serve --index DIR                   the stack: every service below that the index can back,
+                                                each in its own process, on its loopback port; Ctrl-C
+                                                stops all (--no-decoder: without the decoder)
   retrogram serve ngram --index DIR --port P    one service in this process (P=0: any free port)
+  retrogram serve decoder [--index DIR] [--model DIR]
+                                                the decoder alone (--index: its n-grams serve ngram_lambda)
 
-A service answers health checks (grpc.health.v1) with NOT_SERVING until its index is loaded, and lists
+A service answers health checks (grpc.health.v1) with NOT_SERVING until its index (or model) is loaded, and lists
 itself through server reflection (grpcurl -plaintext HOST:PORT list). On SIGTERM or Ctrl-C it stops
 taking calls, finishes those in flight (up to --grace seconds) and exits.
 
@@ -67,7 +71,8 @@ def _add_server_options(p) -> None:
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on shutdown, seconds given to calls in flight (default 30)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="P",
-                   help="serve Prometheus metrics over HTTP on this port (the stack: P for ngram, P+1 for retriever)")
+                   help="serve Prometheus metrics over HTTP on this port (the stack: P for ngram, P+1 for "
+                        "retriever, P+2 for decoder)")
     p.add_argument("--no-inline", action="store_true",
                    help="run every call on the worker threads (default: the smallest calls, a few microseconds "
                         "of engine work, run on the event loop, saving the hop to a thread)")
@@ -94,10 +99,13 @@ def register(sub) -> None:
     for s in registry.stack():
         p.add_argument(f"--{s.name}-port", type=int, default=s.default_port, metavar="P",
                        help=f"the stack's {s.name} port (default {s.default_port})")
+    for s in registry.stack():
+        p.add_argument(f"--no-{s.name}", action="store_true", help=f"the stack without the {s.name} service")
     p.add_argument("--port-name", default="--port", help=argparse.SUPPRESS)   # the port's flag in a parent's errors
     p.add_argument("--startup-timeout", type=float, default=600, metavar="S",
-                   help="the stack: how long to wait for each service to load its index (default 600)")
+                   help="the stack: how long to wait for each service to load its index or model (default 600)")
     _add_server_options(p)
+    _add_service_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("health", help="ask a server's gRPC health service; exit 0 when SERVING",
@@ -110,6 +118,19 @@ def register(sub) -> None:
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--tls-ca", type=Path, default=None, metavar="PEM", help="CA certificate to trust")
     p.set_defaults(func=cmd_health)
+
+
+def _add_service_flags(p) -> None:
+    """Each service's own flags (registry Flag), in a group per service; a flag two services share is added once."""
+    seen = {a.dest for a in p._actions}
+    for s in registry.services():
+        flags = [f for f in s.flags if f.dest not in seen]
+        if not flags:
+            continue
+        group = p.add_argument_group(f"{s.name} service")
+        for f in flags:
+            group.add_argument(f.name, type=f.type, default=None, metavar=f.metavar, help=f.help)
+            seen.add(f.dest)
 
 
 def _config(args, port: int):
@@ -189,15 +210,17 @@ def check_port(host: str, port: int, flag: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- stack
 
-def stack_services(index_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """Which of the stack's services an index can back, and why the others cannot."""
+def stack_services(index_dir: Path, args=None) -> tuple[list[str], dict[str, str]]:
+    """Which of the stack's services an index can back (with the `serve` arguments given, less those left
+    out by --no-NAME), and why the others cannot."""
     from ..index.manifest import Manifest
 
     manifest = Manifest.load(index_dir)
     have, why = [], {}
-    for name in [s.name for s in registry.stack()]:
+    ns = argparse.Namespace(**{**(vars(args) if args is not None else {}), "index": index_dir})
+    for name in [s.name for s in registry.stack() if not getattr(ns, f"no_{s.name}", False)]:
         try:
-            make_service(name, argparse.Namespace(index=index_dir)).check()
+            make_service(name, ns).check()
             have.append(name)
         except UserError as e:
             why[name] = str(e)
@@ -224,6 +247,10 @@ def _child_args(args, name: str) -> list[str]:
         argv.append("--no-inline")
     if args.metrics_port is not None:
         argv += ["--metrics-port", str(args.metrics_port + [s.name for s in registry.stack()].index(name))]
+    for f in registry.get(name).flags:   # the service's own flags, those given
+        v = getattr(args, f.dest, None)
+        if v is not None:
+            argv += [f.name, str(v)]
     return argv
 
 
@@ -233,7 +260,7 @@ def serve_stack(args) -> int:
     if args.port is not None:
         raise UserError("--port is for a single service (retrogram serve ngram --port P); "
                         f"use {' / '.join(f'--{s.name}-port' for s in registry.stack())} for the stack")
-    names, why = stack_services(args.index)
+    names, why = stack_services(args.index, args)
     ports = {s.name: getattr(args, f"{s.name}_port") for s in registry.stack()}
     for name in names:
         check_port(args.host, ports[name], f"--{name}-port")
@@ -248,7 +275,11 @@ def serve_stack(args) -> int:
             children.append(ServerProcess(name, args.index, ports[name], args.host, _child_args(args, name),
                                           env={CHILD_ENV: "1"}, capture_stderr=False))
         for c in children:
-            ev = c.wait_event({"serving", "failed", "exited"}, args.startup_timeout)
+            ev, end = None, time.monotonic() + args.startup_timeout
+            while ev is None and not stop.is_set() and time.monotonic() < end:   # Ctrl-C while loading: stop
+                ev = c.wait_event({"serving", "failed", "exited"}, min(0.5, max(0.0, end - time.monotonic())))
+            if stop.is_set():
+                break
             if ev is None or ev["event"] != "serving":
                 raise UserError(f"{c.service} service: {startup_failure(c, ev, args.startup_timeout)}")
             console.print(f"[bold green]{c.service:<9}[/] serving {args.index} on {c.address}")

@@ -331,6 +331,7 @@ def _generate(prompt, params=None, chat: bool = False, truncate: bool = False, l
                                  for m in prompt)
     else:
         req.text_or_ids.CopyFrom(query_msg(prompt))
+        req.text_or_ids.SetInParent()   # set even when empty: the server then says what is missing
     return req, None
 
 
@@ -932,10 +933,12 @@ class _SyncBase(_Base):
                 raise _error(self.targets[k], method, e) from None
         return out
 
-    def _stream(self, k: int, method: str, request, timeout=None):
+    def _stream(self, k: int, method: str, request, timeout=None, conv: Callable = lambda x: x):
+        """The messages of a server-streaming call, through conv; closing this generator cancels the call."""
         call = getattr(self.stubs[k], method)(request, **self._kw(timeout, stream=True))
         try:
-            yield from call
+            for x in call:
+                yield conv(x)
         except grpc.RpcError as e:
             raise _error(self.targets[k], method, e) from None
         finally:
@@ -957,14 +960,12 @@ class _SyncBase(_Base):
         return m.merge([m.response(self._call(k, m.rpc, req, timeout))], hint, layout)
 
     def _ask_stream(self, m: Rpc, req, hint, timeout):
-        conv = m.response
-        parts = [[conv(x) for x in self._stream(k, m.rpc, req, timeout)] for k in range(len(self.stubs))]
+        parts = [list(self._stream(k, m.rpc, req, timeout, m.response)) for k in range(len(self.stubs))]
         return m.merge(parts, hint, None)
 
     def _ask_iter(self, m: Rpc, req, hint, timeout):
         self._one_server(m)
-        conv = m.response
-        return (conv(x) for x in self._stream(0, m.rpc, req, timeout))
+        return self._stream(0, m.rpc, req, timeout, m.response)
 
     def layout(self) -> ShardLayout:
         if self._layout is None:
@@ -1007,11 +1008,12 @@ class _AsyncBase(_Base):
             return [await self._call(0, method, request, timeout)]
         return list(await asyncio.gather(*(self._call(k, method, request, timeout) for k in range(len(self.stubs)))))
 
-    async def _stream(self, k: int, method: str, request, timeout=None):
+    async def _stream(self, k: int, method: str, request, timeout=None, conv: Callable = lambda x: x):
+        """The messages of a server-streaming call, through conv; closing this generator cancels the call."""
         call = getattr(self.stubs[k], method)(request, **self._kw(timeout, stream=True))
         try:
             async for x in call:
-                yield x
+                yield conv(x)
         except grpc.RpcError as e:
             raise _error(self.targets[k], method, e) from None
         finally:
@@ -1031,23 +1033,15 @@ class _AsyncBase(_Base):
         return m.merge([m.response(await self._call(k, m.rpc, req, timeout))], hint, layout)
 
     async def _ask_stream(self, m: Rpc, req, hint, timeout):
-        conv = m.response
-
         async def read(k):
-            return [conv(x) async for x in self._stream(k, m.rpc, req, timeout)]
+            return [x async for x in self._stream(k, m.rpc, req, timeout, m.response)]
 
         parts = await asyncio.gather(*(read(k) for k in range(len(self.stubs))))
         return m.merge(list(parts), hint, None)
 
     def _ask_iter(self, m: Rpc, req, hint, timeout):
         self._one_server(m)
-        conv = m.response
-
-        async def blocks():
-            async for x in self._stream(0, m.rpc, req, timeout):
-                yield conv(x)
-
-        return blocks()
+        return self._stream(0, m.rpc, req, timeout, m.response)
 
     async def layout(self) -> ShardLayout:
         if self._layout is None:

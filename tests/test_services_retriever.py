@@ -161,7 +161,7 @@ def test_serve_stack(full_index, retriever):
     from test_services import _free_port
 
     p1, p2 = _free_port(), _free_port()
-    proc = subprocess.Popen([*retrogram_command(), "serve", "--index", str(full_index),
+    proc = subprocess.Popen([*retrogram_command(), "serve", "--index", str(full_index), "--no-decoder",
                              "--ngram-port", str(p1), "--retriever-port", str(p2)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -190,7 +190,7 @@ def test_stack_on_an_index_without_retrieval(tmp_path, full_index):
     from retrogram.services.cli_serve import stack_services
 
     names, why = stack_services(full_index)
-    assert names == ["ngram", "retriever"] and not why
+    assert names == ["ngram", "retriever", "decoder"] and not why
     import shutil
 
     part = tmp_path / "idx"
@@ -200,7 +200,7 @@ def test_stack_on_an_index_without_retrieval(tmp_path, full_index):
         m["stages"].pop(st)
     (part / "manifest.json").write_text(json.dumps(m))
     names, why = stack_services(part)
-    assert names == ["ngram"] and "faiss" in why["retriever"]
+    assert names == ["ngram", "decoder"] and "faiss" in why["retriever"]
 
 
 def test_cli_retrieve_server_flag(server, full_index):
