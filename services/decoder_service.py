@@ -22,16 +22,17 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..index.errors import UserError
 from ..protos import decoder_pb2 as pb
 from ..retro.decoder import Decoder, DecoderOptions
 from ..retro.sampling import SamplingParams
 from ..retro.scheduler import QueueFull
-from .serving import CallContext, Service, invalid, server_version, too_large
+from .serving import CallContext, RequestError, Service, invalid, server_version, too_large
 
 log = logging.getLogger("retrogram.services.decoder")
 
@@ -51,7 +52,7 @@ FINISH = {None: pb.FINISH_NONE, "stop": pb.FINISH_STOP, "length": pb.FINISH_LENG
 class _Stream:
     """One Generate call: where its events go (an asyncio queue on the call's event loop)."""
 
-    __slots__ = ("loop", "queue", "request", "done")
+    __slots__ = ("done", "loop", "queue", "request")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -135,7 +136,7 @@ class EngineLoop:
                 item = None
             while item is not None:
                 if item is _STOP:
-                    self._fail_all(UserError("the decoder is shutting down"))
+                    self._shut_down()
                     return
                 fn, args, fut = item
                 if fut is None:
@@ -156,7 +157,7 @@ class EngineLoop:
                 continue
             try:
                 events = sched.step()
-            except Exception as e:   # noqa: BLE001 - every stream hears of it; the server stays up
+            except Exception as e:   # every stream hears of it; the server stays up
                 log.exception("decoder step failed")
                 self._fail_all(e)
                 continue
@@ -187,6 +188,20 @@ class EngineLoop:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:   # that event loop is closed: nobody is listening
                 pass
+
+    def _shut_down(self) -> None:
+        """The streams and the work items still waiting are answered UNAVAILABLE."""
+        import grpc   # imported by now (serving, after grpc_env's choice of I/O)
+
+        exc = RequestError(grpc.StatusCode.UNAVAILABLE, "the decoder is shutting down; retry on another server")
+        self._fail_all(exc)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP and item[2] is not None and item[2].set_running_or_notify_cancel():
+                item[2].set_exception(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         """Every stream gets exc; every request is cancelled (and retired by one more step)."""
@@ -243,7 +258,7 @@ class DecoderServicer(Service):
         self._info: pb.DecoderInfo | None = None
 
     @classmethod
-    def from_args(cls, args) -> "DecoderServicer":
+    def from_args(cls, args) -> DecoderServicer:
         """From `retrogram serve decoder` flags (those not given keep DecoderOptions' defaults)."""
         kw = {k: getattr(args, k, None) for k in ("model", "device", "kv_cache_gb", "max_running", "max_waiting",
                                                   "page_size")}

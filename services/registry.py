@@ -16,8 +16,8 @@ service's process.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..index.errors import UserError
 

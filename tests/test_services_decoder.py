@@ -262,12 +262,14 @@ def test_load_and_info(client, ref, ngram_index):
 
 
 def test_health_queue_full_and_no_index(tiny_lm_dir):
-    """A second server (no index, one request at a time, one waiting): NOT_SERVING until loaded, a full queue
-    is RESOURCE_EXHAUSTED, ngram_lambda needs an index."""
+    """A second server (no index, one request at a time, one waiting, an API key): NOT_SERVING until loaded,
+    a full queue is RESOURCE_EXHAUSTED, ngram_lambda needs an index, a call without the key is refused."""
     from retrogram.services.cli_serve import check_health
+    from retrogram.services.serving import ServeConfig
 
     svc = DecoderServicer(DecoderOptions(model=str(tiny_lm_dir), max_running=1, max_waiting=1))
-    with ThreadServer([svc]) as srv, DecoderClient(srv.address, retries=False) as c:
+    with ThreadServer([svc], ServeConfig(api_keys=("k1",))) as srv, \
+            DecoderClient(srv.address, retries=False, api_key="k1") as c:
         assert check_health(srv.address, "retrogram.v1.DecoderService") == "NOT_SERVING"
         with pytest.raises(ServiceError) as e:
             list(c.generate(PROMPT, {"max_tokens": 2}))
@@ -275,6 +277,9 @@ def test_health_queue_full_and_no_index(tiny_lm_dir):
         srv.load()
         assert check_health(srv.address, "retrogram.v1.DecoderService") == "SERVING"
         assert check_health(srv.address) == "SERVING"
+        with DecoderClient(srv.address) as keyless, pytest.raises(ServiceError) as e:
+            list(keyless.generate(PROMPT, {"max_tokens": 2}))
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
 
         err = _bad_generate(c, PROMPT, {"ngram_lambda": 0.5})
         assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "ngram_lambda: this decoder has no n-gram index" in err.details
