@@ -103,6 +103,32 @@ def unplaced(text: str, results_dir: Path = RESULTS_DIR) -> list[str]:
     return sorted(p.stem for p in results_dir.glob("*.json") if p.stem not in placed)
 
 
+@table("ngram_ab")
+def ngram_ab_table(d):
+    rows = [[k, us(v["ours_us"]), us(v["baseline_us"]), f"{dec(v['ratio']):.3f}"] for k, v in d["per_call"].items()]
+    return [f"Engine of this commit against {d['baseline']}, {d['queries']:,} queries, median of {d['rounds']} "
+            f"rounds (fresh processes, alternating), index of {d['index_tokens']:,} tokens:", "",
+            *md(["query", "ours (µs CPU)", "baseline (µs CPU)", "ours / baseline (median of rounds)"], rows, "lrrr")]
+
+
+@table("decoder")
+def decoder_table(d):
+    out = []
+    if "batch1" in d:
+        rows = [[name, f"{dec(r['params_m'])}M {r['dtype'].replace('torch.', '')}", num(r["hf_tokens_per_s"]),
+                 num(r["ours_tokens_per_s"]), f"{dec(r['speedup']):.2f}×", ms(r["ttft_512_hf_ms"]),
+                 ms(r["ttft_512_ours_ms"]), f"{dec(r['ttft_ratio']):.2f}", f"{r['logits_rel_err_512']:.1e}",
+                 f"{r['greedy_tokens_agree']}/{r['new_tokens']}"] for name, r in d["batch1"].items()]
+        out += md(["model", "weights", "HF generate (tok/s)", "ours (tok/s)", "speed-up", "TTFT 512 HF (ms)",
+                   "TTFT ours (ms)", "TTFT ours/HF", "logits rel. err", "greedy agree"], rows, "llrrrrrrrr")
+    if "infgram" in d:
+        r = d["infgram"]
+        out += ["", f"∞-gram interpolation at batch 1 (SmolLM2, ngram_lambda 0.5, index of {r['index_tokens']:,} "
+                f"tokens): {dec(r['per_token_ms_lm']):.2f} ms per token → {dec(r['per_token_ms_lm_infgram']):.2f} ms "
+                f"(+{dec(100 * r['overhead']):.1f}%)."]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ index, n-gram
 @table("tokenize")
 def tokenize_table(d):

@@ -40,6 +40,8 @@ released, so threads query one Engine in parallel.
 
 from __future__ import annotations
 
+import random
+
 import threading
 from array import array
 from itertools import chain
@@ -74,8 +76,9 @@ def _check_int(name: str, value: Any) -> int:
 def distinct_draws(n: int, k: int) -> np.ndarray:
     """min(k, n) distinct integers of [0, n), uniformly at random (unseeded), ascending: the matches a
     search shows. Drawing with replacement (infini-gram's way) shows one match twice whenever n < k, and
-    often when n is small."""
-    return np.sort(np.random.default_rng().choice(n, size=min(k, n), replace=False)).astype(np.int64)
+    often when n is small. random.sample over a range costs about a microsecond for a few draws (a numpy
+    Generator costs ~50 us to create and ~25 us per choice without replacement, more than the search)."""
+    return np.array(sorted(random.sample(range(n), min(k, n))), dtype=np.int64)
 
 
 def text_forms(tokenize, text: str, exact: bool = False) -> list[list[int]]:

@@ -440,3 +440,19 @@ def test_both_cnf_merges_find_the_same_neighbours(seed, n, max_diff, n_terms):
             assert list(a[1]) == list(b[1]) == want_r
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("n, k", [(5, 3), (10, 10), (7, 20), (100_000, 5), (1_000, 100)])
+def test_distinct_draws_are_distinct_in_range_and_uniform(n, k):
+    from retrogram.ngram.engine import distinct_draws
+
+    hits = np.zeros(n)
+    rounds = 4000 if n < 2000 else 50
+    for _ in range(rounds):
+        d = distinct_draws(n, k)
+        assert len(d) == min(n, k) and len(np.unique(d)) == len(d) and (np.diff(d) > 0).all()
+        assert d.min() >= 0 and d.max() < n
+        hits[d] += 1
+    if n < 2000:   # every value drawn about rounds * k / n times
+        expect = rounds * min(n, k) / n
+        assert np.abs(hits - expect).max() < 6 * np.sqrt(expect) + 1
