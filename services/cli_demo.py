@@ -1,6 +1,8 @@
 """`retrogram demo`: the whole job on the embedded defaults. Builds an index over the shipped demo corpus
-(Shakespeare), queries n-gram statistics, retrieves neighbours, then starts the gRPC stack and asks it the
-same questions over real sockets.
+(Shakespeare), queries n-gram statistics, retrieves neighbours, then starts the gRPC stack (n-gram, retriever,
+decoder), asks it the same questions over real sockets, and ends by generating an answer to the question
+through the DecoderService: SmolLM2-135M-Instruct, prompted with the retrieved chunk, its next-token
+distribution mixed with the corpus's ∞-gram one.
 
 Results go to stdout (with --json: one JSON report); each step's start and end, and the servers' start, are
 logged on stderr, so a run without a terminal (CI, a pipe) shows where it is."""
@@ -28,7 +30,10 @@ PHRASES = ["To be, or not to be", "Double, double, toil and trouble", "The quali
 CONTEXT = "To be, or not to be,--that is the"
 SCORED = CONTEXT + " question"
 QUESTION = "Who poisoned the king of Denmark?"
-STARTUP_TIMEOUT = 600   # seconds for a server to load the index
+STARTUP_TIMEOUT = 600   # seconds for a server to load the index (the decoder: convert SmolLM2 on first use)
+SERVERS = ("ngram", "retriever", "decoder")
+ANSWER_TOKENS = 48
+NGRAM_LAMBDA = 0.1      # a light ∞-gram mix: the corpus's words without overriding the instruction model
 
 
 def register(sub) -> None:
@@ -44,6 +49,8 @@ def register(sub) -> None:
                    help="the demo's n-gram server port (default 0: any free port)")
     p.add_argument("--retriever-port", type=int, default=0, metavar="P",
                    help="the demo's retriever server port (default 0: any free port)")
+    p.add_argument("--decoder-port", type=int, default=0, metavar="P",
+                   help="the demo's decoder server port (default 0: any free port)")
     add_json_flag(p)
     p.set_defaults(func=cmd_demo)
 
@@ -78,7 +85,8 @@ def cmd_demo(args) -> int:
         raise UserError(f"{DEMO_CORPUS}: the demo corpus is missing from this installation")
     from .cli_serve import check_port_number
 
-    for flag, port in (("--ngram-port", args.ngram_port), ("--retriever-port", args.retriever_port)):
+    for flag, port in (("--ngram-port", args.ngram_port), ("--retriever-port", args.retriever_port),
+                       ("--decoder-port", args.decoder_port)):
         check_port_number(port, flag)   # whether it is free, the server that binds it says
     report: dict = {}
     seconds: dict[str, float] = {}
@@ -111,7 +119,8 @@ def cmd_demo(args) -> int:
 
     if not args.no_serve:
         t0 = time.perf_counter()
-        report["grpc"] = serve_and_query(args.out, report, {"ngram": args.ngram_port, "retriever": args.retriever_port})
+        report["grpc"] = serve_and_query(args.out, report, {"ngram": args.ngram_port, "retriever": args.retriever_port,
+                                                            "decoder": args.decoder_port})
         seconds["grpc"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
     report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
@@ -123,19 +132,21 @@ def cmd_demo(args) -> int:
 
 
 def serve_and_query(index_dir: Path, report: dict, ports: dict[str, int]) -> dict:
-    """Start both servers as child processes on loopback (loading at once), ask them the demo's questions,
-    stop them. A server that does not start is named with its reason, in one line, and every server the
+    """Start the three servers as child processes on loopback (loading at once), ask them the demo's
+    questions, generate an answer through the decoder, stop them. A server that does not start is named with its reason, in one line, and every server the
     demo started is stopped."""
     from ..ngram.engine import count_forms, text_forms
     from .cli_serve import CHILD_ENV, startup_failure
-    from .client import NgramClient, RetrieverClient
+    from .client import DecoderClient, NgramClient, RetrieverClient
     from .launch import ServerProcess
 
     servers: dict[str, ServerProcess] = {}
+    extra = {"decoder": ["--kv-cache-gb", "0.25", "--max-running", "4"]}   # the demo asks one question
     try:
-        for name in ("ngram", "retriever"):
+        for name in SERVERS:
             _log(f"{name} server: starting")
-            servers[name] = ServerProcess(name, index_dir, ports[name], extra_args=[f"--port-name=--{name}-port"],
+            servers[name] = ServerProcess(name, index_dir, ports[name],
+                                          extra_args=[f"--port-name=--{name}-port", *extra.get(name, [])],
                                           env={CHILD_ENV: "1"})
         for name, server in servers.items():
             ev = server.wait_event({"serving", "failed", "exited"}, STARTUP_TIMEOUT)
@@ -145,8 +156,12 @@ def serve_and_query(index_dir: Path, report: dict, ports: dict[str, int]) -> dic
         with NgramClient(servers["ngram"].address) as nc, RetrieverClient(servers["retriever"].address) as rc:
             counts = {p: count_forms(nc, text_forms(nc.tokenize, p))["count"] for p in PHRASES}
             hits = rc.retrieve(QUESTION, k=2)
-        out = {"ngram": servers["ngram"].address, "retriever": servers["retriever"].address, "counts": counts,
+        out = {"ngram": servers["ngram"].address, "retriever": servers["retriever"].address,
+               "decoder": servers["decoder"].address, "counts": counts,
                "neighbour_chunk_ids": [h["chunk_id"] for h in hits]}
+        _log("decoder: generating an answer over gRPC")
+        with DecoderClient(servers["decoder"].address) as dc:
+            out["answer"] = answer(dc, hits[0]["text"])
     finally:
         for server in servers.values():   # all at once, then wait for each
             server.signal(signal.SIGTERM)
@@ -156,6 +171,19 @@ def serve_and_query(index_dir: Path, report: dict, ports: dict[str, int]) -> dic
     out["match"] = (counts == report["ngram"]["counts"] and
                     out["neighbour_chunk_ids"] == [h["chunk_id"] for h in report["retrieve"]["neighbours"]])
     return out
+
+
+def answer(client, context: str) -> dict:
+    """Retrieve-then-generate: the question with the nearest chunk as context, through the chat template,
+    greedy, with a light ∞-gram mix."""
+    prompt = (f"Here is a passage from Shakespeare:\n\n{' '.join(context.split())}\n\n"
+              f"Using the passage, answer in one sentence: {QUESTION}")
+    text, usage = [], {}
+    for ev in client.generate(prompt, {"max_tokens": ANSWER_TOKENS, "temperature": 0.0,
+                                       "repetition_penalty": 1.1, "ngram_lambda": NGRAM_LAMBDA}, chat=True):
+        text.append(ev["text"])
+        usage = ev.get("usage") or usage
+    return {"question": QUESTION, "text": "".join(text).strip(), "ngram_lambda": NGRAM_LAMBDA, "usage": usage}
 
 
 def print_report(report: dict, index_dir: Path) -> None:
@@ -184,8 +212,15 @@ def print_report(report: dict, index_dir: Path) -> None:
         say(f"  {h['score']:.3f}  {h['doc']}, chunk {h['chunk_id']}: {_q(' '.join(h['text'].split())[:100])}")
     if "grpc" in report:
         g = report["grpc"]
-        say(f"\n[bold]gRPC stack[/]: n-gram service on {g['ngram']}, retriever on {g['retriever']}; its answers "
-            + ("match the in-process ones" if g["match"] else "[red]differ from the in-process ones[/]"))
+        say(f"\n[bold]gRPC stack[/]: n-gram service on {g['ngram']}, retriever on {g['retriever']}, decoder on "
+            f"{g['decoder']}; its answers " + ("match the in-process ones" if g["match"]
+                                               else "[red]differ from the in-process ones[/]"))
+        a, u = g["answer"], g["answer"]["usage"]
+        say(f"\n[bold]answer[/] to {_q(a['question'])} (SmolLM2-135M-Instruct over gRPC, prompted with the nearest "
+            f"chunk, ∞-gram weight {a['ngram_lambda']}):")
+        say(f"  {a['text']}", markup=False)
+        say(f"  [dim]{u.get('completion_tokens', 0)} tokens, first after {1e3 * u.get('time_to_first_token_s', 0):.0f} ms, "
+            f"{u.get('completion_tokens', 0) / max(u.get('total_s', 0), 1e-9):.1f} tokens/s[/]")
     sec = report["seconds"]
     names = {"build": "build", "ngram": "n-gram queries", "retrieve": "retrieval", "grpc": "gRPC stack"}
     say("\n[bold]timings[/]: " + ", ".join(f"{names[k]} {v:.1f} s" for k, v in sec.items() if k in names)
@@ -197,5 +232,7 @@ def print_report(report: dict, index_dir: Path) -> None:
                 f"retrogram ngram ntd --index {idx} \"my lord\"",
                 f"retrogram retrieve --index {idx} \"Who killed Caesar?\"",
                 f"retrogram info {idx}",
+                f"retrogram generate --index {idx} --ngram-lambda 0.3 --max-tokens 32 \"Who is Ophelia?\"",
+                f"retrogram score --index {idx} --ngram-lambda 0.3 \"To be, or not to be, that is the question\"",
                 f"retrogram serve --index {idx}   # then: retrogram ngram count --server 127.0.0.1:50051 \"to be\""):
         say(f"  {cmd}", markup=False)

@@ -433,6 +433,7 @@ def test_demo_reports_on_stdout_logs_stages_and_stops_every_server_it_started(sm
     for stage in ("tokenize", "ngram", "chunks", "embeddings", "faiss"):
         assert f"stage {stage}: started" in r.stderr and f"stage {stage}: done in" in r.stderr, r.stderr
     assert "ngram server: serving on 127.0.0.1:" in r.stderr and "retriever server: stopped" in r.stderr
+    assert "decoder server: stopped" in r.stderr
     out = r.stdout
     assert not re.search(r"\[\(|\['|\('|\[\d+, \d+", out), out   # no list or tuple reprs
     e = Engine(idx)
@@ -444,6 +445,7 @@ def test_demo_reports_on_stdout_logs_stages_and_stops_every_server_it_started(sm
     for line, p, n in zip(scores, scored["prob"], scored["suffix_len"]):
         assert line.split()[0] == f"{p:.3f}" and line.endswith(f"suffix of {n} token" + ("" if n == 1 else "s"))
     assert "its answers match the in-process ones" in out
+    assert re.search(r"^answer to .*\n  \S.*\n  \d+ tokens, first after \d+ ms", out, re.M), out
     assert re.search(r"^timings: build [\d.]+ s, n-gram queries [\d.]+ s, retrieval [\d.]+ s, gRPC stack [\d.]+ s; "
                      r"total [\d.]+ s$", out, re.M), out
     tries = [line.strip() for line in out.split("try next:")[1].strip().splitlines()]
@@ -455,7 +457,7 @@ def test_demo_reports_on_stdout_logs_stages_and_stops_every_server_it_started(sm
             code, printed, err = _cli(capsys, *argv[1:])
             assert code == 0 and printed.strip(), (cmd, err)
     # a server that cannot start: its port taken (the other server was started beside it)
-    for failing in ("retriever", "ngram"):
+    for failing in ("retriever", "ngram", "decoder"):
         r = _retrogram("demo", "--corpus", small_corpus, "--out", idx, f"--{failing}-port", busy_port, timeout=900)
         line = _one_error_line(r)
         assert (f"retrogram demo: error: {failing} server did not start: --{failing}-port {busy_port}: "

@@ -1,4 +1,4 @@
-"""`retrogram demo`: the README's main job, end to end (build, queries, retrieval, the gRPC stack)."""
+"""`retrogram demo`: the README's main job, end to end (build, queries, retrieval, the gRPC stack, generation)."""
 
 from __future__ import annotations
 
@@ -22,3 +22,5 @@ def test_demo_end_to_end_on_a_small_corpus(tmp_path, small_corpus):
     assert len(report["retrieve"]["neighbours"]) == 2
     grpc = report["grpc"]
     assert grpc["match"] is True and grpc["counts"] == ngram["counts"]
+    answer = grpc["answer"]   # generated through the DecoderService
+    assert answer["text"].strip() and 0 < answer["usage"]["completion_tokens"] <= 48
