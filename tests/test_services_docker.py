@@ -52,7 +52,7 @@ def _parse(argv):
 
 def test_services_and_one_shot_build(compose):
     svcs = compose["services"]
-    assert set(svcs) == {"build-index", "ngram", "retriever"}
+    assert set(svcs) == {"build-index", "ngram", "retriever", "decoder"}
     b = svcs["build-index"]
     assert b["restart"] == "no"
     args = _parse(b["command"])
@@ -60,7 +60,7 @@ def test_services_and_one_shot_build(compose):
     out = str(args.out)
     mounts = {m.split(":")[1]: m for m in b["volumes"]}
     assert any(out.startswith(p) for p in mounts), "build-index writes outside its volumes"
-    for name in ("ngram", "retriever"):
+    for name in ("ngram", "retriever", "decoder"):
         s = svcs[name]
         assert s["depends_on"]["build-index"]["condition"] == "service_completed_successfully"
         a = _parse(s["command"])
@@ -80,7 +80,7 @@ def test_services_and_one_shot_build(compose):
         assert hc[:2] == ["CMD", "retrogram"]
         h = _parse(hc[2:])
         assert h.command == "health" and h.server.endswith(f":{a.port}")
-        assert h.service == f"retrogram.v1.{'Ngram' if name == 'ngram' else 'Retriever'}Service"
+        assert h.service == f"retrogram.v1.{name.capitalize()}Service"
         assert s["stop_signal"] == "SIGTERM"
         grace = int(s["stop_grace_period"].rstrip("s"))
         assert grace > a.grace, "docker must wait longer than the server's drain"
@@ -104,7 +104,7 @@ def test_dockerfile():
 
     pkg_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
     assert set(pkg_dirs) <= copied, f"the image misses package folders {set(pkg_dirs) - copied}"
-    assert "EXPOSE" in kinds and {"50051", "50052"} <= set(dict(instr)["EXPOSE"].split())
+    assert "EXPOSE" in kinds and {"50051", "50052", "50053"} <= set(dict(instr)["EXPOSE"].split())
     assert "USER" in kinds
     hc = dict(instr)["HEALTHCHECK"]
     assert '"retrogram", "health"' in hc
