@@ -45,12 +45,9 @@ def register(sub) -> None:
     p.add_argument("--corpus", type=Path, default=DEMO_CORPUS, metavar="PATH",
                    help="another corpus to run the demo on (default: the shipped Shakespeare plays)")
     p.add_argument("--no-serve", action="store_true", help="skip starting the gRPC stack")
-    p.add_argument("--ngram-port", type=int, default=0, metavar="P",
-                   help="the demo's n-gram server port (default 0: any free port)")
-    p.add_argument("--retriever-port", type=int, default=0, metavar="P",
-                   help="the demo's retriever server port (default 0: any free port)")
-    p.add_argument("--decoder-port", type=int, default=0, metavar="P",
-                   help="the demo's decoder server port (default 0: any free port)")
+    for name in SERVERS:
+        p.add_argument(f"--{name}-port", type=int, default=0, metavar="P",
+                       help=f"the demo's {name} server port (default 0: any free port)")
     add_json_flag(p)
     p.set_defaults(func=cmd_demo)
 
@@ -85,9 +82,9 @@ def cmd_demo(args) -> int:
         raise UserError(f"{DEMO_CORPUS}: the demo corpus is missing from this installation")
     from .cli_serve import check_port_number
 
-    for flag, port in (("--ngram-port", args.ngram_port), ("--retriever-port", args.retriever_port),
-                       ("--decoder-port", args.decoder_port)):
-        check_port_number(port, flag)   # whether it is free, the server that binds it says
+    ports = {name: getattr(args, f"{name}_port") for name in SERVERS}
+    for name, port in ports.items():
+        check_port_number(port, f"--{name}-port")   # whether it is free, the server that binds it says
     report: dict = {}
     seconds: dict[str, float] = {}
     t_all = t0 = time.perf_counter()
@@ -119,8 +116,7 @@ def cmd_demo(args) -> int:
 
     if not args.no_serve:
         t0 = time.perf_counter()
-        report["grpc"] = serve_and_query(args.out, report, {"ngram": args.ngram_port, "retriever": args.retriever_port,
-                                                            "decoder": args.decoder_port})
+        report["grpc"] = serve_and_query(args.out, report, ports)
         seconds["grpc"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
     report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
