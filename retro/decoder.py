@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -27,7 +26,7 @@ from .detokenize import apply_chat_template
 from .sampling import SamplingParams
 from .scheduler import Event, RequestError, Scheduler, new_cache_for
 from .score import Scores, score_ids
-from .weights import check_index_tokenizer, load_model, resolve_model_path
+from .weights import check_index_tokenizer, load_model, model_tokenizer_identity, resolve_model_path
 
 
 @dataclass
@@ -44,6 +43,17 @@ class DecoderOptions:
     cuda_graphs: bool | None = None
 
 
+def check_server_tokenizer(ngram, tokenizer) -> None:
+    """Refuse an n-gram server whose index was built with another tokenizer than the model's."""
+    info = ngram.info()
+    info = info[0] if isinstance(info, list) else info
+    have = model_tokenizer_identity(tokenizer)
+    if info.get("tokenizer_sha256") != have["sha256"]:
+        raise UserError(f"the n-gram server's index was built with tokenizer {info.get('tokenizer')!r} (sha256 "
+                        f"{str(info.get('tokenizer_sha256'))[:12]}), the model's is {have.get('name')!r} (sha256 "
+                        f"{have['sha256'][:12]}): their token ids differ")
+
+
 class Decoder:
     def __init__(self, model, tokenizer, scheduler: Scheduler, name: str, engine=None, index_dir: str | None = None):
         self.model, self.tokenizer, self.scheduler = model, tokenizer, scheduler
@@ -51,8 +61,12 @@ class Decoder:
         self._score_seq = 0
 
     @classmethod
-    def load(cls, opts: DecoderOptions | None = None) -> "Decoder":
+    def load(cls, opts: DecoderOptions | None = None, ngram=None) -> "Decoder":
+        """ngram: instead of opts.index, any n-gram engine with `ntd` / `infgram_ntd` and `info()` (a remote
+        NgramService's client, which the services layer makes): its tokenizer must be the model's too."""
         opts = opts or DecoderOptions()
+        if ngram is not None and opts.index is not None:
+            raise UserError("--index and --ngram-server: give one source of n-gram statistics, not both")
         device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {device}: CUDA is not available here")
@@ -67,6 +81,9 @@ class Decoder:
         model, tokenizer = load_model(opts.model, device)
         if engine is not None:
             check_index_tokenizer(opts.index, tokenizer)
+        elif ngram is not None:
+            check_server_tokenizer(ngram, tokenizer)
+            engine = ngram
         budget = None if opts.kv_cache_gb is None else int(opts.kv_cache_gb * (1 << 30))
         if budget is not None and budget <= 0:
             raise UserError(f"--kv-cache-gb: expected a positive number, got {opts.kv_cache_gb}")
@@ -78,7 +95,7 @@ class Decoder:
                           step_tokens=max(opts.step_tokens, opts.max_running), max_context=opts.max_context,
                           ngram=engine, cuda_graphs=opts.cuda_graphs)
         name = str(resolve_model_path(opts.model)[0]) if opts.model else "SmolLM2-135M-Instruct"
-        return cls(model, tokenizer, sched, name, engine, opts.index)
+        return cls(model, tokenizer, sched, name, engine, opts.index or ",".join(getattr(ngram, "targets", ())))
 
     # ---- prompts ---------------------------------------------------------------------------------------
     @property
@@ -165,13 +182,11 @@ class Decoder:
                          ngram_lambda_by_length)
 
     def info(self) -> dict:
-        from .weights import model_tokenizer_identity
-
         ident = model_tokenizer_identity(self.tokenizer)
         cache = self.scheduler.cache
         return {"model": self.name, "tokenizer": ident.get("name", ""), "tokenizer_sha256": ident["sha256"],
                 "vocab_size": self.model.config.vocab_size, "max_context": self.max_context,
                 "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
-                "index_dir": str(Path(self.index_dir)) if self.index_dir else "",
+                "index_dir": str(self.index_dir) if self.index_dir else "",
                 "kv_pages": self.scheduler.cache_pages, "page_size": cache.page_size,
                 "eos_token_id": self.scheduler.eos_token_id}

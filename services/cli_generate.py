@@ -21,6 +21,8 @@ def _model_args(p) -> None:
     p.add_argument("--server", default=None, metavar="HOST:PORT",
                    help="ask a running decoder server (`retrogram serve`) instead of loading the model here; "
                         "the API key, if the server wants one, comes from $RETROGRAM_API_KEY")
+    p.add_argument("--ngram-server", default=None, metavar="HOST:PORT",
+                   help="take the ∞-gram statistics from a running n-gram server instead of --index")
     p.add_argument("--ngram-lambda", type=float, default=0.0, metavar="X",
                    help="weight of the ∞-gram next-token distribution in [0, 1] (needs --index or a server with one)")
     add_json_flag(p)
@@ -91,9 +93,14 @@ def _params(args):
 def _local(args):
     from ..retro.decoder import Decoder, DecoderOptions
 
+    ngram = None
+    if args.ngram_server:
+        from .client import NgramClient
+
+        ngram = NgramClient(args.ngram_server)
     with console.status("loading the model", spinner="dots") if console.is_terminal else _nothing():
         return Decoder.load(DecoderOptions(model=args.model, index=str(args.index) if args.index else None,
-                                           device=args.device, max_running=1, cuda_graphs=None))
+                                           device=args.device, max_running=1, cuda_graphs=None), ngram=ngram)
 
 
 class _nothing:

@@ -256,6 +256,7 @@ class DecoderServicer(Service):
         self.decoder: Decoder | None = None
         self.engine: EngineLoop | None = None
         self._info: pb.DecoderInfo | None = None
+        self.ngram_server: str | None = None   # HOST:PORT of an NgramService for ngram_lambda (instead of an index)
 
     @classmethod
     def from_args(cls, args) -> DecoderServicer:
@@ -263,8 +264,10 @@ class DecoderServicer(Service):
         kw = {k: getattr(args, k, None) for k in ("model", "device", "kv_cache_gb", "max_running", "max_waiting",
                                                   "page_size")}
         index = getattr(args, "index", None)
-        return cls(DecoderOptions(index=None if index is None else str(index),
-                                  **{k: v for k, v in kw.items() if v is not None}))
+        server = cls(DecoderOptions(index=None if index is None or getattr(args, "ngram_server", None) else str(index),
+                                    **{k: v for k, v in kw.items() if v is not None}))
+        server.ngram_server = getattr(args, "ngram_server", None)
+        return server
 
     def describe(self) -> str:
         o = self.options
@@ -324,7 +327,12 @@ class DecoderServicer(Service):
         return None
 
     def load(self) -> None:
-        dec = Decoder.load(self.options)
+        ngram = None
+        if self.ngram_server:
+            from .client import NgramClient
+
+            ngram = NgramClient(self.ngram_server)
+        dec = Decoder.load(self.options, ngram=ngram)
         # one short generation now (kernels, allocator, the first graph), so SERVING means the first call is fast
         warm = [int(t) for t in dec.tokenizer.encode("Hello")] or [0]
         for _ in dec.generate(warm, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)):

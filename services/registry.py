@@ -111,4 +111,6 @@ register("decoder", "retrogram.services.decoder_service:DecoderServicer", 50053,
              Flag("--max-waiting", "requests queued for admission; past it Generate answers "
                   "RESOURCE_EXHAUSTED (default 256)", int, "N"),
              Flag("--page-size", "tokens per KV cache page (default 64)", int, "N"),
+             Flag("--ngram-server", "take ∞-gram statistics from a running n-gram server instead of --index's "
+                  "(its index must use the model's tokenizer)", metavar="HOST:PORT"),
          ))

@@ -100,3 +100,21 @@ def test_index_of_another_tokenizer_is_refused(capsys, tiny_lm_dir, tmp_path):
               options={"workers": 1})
     code, _, err = run(capsys, "score", "--model", tiny_lm_dir, "--index", tmp_path / "idx", "hello there")
     assert code == 2 and "'bytes'" in err and "tokenizer" in err
+
+
+def test_a_remote_ngram_server_gives_what_the_local_index_gives(capsys, tiny_lm_dir, ngram_index):
+    """--ngram-server: the ∞-gram statistics from a running NgramService (live, through its client)."""
+    from retrogram.services.launch import ThreadServer
+    from retrogram.services.ngram_service import NgramServicer
+
+    gen = ["generate", "--model", tiny_lm_dir, "--ngram-lambda", 0.7, "--raw", "--max-tokens", 6, "--json",
+           "--ignore-eos", "To be, or not to"]
+    sc = ["score", "--model", tiny_lm_dir, "--ngram-lambda", 0.4, "--json", "The quality of mercy is not strained"]
+    with ThreadServer([NgramServicer(ngram_index)]).load() as server:
+        remote = [run(capsys, *argv, "--ngram-server", server.address) for argv in (gen, sc)]
+    local = [run(capsys, *argv, "--index", ngram_index) for argv in (gen, sc)]
+    assert all(code == 0 for code, _, _ in remote + local), [err for _, _, err in remote + local]
+    tokens = [[t for line in out.splitlines() for t in json.loads(line)["token_ids"]] for _, out, _ in (remote[0], local[0])]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 6
+    r, lo = json.loads(remote[1][1]), json.loads(local[1][1])
+    assert r["mixed_perplexity"] == pytest.approx(lo["mixed_perplexity"], rel=1e-9)
