@@ -1,7 +1,7 @@
 """A faster encoder for byte-level BPE tokenizers (GPT-2 style, as SmolLM2's): the same vocabulary and
 merges run through tiktoken's engine, several times faster than the HF tokenizer on long documents.
 
-It gives exactly the HF tokenizer's ids (tests/test_fast_bpe.py checks them against each other). The two
+It gives exactly the HF tokenizer's ids (tests/index/test_fast_bpe.py checks them against each other). The two
 algorithms agree when no token is the product of two different merges (tiktoken merges by the rank of
 the product, HF by the rank of the pair), which `from_tokenizer_json` checks before building one. Texts it
 cannot encode the same way — containing an added token's text (HF matches those before splitting) or a

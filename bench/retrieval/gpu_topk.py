@@ -1,7 +1,7 @@
 """GPU retrieval bench (H200): the fused Triton scan + top-k kernel against plain torch.topk(q @ db.T, k).
 
 1. correctness: the kernel against a float32 torch.topk reference on random fp16 data (several shapes,
-   k values; retrogram.kernels.testing, as tests/test_kernels_gpu.py checks it);
+   k values; retrogram.kernels.testing, as tests/kernels/test_kernels_gpu.py checks it);
 2. timing: 1M x 384 fp16 database, k=10, batches of 2,000 queries: queries/s of
    torch.topk(q @ db.T, 10) (fp16 scores, the baseline) and of topk_scan, on unit-normalised Gaussian
    vectors and on clustered vectors (a Gaussian mixture: real-embedding-like structure);

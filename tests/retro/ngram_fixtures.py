@@ -7,18 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-
-def build_ngram_index(out: Path, corpus: Path) -> Path:
-    from retrogram.index.build import run_build
-    from retrogram.ngram.build import NGRAM
-    from retrogram.ngram import pipeline_stages
-
-    stages = list(pipeline_stages())
-    if NGRAM.name not in [s.name for s in stages]:
-        stages.append(NGRAM)
-    run_build(out, [str(corpus)], None, stages, ["tokenize", "ngram"], options={"workers": 1})
-    return out
+from conftest import build_ngram_index
 
 
 @pytest.fixture(scope="module", name="ngram_index")

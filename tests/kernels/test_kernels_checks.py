@@ -1,6 +1,6 @@
 """The GPU checks of retrogram.kernels.testing, each run once at toy sizes (f divides the lengths) in Triton's
 interpreter on a CPU in float32: their inputs, references and comparisons work before a GPU runs them at full
-size (tests/test_kernels_gpu.py, bench.kernels.attention --checks)."""
+size (tests/kernels/test_kernels_gpu.py, bench.kernels.attention --checks)."""
 
 import os
 

@@ -188,7 +188,7 @@ def test_text_queries(ngram_index):
     text = TokenStream.open(ngram_index)
     phrase = e.decode(text.doc(1)[100:108].tolist())
     ids = e.tokenize(phrase)
-    # exact=True: the text's own tokens (the words wherever they stand: tests/test_cli_newcomer.py)
+    # exact=True: the text's own tokens (the words wherever they stand: tests/services/test_cli_newcomer.py)
     assert e.count_text(phrase, exact=True)["count"] == e.count(ids)["count"] >= 1
     assert e.prob_text(phrase, exact=True) == {**e.prob(ids[:-1], ids[-1]), "forms": [
         {"tokens": ids, "prompt_cnt": e.count(ids[:-1])["count"], "cont_cnt": e.count(ids)["count"]}]}

