@@ -154,6 +154,27 @@ def _visible(n_new: int, n_kv: int, tree: torch.Tensor | None, device) -> torch.
     return keep
 
 
+# Up to this many new tokens a sequence's attention is plain matmuls: torch's CPU flash kernel costs
+# milliseconds a call whatever the size (measured 6 ms for one query over 40 keys, 30 layers a token).
+SMALL_Q = 8
+
+
+def attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 scale: float | None) -> torch.Tensor:
+    """q [n, HQ, D] over k, v [L, HKV, D] (query head h reads KV head h // G), mask bool [n, L] or None:
+    o [n, HQ, D], softmax in float32."""
+    n, HQ, D = q.shape
+    HKV = k.shape[1]
+    G = HQ // HKV
+    scale = D ** -0.5 if scale is None else scale
+    qg = q.reshape(n, HKV, G, D).permute(1, 0, 2, 3).reshape(HKV, n * G, D)   # [HKV, n*G, D], row = i*G + g
+    s = (qg @ k.permute(1, 2, 0)).float() * scale                             # [HKV, n*G, L]
+    if mask is not None:
+        s = s.masked_fill(~mask.repeat_interleave(G, dim=0), float("-inf"))
+    o = s.softmax(dim=-1).to(v.dtype) @ v.transpose(0, 1)                      # [HKV, n*G, D]
+    return o.reshape(HKV, n, G, D).permute(1, 0, 2, 3).reshape(n, HQ, D)
+
+
 def sdpa_rows(q: torch.Tensor, layer: int, batch: AttentionBatch, cache: KVCache, rows: Sequence[int],
               scale: float | None, out: torch.Tensor) -> None:
     """Attention of the given rows' new tokens by torch SDPA, into out [N, HQ, D]."""
@@ -168,12 +189,16 @@ def sdpa_rows(q: torch.Tensor, layer: int, batch: AttentionBatch, cache: KVCache
         q_off.append(q_off[-1] + n)
     for j, r in enumerate(rows):
         a, b = q_off[r], q_off[r + 1]
-        qi = q[a:b].transpose(0, 1)[None]                                      # [1, HQ, n, D]
-        ki = k_all[cu_k[j]:cu_k[j + 1]].transpose(0, 1).repeat_interleave(G, 0)[None]  # [1, HQ, L, D]
-        vi = v_all[cu_k[j]:cu_k[j + 1]].transpose(0, 1).repeat_interleave(G, 0)[None]
+        k, v = k_all[cu_k[j]:cu_k[j + 1]].to(q.dtype), v_all[cu_k[j]:cu_k[j + 1]].to(q.dtype)   # [L, HKV, D]
         tree = batch.tree_mask[r] if batch.tree_mask is not None else None
         mask = _visible(b - a, kv_lens[r], tree, q.device)
-        oi = F.scaled_dot_product_attention(qi, ki.to(qi.dtype), vi.to(qi.dtype), attn_mask=mask, scale=scale)
+        if b - a <= SMALL_Q:
+            out[a:b] = attend_small(q[a:b], k, v, mask, scale)
+            continue
+        qi = q[a:b].transpose(0, 1)[None]                                      # [1, HQ, n, D]
+        ki = k.transpose(0, 1).repeat_interleave(G, 0)[None]                   # [1, HQ, L, D]
+        vi = v.transpose(0, 1).repeat_interleave(G, 0)[None]
+        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
         out[a:b] = oi[0].transpose(0, 1)
 
 
