@@ -125,7 +125,7 @@ def decoder_table(d):
         r = d["infgram"]
         out += ["", f"∞-gram interpolation at batch 1 (SmolLM2, ngram_lambda 0.5, index of {r['index_tokens']:,} "
                 f"tokens): {dec(r['per_token_ms_lm']):.2f} ms per token → {dec(r['per_token_ms_lm_infgram']):.2f} ms "
-                f"(+{dec(100 * r['overhead']):.1f}%)."]
+                f"({dec(100 * r['overhead']):+.1f}%)."]
     return out
 
 
