@@ -129,6 +129,20 @@ def decoder_table(d):
     return out
 
 
+@table("decoder_serve")
+def decoder_serve_table(d):
+    b, s = d["batch1"], d["serve"]
+    rows = [["batch 1 (one stream)", num(b["tokens_per_s"]), "–", f"{dec(b['itl_p50_ms']):.2f}", "–",
+             ms(b["ttft_ms"]), "–", str(b["failed"])],
+            [f"{s['streams']} streams × {s['new_tokens']} tokens", num(s["tokens_per_s"]),
+             f"{dec(s['ratio_to_batch1']):.2f}× (target ≥ {s['target_ratio']:g}×)", f"{dec(s['itl_p50_ms']):.2f}",
+             f"{dec(s['itl_p99_ms']):.2f}", ms(s["ttft_p50_ms"]), ms(s["ttft_p99_ms"]), str(s["failed"])]]
+    return [f"Model: {d['model']}, served by `retrogram serve decoder` ({d['server']['info']['device']}, "
+            f"{d['server']['info']['dtype']}), clients over gRPC on loopback:", "",
+            *md(["load", "tokens/s", "vs batch 1", "inter-token p50 (ms)", "p99 (ms)", "TTFT p50 (ms)", "TTFT p99 (ms)",
+                 "failed calls"], rows, "lrrrrrrr")]
+
+
 # ------------------------------------------------------------------------------------------------ index, n-gram
 @table("tokenize")
 def tokenize_table(d):
