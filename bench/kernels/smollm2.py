@@ -85,28 +85,29 @@ def quality(T, n_sample, hip_cfgs, vs_cfgs, device):
     kend = prefill_kend(T, T, 64, True, device)
     res = {"sampled_query_blocks": sample, "hip": [], "vs": []}
     for cfg in hip_cfgs:
-        rows = []
-        for q, k, v in CAPTURED:
+        def hip_blocks(q, k, cfg=cfg):
             sel = hip_select(q[None], k[None], kend, T, topk=cfg["topk"], n_sink=cfg["n_sink"], n_local=cfg["n_local"],
                              n_rep=cfg.get("n_rep", 1), estimator=cfg.get("estimator", "rep"))
-            bi, bc = hip_block_list(sel, kend, 64, cfg["n_sink"], cfg["n_local"])
-            rec, err = sparse_quality(q, k, v, bi[0], bc[0], 64, 64, qblocks=sample)
-            rows.append({"recall": rec.mean().item(), "recall_min_head": rec.min().item(), "rel_err": err.mean().item(),
-                         "density": (bc[0].float().mean().item() * 64) / (T / 2)})
-        res["hip"].append({"config": cfg, "layers": rows, **summary(rows)})
-        log(f"  hip {cfg}: recall mean {res['hip'][-1]['recall_mean']:.3f} min layer {res['hip'][-1]['recall_min_layer']:.3f}"
-            f" rel_err {res['hip'][-1]['rel_err_mean']:.3f} density {res['hip'][-1]['density']:.3f}")
+            return hip_block_list(sel, kend, 64, cfg["n_sink"], cfg["n_local"])
+        res["hip"].append(measure("hip", cfg, hip_blocks, sample, T))
     for cfg in vs_cfgs:
-        rows = []
-        for q, k, v in CAPTURED:
-            bi, bc = vertical_slash_blocks(q[None], k[None], **cfg)
-            rec, err = sparse_quality(q, k, v, bi[0], bc[0], 64, 64, qblocks=sample)
-            rows.append({"recall": rec.mean().item(), "recall_min_head": rec.min().item(), "rel_err": err.mean().item(),
-                         "density": (bc[0].float().mean().item() * 64) / (T / 2)})
-        res["vs"].append({"config": cfg, "layers": rows, **summary(rows)})
-        log(f"  vs  {cfg}: recall mean {res['vs'][-1]['recall_mean']:.3f} min layer {res['vs'][-1]['recall_min_layer']:.3f}"
-            f" rel_err {res['vs'][-1]['rel_err_mean']:.3f} density {res['vs'][-1]['density']:.3f}")
+        res["vs"].append(measure("vs ", cfg, lambda q, k, cfg=cfg: vertical_slash_blocks(q[None], k[None], **cfg),
+                                 sample, T))
     return res
+
+
+def measure(label: str, cfg: dict, blocks, sample: list[int], T: int) -> dict:
+    """Recall, error and density of one selection (blocks(q, k) -> block lists) over every captured layer."""
+    rows = []
+    for q, k, v in CAPTURED:
+        bi, bc = blocks(q, k)
+        rec, err = sparse_quality(q, k, v, bi[0], bc[0], 64, 64, qblocks=sample)
+        rows.append({"recall": rec.mean().item(), "recall_min_head": rec.min().item(), "rel_err": err.mean().item(),
+                     "density": (bc[0].float().mean().item() * 64) / (T / 2)})
+    r = {"config": cfg, "layers": rows, **summary(rows)}
+    log(f"  {label} {cfg}: recall mean {r['recall_mean']:.3f} min layer {r['recall_min_layer']:.3f}"
+        f" rel_err {r['rel_err_mean']:.3f} density {r['density']:.3f}")
+    return r
 
 
 def summary(rows):

@@ -99,15 +99,20 @@ def test_append_bad_input_leaves_index_unchanged(parts, tmp_path):
     assert {p.name: p.stat().st_size for p in idx.rglob("*") if p.is_file()} == sizes
 
 
+def _state(idx) -> tuple:
+    """What an undone append must leave as it was: the manifest, every file's size, the store's row counts."""
+    return ((idx / "manifest.json").read_text(),
+            {str(p.relative_to(idx)): p.stat().st_size for p in idx.rglob("*") if p.is_file()},
+            (open_store(idx)["documents"].count, open_store(idx)["chunks"].count))
+
+
 def test_append_failure_midway_rolls_back(parts):
     import retrogram.index.append as ap
 
     d, a, b = parts
     idx = d / "inc3"
     _build(idx, [a])
-    manifest = (idx / "manifest.json").read_text()
-    sizes = {str(p.relative_to(idx)): p.stat().st_size for p in idx.rglob("*") if p.is_file()}
-    n_rows = (open_store(idx)["documents"].count, open_store(idx)["chunks"].count)
+    before = _state(idx)
 
     def boom(*args, **kw):
         raise RuntimeError("disk on fire")
@@ -116,9 +121,7 @@ def test_append_failure_midway_rolls_back(parts):
     stages = [dataclasses.replace(s, append=boom) if s.name == "faiss" else s for s in pipeline_stages()]
     with pytest.raises(RuntimeError, match="disk on fire"):
         ap.append_documents(idx, [str(b)], stages=stages)
-    assert (idx / "manifest.json").read_text() == manifest
-    assert {str(p.relative_to(idx)): p.stat().st_size for p in idx.rglob("*") if p.is_file()} == sizes
-    assert (open_store(idx)["documents"].count, open_store(idx)["chunks"].count) == n_rows
+    assert _state(idx) == before
     assert not (idx / ap.JOURNAL).exists()
     assert _build(idx, [a]).ran == []
 
@@ -132,9 +135,7 @@ def test_a_kill_after_any_stage_is_rolled_back(parts, monkeypatch):
     d, a, b = parts
     idx = d / "inc4"
     _build(idx, [a])
-    manifest = (idx / "manifest.json").read_text()
-    sizes = {str(p.relative_to(idx)): p.stat().st_size for p in idx.rglob("*") if p.is_file()}
-    n_rows = (open_store(idx)["documents"].count, open_store(idx)["chunks"].count)
+    before = _state(idx)
     rollback = ap.rollback_append
     monkeypatch.setattr(ap, "rollback_append", lambda index_dir: False)   # a killed process undoes nothing
 
@@ -153,11 +154,9 @@ def test_a_kill_after_any_stage_is_rolled_back(parts, monkeypatch):
         with pytest.raises(Killed):
             ap.append_documents(idx, [str(b)], stages=stages)
         assert (idx / ap.JOURNAL).is_file()
-        assert (idx / "tokens" / "tokens.bin").stat().st_size > sizes["tokens/tokens.bin"]   # appended, not undone
+        assert (idx / "tokens" / "tokens.bin").stat().st_size > before[1]["tokens/tokens.bin"]   # appended, not undone
         assert rollback(idx)
-        assert (idx / "manifest.json").read_text() == manifest, name
-        assert {str(p.relative_to(idx)): p.stat().st_size for p in idx.rglob("*") if p.is_file()} == sizes, name
-        assert (open_store(idx)["documents"].count, open_store(idx)["chunks"].count) == n_rows, name
+        assert _state(idx) == before, name
     assert _build(idx, [a]).ran == []
 
 
