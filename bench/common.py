@@ -261,9 +261,9 @@ def _fixed_stamp() -> dict:
                      "transformers": _version("transformers"), "numpy": _version("numpy"),
                      "faiss": _version("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "faiss"),
                      "grpcio": _version("grpcio")},
-        # on a machine without the repository's .git (a copy of the tree), RETROGRAM_COMMIT names the commit
-        "commit": head.strip() if head else os.environ.get("RETROGRAM_COMMIT"),
-        "dirty": bool(changed.strip()) if changed is not None else None,
+        # RETROGRAM_COMMIT names the tree that was run where the copy's .git does not (a device machine's copy)
+        "commit": os.environ.get("RETROGRAM_COMMIT") or (head.strip() if head else None),
+        "dirty": False if os.environ.get("RETROGRAM_COMMIT") else bool(changed.strip()) if changed is not None else None,
     }
 
 
