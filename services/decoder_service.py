@@ -333,8 +333,9 @@ class DecoderServicer(Service):
 
             ngram = NgramClient(self.ngram_server)
         dec = Decoder.load(self.options, ngram=ngram)
-        # one short generation now (kernels, allocator, the first graph), so SERVING means the first call is fast
-        warm = [int(t) for t in dec.tokenizer.encode("Hello")] or [0]
+        # one short generation now (kernels, allocator, the first graph, the chat template's tokenizer: seconds
+        # to load), so SERVING means the first call is fast
+        warm = dec.prompt(text="Hello", chat=True)
         for _ in dec.generate(warm, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)):
             pass
         info = dec.info()
