@@ -149,9 +149,9 @@ class Decoder:
         if len(ids) > self.max_context:
             raise RequestError(f"text: {len(ids)} tokens, the context holds {self.max_context}")
         cache = self.scheduler.cache
-        need = math.ceil(len(ids) / cache.page_size)
-        if need > self.scheduler._unreserved():
-            raise RequestError(f"text: {len(ids)} tokens need {need} KV pages, {self.scheduler._unreserved()} are "
+        need, free = math.ceil(len(ids) / cache.page_size), self.scheduler.unreserved_pages()
+        if need > free:
+            raise RequestError(f"text: {len(ids)} tokens need {need} KV pages, {free} are "
                                "free now; retry later or score a shorter text")
         seq = ("score", self._score_seq)
         self._score_seq += 1

@@ -174,13 +174,13 @@ class Scheduler:
         span = now - self._recent[0][0] if self._recent else 0.0
         rate = sum(n for _, n in self._recent) / span if span > 0 else 0.0
         return {"running": len(self.running), "waiting": len(self.waiting), "max_waiting": self.max_waiting,
-                "kv_pages_total": self.cache_pages, "kv_pages_free": self._unreserved(), "tokens_per_s": rate}
+                "kv_pages_total": self.cache_pages, "kv_pages_free": self.unreserved_pages(), "tokens_per_s": rate}
 
     # ---- one step --------------------------------------------------------------------------------------
     def _pages(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.cache.page_size)
 
-    def _unreserved(self) -> int:
+    def unreserved_pages(self) -> int:
         """Free pages not promised to a running request."""
         promised = sum(self._pages(r.total_tokens) - len(self.cache.pages.get(r.id, ())) for r in self.running)
         return self.cache.free_pages - promised
@@ -201,7 +201,7 @@ class Scheduler:
         for req in [r for r in self.running if r.cancelled]:
             self._retire(req, "cancelled")
             events.append(Event(req, [], "", [], "cancelled"))
-        free = self._unreserved()
+        free = self.unreserved_pages()
         while self.waiting and len(self.running) < self.max_running:
             need = self._pages(self.waiting[0].total_tokens)
             if need > free:
