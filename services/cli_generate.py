@@ -3,6 +3,7 @@ and perplexity), on a local model or through a running DecoderService (`--server
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -98,17 +99,9 @@ def _local(args):
         from .client import NgramClient
 
         ngram = NgramClient(args.ngram_server)
-    with console.status("loading the model", spinner="dots") if console.is_terminal else _nothing():
+    with console.status("loading the model", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         return Decoder.load(DecoderOptions(model=args.model, index=str(args.index) if args.index else None,
                                            device=args.device, max_running=1, cuda_graphs=None), ngram=ngram)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def cmd_generate(args) -> int:
