@@ -156,6 +156,31 @@ class CUDAGraphDecoder:
         return self._forward()[0]
 
 
+class _TokenReader:
+    """The sampled token on its way to the host. On CUDA the copy goes to pinned memory behind an event, so the
+    host can queue the next forward (which reads the token on the device) before it waits (`ahead`); the
+    sampler still runs after the host has seen every earlier token (stateful samplers see the history)."""
+
+    def __init__(self, device: torch.device):
+        self.ahead = device.type == "cuda"
+        self.tok: torch.Tensor | None = None
+        if self.ahead:
+            self.host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            self.event = torch.cuda.Event()
+
+    def send(self, tok: torch.Tensor) -> None:
+        self.tok = tok
+        if self.ahead:
+            self.host.copy_(tok, non_blocking=True)
+            self.event.record()
+
+    def read(self) -> int:
+        if self.ahead:
+            self.event.synchronize()
+            return int(self.host)
+        return int(self.tok)
+
+
 def generate(model: Transformer, tokenizer, prompt_ids: Iterable[int], max_new_tokens: int,
              sample_fn: SampleFn = greedy, stop_token_ids: Iterable[int] | None = None, *,
              cache: KVCache | None = None, seq=0, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
@@ -182,18 +207,30 @@ def generate(model: Transformer, tokenizer, prompt_ids: Iterable[int], max_new_t
         set_cpu_threads()
     if cuda_graph is None:
         cuda_graph = model.device.type == "cuda" and model.attn_backend == "triton"
+    logits = None   # a forward's logits not sampled yet (run ahead: its token is past what was yielded)
     try:
-        logits = prefill(model, cache, seq, prompt, prefill_chunk)
-        step = None
+        first = prefill(model, cache, seq, prompt, prefill_chunk)
         if cuda_graph:
             step = CUDAGraphDecoder(model, cache, seq, cache.length(seq) + max_new_tokens).step
+        else:
+            def step(tok):
+                return decode_one_token(model, cache, seq, tok)
+        reader = _TokenReader(model.device)
+        reader.send(sample_fn(first[None])[0])
         for i in range(max_new_tokens):
-            tok = sample_fn(logits[None])[0]
-            t = int(tok)
+            last = i == max_new_tokens - 1
+            # queue the next forward before waiting for this token: the GPU runs it while the host streams
+            logits = step(reader.tok) if reader.ahead and not last else None
+            t = reader.read()
             yield t
-            if t in stops or i == max_new_tokens - 1:
+            if t in stops or last:
                 return
-            logits = step(tok) if step is not None else decode_one_token(model, cache, seq, tok)
+            if logits is None:
+                logits = step(reader.tok)
+            reader.send(sample_fn(logits[None])[0])
+            logits = None
     finally:
         if own_cache:
             cache.free(seq)
+        elif logits is not None:
+            cache.truncate(seq, cache.length(seq) - 1)   # a step run ahead past the end: drop its token

@@ -6,6 +6,11 @@ tokens [N] are the new tokens of several sequences concatenated (prefill chunks 
 mixed); each attends to its own cached prefix plus its own new tokens (AttentionBatch says which is which).
 Only the rows listed in logits_at go through the LM head.
 
+The residual stream travels as a pair (x, residual): x is the last sublayer's output, not yet added, and the
+next norm adds it (vLLM's layout), so on the GPU the add and the norm are one kernel. With the triton backend
+the layer's elementwise work runs fused (kernels.rmsnorm, kernels.rope_cache, kernels.swiglu): a decode step
+is about nine kernels a layer instead of thirty-odd; the torch code here is the reference they match.
+
 Each Block has a `cross_attn` slot (None here): RETRO's chunked cross-attention layers go there (every third
 layer from the sixth) and receive the per-sequence `neighbours` passed to the forward.
 """
@@ -23,19 +28,29 @@ from .rope import Rotary, apply_rope
 
 
 class RMSNorm(nn.Module):
+    fused = False   # kernels.rmsnorm (set by Transformer.set_backend)
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, dim] (+ residual) -> (normed [N, dim], h = x + residual: the stream so far)."""
+        if self.fused:
+            from ..kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps, residual)
+        h = x if residual is None else x + residual
         # in float32, as transformers' LlamaRMSNorm, then the weight in the input dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        hf = h.float()
+        hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hf.to(h.dtype), h
 
 
 class Attention(nn.Module):
+    fused = False   # kernels.rope_cache
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -48,17 +63,26 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
                 cache: KVCache, backend: str, opts: TritonOptions | None) -> torch.Tensor:
         N = x.shape[0]
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)  # [N, HQ*D], [N, HKV*D], [N, HKV*D]
-        q = apply_rope(q.view(N, self.n_heads, self.head_dim), cos, sin)      # [N, HQ, D]
-        k = apply_rope(k.view(N, self.n_kv_heads, self.head_dim), cos, sin)   # [N, HKV, D]
-        v = v.view(N, self.n_kv_heads, self.head_dim)
-        cache.write(self.layer, batch.slot_mapping, k, v)
+        qkv = self.wqkv(x)                                                    # [N, (HQ + 2 HKV) * D]
+        if self.fused:
+            from ..kernels.rope_cache import rope_cache_write
+
+            q = rope_cache_write(qkv, cos, sin, cache.k[self.layer], cache.v[self.layer], batch.slot_mapping,
+                                 self.n_heads, self.n_kv_heads)               # [N, HQ, D]
+        else:
+            q, k, v = qkv.split(self.split, dim=-1)  # [N, HQ*D], [N, HKV*D], [N, HKV*D]
+            q = apply_rope(q.view(N, self.n_heads, self.head_dim), cos, sin)      # [N, HQ, D]
+            k = apply_rope(k.view(N, self.n_kv_heads, self.head_dim), cos, sin)   # [N, HKV, D]
+            v = v.view(N, self.n_kv_heads, self.head_dim)
+            cache.write(self.layer, batch.slot_mapping, k, v)
         o = attend(q, self.layer, batch, cache, backend, None, opts)          # [N, HQ, D]
         return self.wo(o.reshape(N, -1).to(x.dtype))
 
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), w1 (gate) and w3 (up) fused."""
+
+    fused = False   # kernels.swiglu
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -67,7 +91,12 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split(self.hidden, dim=-1)  # [N, I] each
+        gate_up = self.w13(x)                                  # [N, 2I]
+        if self.fused:
+            from ..kernels.swiglu import swiglu
+
+            return self.w2(swiglu(gate_up))
+        gate, up = gate_up.split(self.hidden, dim=-1)          # [N, I] each
         return self.w2(F.silu(gate) * up)
 
 
@@ -82,11 +111,14 @@ class Block(nn.Module):
         # neighbours, called between self-attention and the MLP; None in a plain LM
         self.cross_attn: nn.Module | None = None
 
-    def forward(self, x, cos, sin, batch, cache, backend, opts, neighbours=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, batch, cache, backend, opts)
+    def forward(self, x, residual, cos, sin, batch, cache, backend, opts, neighbours=None):
+        """The stream x + residual (residual None: x alone) in, the same pair out."""
+        h, residual = self.attention_norm(x, residual)
+        x = self.attention(h, cos, sin, batch, cache, backend, opts)
         if self.cross_attn is not None:
-            h = self.cross_attn(h, batch, neighbours)
-        return h + self.feed_forward(self.ffn_norm(h))
+            x, residual = self.cross_attn(x + residual, batch, neighbours), None
+        h, residual = self.ffn_norm(x, residual)
+        return self.feed_forward(h), residual
 
 
 class Transformer(nn.Module):
@@ -112,14 +144,19 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype
 
-    def set_backend(self, backend: str = "auto", options: TritonOptions | None = None) -> "Transformer":
-        """"auto": triton on CUDA, sdpa elsewhere."""
+    def set_backend(self, backend: str = "auto", options: TritonOptions | None = None,
+                    fused: bool | None = None) -> "Transformer":
+        """"auto": triton on CUDA, sdpa elsewhere. fused: the layers' elementwise kernels (default: with triton)."""
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "sdpa"
         if backend not in ("sdpa", "triton"):
             raise ValueError(f"attention backend {backend!r}: expected 'auto', 'sdpa' or 'triton'")
         self.attn_backend = backend
         self.attn_options = options
+        fused = backend == "triton" if fused is None else bool(fused)
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, FeedForward)):
+                m.fused = fused
         return self
 
     def new_cache(self, num_pages: int, page_size: int = 64) -> KVCache:
@@ -131,8 +168,11 @@ class Transformer(nn.Module):
         """tokens, positions [N] -> logits [M, V] float32 of the rows logits_at [M] (all N when None)."""
         x = self.tok_embeddings(tokens)                       # [N, dim]
         cos, sin = self.rope(positions)                       # [N, D] float32
+        residual = None
         for block in self.layers:
-            x = block(x, cos, sin, batch, cache, self.attn_backend, self.attn_options, neighbours)
+            x, residual = block(x, residual, cos, sin, batch, cache, self.attn_backend, self.attn_options,
+                                neighbours)
         if logits_at is not None:
-            x = x[logits_at]                                  # [M, dim]
-        return self.output(self.norm(x)).float()              # [M, V]
+            x, residual = x[logits_at], residual[logits_at]   # [M, dim]
+        h, _ = self.norm(x, residual)
+        return self.output(h).float()                         # [M, V]

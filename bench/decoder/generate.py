@@ -136,6 +136,15 @@ def section_batch1(args, device: str) -> dict:
                "hf_tokens_per_s": new / t_hf, "ours_tokens_per_s": new / t_ours,
                "speedup": t_hf / t_ours, "ttft_512_hf_ms": ttft_hf * 1e3, "ttft_512_ours_ms": ttft_ours * 1e3,
                "ttft_ratio": ttft_ours / ttft_hf}
+        if device == "cuda":
+            # the same engine with the layers' elementwise ops unfused (torch ops): what the fused kernels buy
+            ours.set_backend("triton", ours.attn_options, fused=False)
+            ours_generate(ours, short, 4)
+            t_unf, _ = best_of(lambda: ours_generate(ours, short, new), args.reps)
+            ttft_unf, _ = best_of(lambda: ours_generate(ours, ids, 1), args.reps)
+            ours.set_backend("triton", ours.attn_options)
+            row.update(ours_unfused_tokens_per_s=new / t_unf, ttft_512_ours_unfused_ms=ttft_unf * 1e3)
+            log(f"batch1 {name}: unfused elementwise ops: {new / t_unf:.1f} tok/s, TTFT(512) {ttft_unf * 1e3:.1f} ms")
         log(f"batch1 {name} ({row['params_m']}M, {device}): HF {row['hf_tokens_per_s']:.1f} tok/s, ours "
             f"{row['ours_tokens_per_s']:.1f} tok/s = {row['speedup']:.2f}x; TTFT(512) HF {row['ttft_512_hf_ms']:.1f} ms, "
             f"ours {row['ttft_512_ours_ms']:.1f} ms = {row['ttft_ratio']:.2f} of HF; logits rel err {rel:.2e}, "
