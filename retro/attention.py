@@ -44,6 +44,9 @@ class AttentionBatch:
     tree_mask: list[torch.Tensor | None] | None = None  # per sequence bool [n_new, n_new], True = visible
     seqs: list | None = None          # the cache's sequence ids, in order
     sparse_decode: bool | None = None  # force HiP decode on/off for every decoding row (None: by length)
+    # a captured prefill of one fresh sequence (graphs.PrefillGraphs): its keys are its new tokens, read back
+    # from these slots [N] after the write (padding rows read any valid slot; cu_seqlens hides them)
+    kv_read_slots: torch.Tensor | None = None
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -311,6 +314,11 @@ def triton_attention(q: torch.Tensor, layer: int, batch: AttentionBatch, cache: 
         o = _decode(q.view(N, 1, HQ, D), layer, cache, batch.seqlens, batch.block_table, batch.max_seqlen_k,
                     sparse, scale, opts)
         return o.view(N, HQ, D)
+    if batch.kv_read_slots is not None:
+        # a captured prefill (static shapes, no host lengths): one sequence, no cached prefix
+        k, v = cache.read(layer, batch.kv_read_slots)  # [N, HKV, D]
+        return flash_prefill(q[None], k[None], v[None], causal=True, scale=scale, cu_seqlens=batch.cu_seqlens,
+                             cu_seqlens_k=batch.cu_seqlens, max_seqlen_q=batch.max_seqlen_q)[0]
     plan = _plan(batch, opts)
     out = torch.empty_like(q)
     for name, sparse in (("dec", False), ("dec_sparse", True)):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from .attention import AttentionBatch, prepare_step
-from .graphs import capture
+from .graphs import PrefillGraphs, capture
 from .kv_cache import KVCache
 from .model import Transformer
 
@@ -102,6 +102,11 @@ class CUDAGraphDecoder:
         self._graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
 
+    def restart(self, seq) -> "CUDAGraphDecoder":
+        """Decode another sequence of the same cache with the graphs already captured."""
+        self.seq, self.batch.seqs, self._pages_in_table = seq, [seq], 0
+        return self
+
     def _sparse(self, length: int) -> bool:
         opts = self.model.attn_options
         if self.model.attn_backend != "triton":
@@ -181,6 +186,37 @@ class _TokenReader:
         return int(self.tok)
 
 
+class _GraphRunner:
+    """What batch-1 generation on CUDA keeps between calls (gpt-fast's static cache): a KV cache for max_seqlen
+    tokens and the graphs captured over it, the prefill's and the decode step's. Capturing costs tens of
+    milliseconds, which a call of a few hundred tokens would otherwise pay every time."""
+
+    def __init__(self, model: Transformer, max_seqlen: int, page_size: int):
+        self.max_seqlen, self.page_size = max_seqlen, page_size
+        self.key = _backend_key(model)
+        self.cache = model.new_cache(math.ceil(max_seqlen / page_size), page_size)
+        self.prefill = PrefillGraphs(model, self.cache, min(max_seqlen, 4096))
+        self.decoder = CUDAGraphDecoder(model, self.cache, None, max_seqlen)
+        self.busy = False
+
+
+def _backend_key(model: Transformer) -> tuple:
+    """What the captured graphs baked in: a runner made under another backend setting is stale."""
+    return model.attn_backend, model.layers[0].attention.fused, id(model.attn_options)
+
+
+def _graph_runner(model: Transformer, total: int, page_size: int) -> _GraphRunner | None:
+    """The model's runner if it fits total tokens and is free (None while another generate holds it: that one
+    gets a cache of its own); a bigger one replaces it."""
+    runner = getattr(model, "_graph_runner", None)
+    if runner is not None and runner.busy:
+        return None
+    if runner is None or runner.max_seqlen < total or runner.page_size != page_size \
+            or runner.key != _backend_key(model):
+        runner = model._graph_runner = _GraphRunner(model, max(2048, 1 << (total - 1).bit_length()), page_size)
+    return runner
+
+
 def generate(model: Transformer, tokenizer, prompt_ids: Iterable[int], max_new_tokens: int,
              sample_fn: SampleFn = greedy, stop_token_ids: Iterable[int] | None = None, *,
              cache: KVCache | None = None, seq=0, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
@@ -189,7 +225,8 @@ def generate(model: Transformer, tokenizer, prompt_ids: Iterable[int], max_new_t
 
     stop_token_ids: default the model's eos ids and the tokenizer's eos. cache: a KVCache to use (the sequence
     `seq` stays in it afterwards); default a fresh one sized for prompt + max_new_tokens, freed at the end.
-    cuda_graph: capture the decode step (default: on CUDA with the triton backend).
+    cuda_graph: capture the prefill of a fresh prompt and the decode step (default: on CUDA with the triton
+    backend); without a cache given, the graphs and their cache are kept on the model for the next call.
     """
     prompt = _as_tokens(list(prompt_ids), model.device)
     if prompt.numel() == 0:
@@ -200,17 +237,27 @@ def generate(model: Transformer, tokenizer, prompt_ids: Iterable[int], max_new_t
     if stop_token_ids is None and getattr(tokenizer, "eos_token_id", None) is not None:
         stops.add(int(tokenizer.eos_token_id))
     total = prompt.numel() + max_new_tokens
-    own_cache = cache is None
-    if own_cache:
-        cache = model.new_cache(math.ceil(total / page_size), page_size)
     if model.device.type == "cpu":
         set_cpu_threads()
     if cuda_graph is None:
         cuda_graph = model.device.type == "cuda" and model.attn_backend == "triton"
+    own_cache = cache is None
+    runner = _graph_runner(model, total, page_size) if own_cache and cuda_graph and model.device.type == "cuda" \
+        else None
+    if runner is not None:
+        runner.busy = True
+        cache = runner.cache
+    elif own_cache:
+        cache = model.new_cache(math.ceil(total / page_size), page_size)
     logits = None   # a forward's logits not sampled yet (run ahead: its token is past what was yielded)
     try:
-        first = prefill(model, cache, seq, prompt, prefill_chunk)
-        if cuda_graph:
+        if runner is not None and runner.prefill.fits(cache, seq, prompt.numel()):
+            first = runner.prefill.prefill(seq, prompt)
+        else:
+            first = prefill(model, cache, seq, prompt, prefill_chunk)
+        if runner is not None:
+            step = runner.decoder.restart(seq).step
+        elif cuda_graph:
             step = CUDAGraphDecoder(model, cache, seq, cache.length(seq) + max_new_tokens).step
         else:
             def step(tok):
@@ -232,5 +279,7 @@ def generate(model: Transformer, tokenizer, prompt_ids: Iterable[int], max_new_t
     finally:
         if own_cache:
             cache.free(seq)
+            if runner is not None:
+                runner.busy = False
         elif logits is not None:
             cache.truncate(seq, cache.length(seq) - 1)   # a step run ahead past the end: drop its token

@@ -1,4 +1,5 @@
-"""CUDA graphs for the scheduler's decode-only steps (continuous batching), gpt-fast / vLLM style.
+"""CUDA graphs for the scheduler's decode-only steps (continuous batching), gpt-fast / vLLM style, and for the
+prefill of a fresh prompt (PrefillGraphs, below).
 
 A decode step of B sequences is one token each. Its inputs live in static buffers sized for `max_batch`
 rows; a graph is captured per batch-size bucket (1, 2, 4, 8, ... up to max_batch) on the first step of
@@ -127,3 +128,75 @@ class DecodeGraphs:
             graph.replay()
             return out[:n]
         return self._forward(B, seqlens)[:n]
+
+
+class PrefillGraphs:
+    """A fresh sequence's prompt (no cached prefix) as one captured forward: eagerly, a prefill launches a few
+    hundred kernels from Python and the host, not the GPU, sets the time to first token.
+
+    Prompts are padded to a bucket (multiples of 64 to 512, then powers of two); a graph is captured per bucket
+    on first use. The padding tokens write no K/V (slot -1: rope_cache_write skips them) and attend to nothing
+    (cu_seqlens ends at the real length), so their rows are garbage that only the padding reads. Needs the
+    triton backend with the fused layer ops (the skip is the kernel's). Off CUDA the same static forward runs
+    eagerly (the tests)."""
+
+    def __init__(self, model: Transformer, cache: KVCache, max_tokens: int = 2048):
+        self.model, self.cache = model, cache
+        self.buckets = [b for b in (*range(64, 513, 64), 1024, 2048, 4096) if b < max_tokens] + [max_tokens]
+        M, dev = max_tokens, model.device
+        self.tokens = torch.zeros(M, dtype=torch.int64, device=dev)
+        self.positions = torch.arange(M, dtype=torch.int64, device=dev)   # a fresh sequence starts at 0
+        self.slots = torch.full((M,), -1, dtype=torch.int64, device=dev)
+        self.read_slots = torch.zeros(M, dtype=torch.int64, device=dev)
+        self.cu_seqlens = torch.zeros(2, dtype=torch.int32, device=dev)
+        self.seqlens = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.last = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.block_table = torch.zeros(1, 1, dtype=torch.int32, device=dev)   # unread by the captured path
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def fits(self, cache: KVCache, seq, n: int) -> bool:
+        m = self.model
+        opts = m.attn_options
+        sparse = opts is not None and opts.sparse_prefill and n >= opts.sparse_prefill_from
+        return (cache is self.cache and cache.length(seq) == 0 and 0 < n <= self.buckets[-1] and not sparse
+                and m.attn_backend == "triton" and m.layers[0].attention.fused)
+
+    def _forward(self, B: int) -> torch.Tensor:
+        batch = AttentionBatch(cu_seqlens=self.cu_seqlens, seqlens=self.seqlens, block_table=self.block_table,
+                               slot_mapping=self.slots[:B], max_seqlen_q=B, max_seqlen_k=B,
+                               kv_read_slots=self.read_slots[:B])
+        return self.model(self.tokens[:B], self.positions[:B], batch, self.cache, logits_at=self.last)  # [1, V]
+
+    @torch.inference_mode()
+    def prefill(self, seq, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens [n] (on the model's device) to the empty sequence `seq`; the logits [V] after the last
+        (a static buffer on CUDA: read it before the next prefill)."""
+        n = tokens.numel()
+        if not self.fits(self.cache, seq, n):
+            raise ValueError(f"PrefillGraphs: sequence {seq!r} with {n} tokens does not fit (fresh sequences of up "
+                             f"to {self.buckets[-1]} tokens, triton backend with fused layer ops)")
+        B = next(b for b in self.buckets if b >= n)
+        cache = self.cache
+        cache.allocate(seq, n)
+        cache.advance(seq, n)
+        slots = cache.slot_mapping([seq], [0], [n])            # int64 [n] on the device
+        self.tokens[:n].copy_(tokens)
+        self.slots[:n].copy_(slots)
+        self.slots[n:B].fill_(-1)
+        self.read_slots[:n].copy_(slots)
+        self.cu_seqlens[1:].fill_(n)
+        self.seqlens.fill_(n)
+        self.last.fill_(n - 1)
+        if not self.cuda:
+            return self._forward(B)[0]
+        if B not in self._graphs:
+            g, out, self._pool = capture(lambda: self._forward(B), self._pool)
+            self._graphs[B] = (g, out)
+        graph, out = self._graphs[B]
+        graph.replay()
+        return out[0]
+
+    @property
+    def cuda(self) -> bool:
+        return self.model.device.type == "cuda"

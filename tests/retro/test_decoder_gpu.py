@@ -86,3 +86,21 @@ def test_generate_with_and_without_cuda_graph():
     graph = list(generate(model, None, prompt, 24, cuda_graph=True, stop_token_ids=[]))
     # random weights: near-ties may flip late tokens, so compare the first stretch
     assert eager[:8] == graph[:8]
+
+
+def test_generate_graphs_kept_between_calls_match_eager():
+    # the runner kept on the model (prefill graph + decode graph over its own cache) gives the tokens of the eager
+    # path, call after call, at prompt lengths that hit different prefill buckets; the unfused setting drops it
+    model = random_model(torch.float32, seed=3)
+    model.set_backend("triton")
+    g = torch.Generator().manual_seed(2)
+    for n in (5, 64, 300, 5):
+        prompt = torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist()
+        eager = list(generate(model, None, prompt, 24, stop_token_ids=(), cuda_graph=False))
+        graphs = list(generate(model, None, prompt, 24, stop_token_ids=()))
+        assert graphs == eager, n
+    runner = model._graph_runner
+    assert not runner.busy and runner.cache.free_pages == runner.cache.num_pages
+    model.set_backend("triton", fused=False)
+    assert list(generate(model, None, prompt, 24, stop_token_ids=())) == eager
+    assert model._graph_runner is not runner

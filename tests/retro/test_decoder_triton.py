@@ -15,6 +15,7 @@ from retrogram.kernels.hf import HIP_DEFAULTS  # noqa: E402
 from retrogram.retro.attention import TritonOptions, prepare_step  # noqa: E402
 from retrogram.retro.config import ModelConfig  # noqa: E402
 from retrogram.retro.generate import CUDAGraphDecoder, decode_one_token, prefill  # noqa: E402
+from retrogram.retro.graphs import PrefillGraphs  # noqa: E402
 from retrogram.retro.model import Transformer  # noqa: E402
 from retrogram.kernels.testing import rel  # noqa: E402
 
@@ -152,3 +153,33 @@ def test_static_decode_step_on_the_kernel_path():
         got.append(dec.step(torch.tensor(t, device=DEV)).clone())
         assert dec.batch.q_lens is None
     assert rel(torch.stack(got), torch.stack(ref)) < TOL
+
+
+def test_static_prefill_padded_to_a_bucket():
+    # what PrefillGraphs captures, run eagerly: the prompt padded to a bucket (padding writes no K/V and is
+    # never attended), logits at the last real token; the cache then holds exactly the prompt
+    cfg = ModelConfig.tiny()
+    model = random_model(cfg, seed=5)
+    model.set_backend("sdpa")
+    for n in (1, 23, 64, 70):
+        prompt = list(range(3, 3 + n))
+        c1 = model.new_cache(8, 16)
+        model.set_backend("sdpa")
+        ref = [prefill(model, c1, 0, prompt)] + [decode_one_token(model, c1, 0, t) for t in (5, 6)]
+        model.set_backend("triton")
+        c2 = model.new_cache(8, 16)
+        c2.k.fill_(float("nan")), c2.v.fill_(float("nan"))   # a slot written by padding would show
+        graphs = PrefillGraphs(model, c2, max_tokens=128)
+        assert graphs.fits(c2, 0, n)
+        got = [graphs.prefill(0, torch.tensor(prompt, device=DEV)).clone()]
+        assert c2.length(0) == n
+        used = c2.slots(0, 0, n).to(c2.device)
+        assert not c2.k[0].view(-1, cfg.n_kv_heads, cfg.head_dim)[used].isnan().any()
+        written = ~c2.k[0].view(-1, cfg.n_kv_heads, cfg.head_dim).isnan().all(-1).all(-1)
+        assert int(written.sum()) == n                       # nothing past the prompt
+        got += [decode_one_token(model, c2, 0, t) for t in (5, 6)]
+        assert rel(torch.stack(got), torch.stack(ref)) < TOL, n
+        assert not graphs.fits(c2, 0, 3)                     # not a fresh sequence any more
+    model.set_backend("triton", fused=False)   # the padding's skipped writes are the fused kernel's
+    c3 = model.new_cache(8, 16)
+    assert not PrefillGraphs(model, c3).fits(c3, 0, 3)
