@@ -47,6 +47,16 @@ def main(argv=None) -> int:
         logits = prefill(model, cache, 0, ids)
         sync()
     log(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows))
+    from retrogram.retro.graphs import PrefillGraphs
+
+    graphs = PrefillGraphs(model, cache, 1024)
+    for _ in range(2):                                           # capture the 512 bucket, then time a replay
+        cache.free(0)
+        sync()
+        t = time.perf_counter()
+        logits = graphs.prefill(0, torch.tensor(ids, device=device))
+        sync()
+    log(f"prefill 512 tokens as a CUDA graph: {1e3 * (time.perf_counter() - t):.2f} ms wall")
     step = CUDAGraphDecoder(model, cache, 0, cache.length(0) + 2 * args.steps + 16).step
     tok = logits.argmax()
     for _ in range(3):                                           # capture and warm the graph
