@@ -6,6 +6,8 @@
 - hip_attention: HiP hierarchical top-k block selection, sparse prefill and decode
 - block_sparse_prefill: MInference vertical-slash patterns on the block-sparse core
 - cca_attention: RETRO chunked cross-attention over cached neighbour K/V
+- rmsnorm, rope_cache, swiglu: the decoder layer's elementwise work fused (residual add + RMSNorm; RoPE with the
+  K/V written into the paged cache; silu(gate) * up)
 - hf: registration as transformers attention implementations
 
 Tensors are [batch, tokens, heads, head_dim] with a contiguous head dim (other strides free).
