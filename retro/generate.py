@@ -202,7 +202,7 @@ class _GraphRunner:
 
 def _backend_key(model: Transformer) -> tuple:
     """What the captured graphs baked in: a runner made under another backend setting is stale."""
-    return model.attn_backend, model.layers[0].attention.fused, id(model.attn_options)
+    return model.attn_backend, model.layers[0].attention.fused, model.layers[0].matvec_rows, id(model.attn_options)
 
 
 def _graph_runner(model: Transformer, total: int, page_size: int) -> _GraphRunner | None:

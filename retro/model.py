@@ -9,7 +9,9 @@ Only the rows listed in logits_at go through the LM head.
 The residual stream travels as a pair (x, residual): x is the last sublayer's output, not yet added, and the
 next norm adds it (vLLM's layout), so on the GPU the add and the norm are one kernel. With the triton backend
 the layer's elementwise work runs fused (kernels.rmsnorm, kernels.rope_cache, kernels.swiglu): a decode step
-is about nine kernels a layer instead of thirty-odd; the torch code here is the reference they match.
+is about nine kernels a layer instead of thirty-odd; the torch code here is the reference they match. For the
+few rows of a decode step each norm also fuses into the projection after it (kernels.norm_matvec, with SwiGLU in
+the MLP's): six kernels a layer.
 
 Each Block has a `cross_attn` slot (None here): RETRO's chunked cross-attention layers go there (every third
 layer from the sixth) and receive the per-sequence `neighbours` passed to the forward.
@@ -25,6 +27,10 @@ from .attention import AttentionBatch, TritonOptions, attend
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .rope import Rotary, apply_rope
+
+
+# norm_matvec reads the weights once per row: past a few rows cuBLAS's matmul (reading them once) wins
+MATVEC_ROWS = 4
 
 
 class RMSNorm(nn.Module):
@@ -60,10 +66,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.q_size, config.dim, bias=config.attention_out_bias)
         self.split = (config.q_size, config.kv_size, config.kv_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
-                cache: KVCache, backend: str, opts: TritonOptions | None) -> torch.Tensor:
-        N = x.shape[0]
-        qkv = self.wqkv(x)                                                    # [N, (HQ + 2 HKV) * D]
+    def forward(self, x: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
+                cache: KVCache, backend: str, opts: TritonOptions | None,
+                qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, dim] normed, or qkv: its projection already made (fused with the norm)."""
+        qkv = self.wqkv(x) if qkv is None else qkv                            # [N, (HQ + 2 HKV) * D]
+        N = qkv.shape[0]
         if self.fused:
             from ..kernels.rope_cache import rope_cache_write
 
@@ -76,7 +84,7 @@ class Attention(nn.Module):
             v = v.view(N, self.n_kv_heads, self.head_dim)
             cache.write(self.layer, batch.slot_mapping, k, v)
         o = attend(q, self.layer, batch, cache, backend, None, opts)          # [N, HQ, D]
-        return self.wo(o.reshape(N, -1).to(x.dtype))
+        return self.wo(o.reshape(N, -1).to(qkv.dtype))
 
 
 class FeedForward(nn.Module):
@@ -110,13 +118,28 @@ class Block(nn.Module):
         # RETRO: a chunked cross-attention module (its own norm and residual inside) attending to the encoded
         # neighbours, called between self-attention and the MLP; None in a plain LM
         self.cross_attn: nn.Module | None = None
+        # up to this many rows (a decode step) each norm runs inside the projection after it; 0: never
+        self.matvec_rows = 0
+        self._matvec_ok = self.attention.wqkv.bias is None and self.feed_forward.w13.bias is None
 
     def forward(self, x, residual, cos, sin, batch, cache, backend, opts, neighbours=None):
         """The stream x + residual (residual None: x alone) in, the same pair out."""
-        h, residual = self.attention_norm(x, residual)
-        x = self.attention(h, cos, sin, batch, cache, backend, opts)
+        matvec = x.shape[0] <= self.matvec_rows and self._matvec_ok
+        if matvec:
+            from ..kernels.norm_matvec import norm_matvec
+
+            qkv, residual = norm_matvec(x, self.attention_norm.weight, self.attention_norm.eps,
+                                        self.attention.wqkv.weight, residual)
+            x = self.attention(None, cos, sin, batch, cache, backend, opts, qkv=qkv)
+        else:
+            h, residual = self.attention_norm(x, residual)
+            x = self.attention(h, cos, sin, batch, cache, backend, opts)
         if self.cross_attn is not None:
             x, residual = self.cross_attn(x + residual, batch, neighbours), None
+        if matvec:
+            g, residual = norm_matvec(x, self.ffn_norm.weight, self.ffn_norm.eps, self.feed_forward.w13.weight,
+                                      residual, swiglu=True)
+            return self.feed_forward.w2(g), residual
         h, residual = self.ffn_norm(x, residual)
         return self.feed_forward(h), residual
 
@@ -145,8 +168,10 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight.dtype
 
     def set_backend(self, backend: str = "auto", options: TritonOptions | None = None,
-                    fused: bool | None = None) -> "Transformer":
-        """"auto": triton on CUDA, sdpa elsewhere. fused: the layers' elementwise kernels (default: with triton)."""
+                    fused: bool | None = None, matvec_rows: int | None = None) -> "Transformer":
+        """"auto": triton on CUDA, sdpa elsewhere. fused: the layers' elementwise kernels (default: with triton).
+        matvec_rows: steps of up to this many tokens fuse each norm into the projection after it (default
+        MATVEC_ROWS when fused, else 0)."""
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "sdpa"
         if backend not in ("sdpa", "triton"):
@@ -157,6 +182,9 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention, FeedForward)):
                 m.fused = fused
+        rows = (MATVEC_ROWS if fused else 0) if matvec_rows is None else int(matvec_rows)
+        for block in self.layers:
+            block.matvec_rows = rows
         return self
 
     def new_cache(self, num_pages: int, page_size: int = 64) -> KVCache:

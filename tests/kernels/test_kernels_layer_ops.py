@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / the kernels ar
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from retrogram.kernels.norm_matvec import norm_matvec, norm_matvec_naive  # noqa: E402
 from retrogram.kernels.rmsnorm import rmsnorm, rmsnorm_naive  # noqa: E402
 from retrogram.kernels.rope_cache import rope_cache_write, rope_cache_write_naive  # noqa: E402
 from retrogram.kernels.swiglu import swiglu, swiglu_naive  # noqa: E402
@@ -102,3 +103,39 @@ def test_layer_ops_round_as_torch_gpu(dtype):
         assert same_nan and diff == 0
     x = (torch.randn(64, 2 * 1536, device="cuda") * 4).to(dtype)
     assert torch.equal(swiglu(x), swiglu_naive(x))
+
+
+def check_norm_matvec(M, K, N, residual, swiglu, dtype, device):
+    x = torch.randn(M, K, device=device).to(dtype)
+    r = torch.randn(M, K, device=device).to(dtype) if residual else None
+    nw = (torch.rand(K, device=device) + 0.5).to(dtype)
+    w = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
+    (y, h), (y_ref, h_ref) = norm_matvec(x, nw, 1e-5, w, r, swiglu), norm_matvec_naive(x, nw, 1e-5, w, r, swiglu)
+    return (y.float() - y_ref.float()).abs().max().item() / y_ref.float().abs().max().item(), \
+        (h.float() - h_ref.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 576, 960), (3, 100, 37), (2, 200, 64)])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_norm_matvec(M, K, N, residual, swiglu):
+    dy, dh = check_norm_matvec(M, K, N + (N % 2 if swiglu else 0), residual, swiglu, DTYPE, DEV)
+    assert dy <= 1e-5 and dh == 0
+
+
+def test_norm_matvec_bad_arguments_named():
+    x = torch.randn(2, 8, device=DEV)
+    with pytest.raises(ValueError, match="weight must be"):
+        norm_matvec(x, torch.ones(8, device=DEV), 1e-5, torch.randn(4, 7, device=DEV))
+    with pytest.raises(ValueError, match="even"):
+        norm_matvec(x, torch.ones(8, device=DEV), 1e-5, torch.randn(5, 8, device=DEV), swiglu=True)
+
+
+@pytest.mark.gpu
+@GPU
+def test_norm_matvec_gpu():
+    # bf16: the product's reduction order differs from cuBLAS's (a rounding step of the output at most)
+    for M, K, N in ((1, 576, 960), (4, 576, 3072), (1, 2048, 3072), (2, 2048, 16384)):
+        for swiglu in (False, True):
+            dy, dh = check_norm_matvec(M, K, N, True, swiglu, torch.bfloat16, "cuda")
+            assert dh == 0 and dy <= 2 ** -6, (M, K, N, swiglu, dy)
