@@ -26,7 +26,7 @@ from .detokenize import apply_chat_template
 from .sampling import SamplingParams
 from .scheduler import Event, RequestError, Scheduler, new_cache_for
 from .score import Scores, score_ids
-from .weights import check_index_tokenizer, load_model, model_tokenizer_identity, resolve_model_path
+from .weights import check_index_tokenizer, check_weights, load_model, model_tokenizer_identity, resolve_model_path
 
 
 @dataclass
@@ -41,6 +41,15 @@ class DecoderOptions:
     step_tokens: int = 2048
     max_context: int | None = None    # default: the model's max_position_embeddings
     cuda_graphs: bool | None = None
+    weights: str = "float"            # "q4": the default model's Q4_1/Q8_0 GGUF blocks, CPU only (retro/quant.py)
+
+
+def resolve_device(opts: DecoderOptions) -> str:
+    """opts.device, else cuda when there is one (the CPU for weights="q4", which runs there only); checks
+    opts.weights against it and the model."""
+    device = opts.device or ("cuda" if torch.cuda.is_available() and opts.weights != "q4" else "cpu")
+    check_weights(opts.weights, opts.model, device)
+    return device
 
 
 def check_server_tokenizer(ngram, tokenizer) -> None:
@@ -55,9 +64,10 @@ def check_server_tokenizer(ngram, tokenizer) -> None:
 
 
 class Decoder:
-    def __init__(self, model, tokenizer, scheduler: Scheduler, name: str, engine=None, index_dir: str | None = None):
+    def __init__(self, model, tokenizer, scheduler: Scheduler, name: str, engine=None, index_dir: str | None = None,
+                 weights: str = "float"):
         self.model, self.tokenizer, self.scheduler = model, tokenizer, scheduler
-        self.name, self.engine, self.index_dir = name, engine, index_dir
+        self.name, self.engine, self.index_dir, self.weights = name, engine, index_dir, weights
         self._score_seq = 0
 
     @classmethod
@@ -67,7 +77,7 @@ class Decoder:
         opts = opts or DecoderOptions()
         if ngram is not None and opts.index is not None:
             raise UserError("--index and --ngram-server: give one source of n-gram statistics, not both")
-        device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(opts)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {device}: CUDA is not available here")
         for name in ("page_size", "max_running", "step_tokens"):
@@ -78,7 +88,7 @@ class Decoder:
             from ..ngram.engine import Engine
 
             engine = Engine(opts.index)
-        model, tokenizer = load_model(opts.model, device)
+        model, tokenizer = load_model(opts.model, device, weights=opts.weights)
         if engine is not None:
             check_index_tokenizer(opts.index, tokenizer)
         elif ngram is not None:
@@ -95,7 +105,8 @@ class Decoder:
                           step_tokens=max(opts.step_tokens, opts.max_running), max_context=opts.max_context,
                           ngram=engine, cuda_graphs=opts.cuda_graphs)
         name = str(resolve_model_path(opts.model)[0]) if opts.model else "SmolLM2-135M-Instruct"
-        return cls(model, tokenizer, sched, name, engine, opts.index or ",".join(getattr(ngram, "targets", ())))
+        return cls(model, tokenizer, sched, name, engine, opts.index or ",".join(getattr(ngram, "targets", ())),
+                   opts.weights)
 
     # ---- prompts ---------------------------------------------------------------------------------------
     @property
@@ -186,7 +197,7 @@ class Decoder:
         cache = self.scheduler.cache
         return {"model": self.name, "tokenizer": ident.get("name", ""), "tokenizer_sha256": ident["sha256"],
                 "vocab_size": self.model.config.vocab_size, "max_context": self.max_context,
-                "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
+                "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", "") + ("+q4_1" if self.weights == "q4" else ""),
                 "index_dir": str(self.index_dir) if self.index_dir else "",
                 "kv_pages": self.scheduler.cache_pages, "page_size": cache.page_size,
                 "eos_token_id": self.scheduler.eos_token_id}

@@ -299,13 +299,40 @@ def resolve_model_path(path: Path | str | None) -> tuple[Path, bool]:
     return p, False
 
 
+WEIGHTS = ("float", "q4")
+
+
+def check_weights(weights: str, path: Path | str | None, device) -> None:
+    """Refuse a `weights` option that cannot run: "q4" runs the default GGUF's own Q4_1 / Q8_0 blocks
+    (retro/quant.py) on the CPU only."""
+    if weights not in WEIGHTS:
+        raise UserError(f"--weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    if weights == "float":
+        return
+    if torch.device(device).type != "cpu":
+        raise UserError(f"--weights q4: runs on the CPU only (its kernels are numba CPU code), not on --device "
+                        f"{device}; use --weights float there")
+    if path is not None:
+        raise UserError(f"--weights q4: runs the blocks of the default model's GGUF ({SMOLLM2_GGUF}); --model "
+                        f"{path} is not it (leave --model out, or use --weights float)")
+
+
 def load_model(path: Path | str | None = None, device="cpu", dtype: torch.dtype | None = None,
-               backend: str = "auto"):
+               backend: str = "auto", weights: str = "float"):
     """(Transformer, tokenizer): the default SmolLM2-135M-Instruct, a local HF directory, or a .gguf file.
     dtype: default bfloat16 on CUDA, float32 on the CPU; backend: "auto" (triton on CUDA), "sdpa", "triton".
+    weights: "float" (dtype), or "q4": the default model on the CPU with its layer matrices run from the GGUF's
+    Q4_1 blocks and its LM head from the Q8_0 ones (retro/quant.py; the rest float32).
     The tokenizer is index.tokenizer's HFTokenizer read from the model directory."""
+    check_weights(weights, path, device)
+    if weights == "q4" and dtype not in (None, torch.float32):
+        raise UserError(f"--weights q4: float32 activations only, not {dtype}")
     model_dir, is_default = resolve_model_path(path)
     model = load_transformer(model_dir, device, dtype, backend)
+    if weights == "q4":
+        from .quant import quantize_model
+
+        quantize_model(model, smollm2_package_dir() / SMOLLM2_GGUF)
     tokenizer = load_tokenizer(str(model_dir))
     if is_default:
         tokenizer.name = DEFAULT_TOKENIZER  # the name indexes built with the default tokenizer record

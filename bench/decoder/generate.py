@@ -9,7 +9,9 @@ Sections:
            Checks first: the last-position logits of the prompt against HF's (relative error) and how many
            greedy tokens agree. Models: `smollm2` (SmolLM2-135M: the real weights on the CPU; on a GPU
            random bf16 weights of its shape, since speed does not depend on them) and `llama-1b` (a
-           Llama-3.2-1B-shaped model with random weights, GPU only).
+           Llama-3.2-1B-shaped model with random weights, GPU only). On the CPU SmolLM2 has a second row,
+           `smollm2 q4`: ours with --weights q4 (its GGUF's Q4_1 layer blocks, Q8_0 LM head: retro/quant.py)
+           against the same HF runs. The runs of HF and ours (and q4) take turns, best of --reps each.
   infgram  batch-1 per-token time through the Scheduler with and without ∞-gram interpolation
            (ngram_lambda 0.5, an n-gram index over the demo corpus, built here in a temp dir unless --index),
            runs with and without interleaved; the overhead is the median of the pairs' ratios.
@@ -109,48 +111,81 @@ def best_of(fn, reps: int):
     return min(runs, key=lambda r: r[0])
 
 
+def batch1_row(ours, rel, toks_hf, toks_ours, new, t_hf, t_ours, ttft_hf, ttft_ours, params_m=None, dtype=None):
+    agree = next((i for i, (a, b) in enumerate(zip(toks_hf, toks_ours)) if a != b), len(toks_hf))
+    return {"params_m": params_m or round(sum(p.numel() for p in ours.parameters()) / 1e6, 1),
+            "dtype": dtype or str(ours.dtype), "logits_rel_err_512": rel, "greedy_tokens_agree": agree,
+            "new_tokens": new, "hf_tokens_per_s": new / t_hf, "ours_tokens_per_s": new / t_ours,
+            "speedup": t_hf / t_ours, "ttft_512_hf_ms": ttft_hf * 1e3, "ttft_512_ours_ms": ttft_ours * 1e3,
+            "ttft_ratio": ttft_ours / ttft_hf}
+
+
+def describe(row) -> str:
+    return (f"HF {row['hf_tokens_per_s']:.1f} tok/s, ours {row['ours_tokens_per_s']:.1f} tok/s = {row['speedup']:.2f}x; "
+            f"TTFT(512) HF {row['ttft_512_hf_ms']:.1f} ms, ours {row['ttft_512_ours_ms']:.1f} ms = "
+            f"{row['ttft_ratio']:.2f} of HF; logits rel err {row['logits_rel_err_512']:.2e}, greedy agree "
+            f"{row['greedy_tokens_agree']}/{row['new_tokens']}")
+
+
+def best_of_each(fns: dict, reps: int) -> dict:
+    """The best run of each of fns (name -> () -> (seconds, tokens)), the reps run round-robin so that a load
+    on the machine falls on all of them alike."""
+    runs = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            runs[k].append(fn())
+    return {k: min(r, key=lambda x: x[0]) for k, r in runs.items()}
+
+
+def q4_model():
+    """SmolLM2 on the CPU with --weights q4 (retro/quant.py): its GGUF's Q4_1 layer blocks, Q8_0 LM head."""
+    from retrogram.retro.weights import load_model
+
+    return load_model(weights="q4")[0]
+
+
 def section_batch1(args, device: str) -> dict:
     out = {}
     names = [m for m in args.models if device == "cuda" or m == "smollm2"]
     for name in names:
         hf, ours, cfg = models(name, device)
+        q4 = q4_model() if name == "smollm2" and device == "cpu" else None
         new = args.new_tokens
         # correctness: last-position logits of a 512-token prompt, and the greedy tokens
         ids = prompt_ids(cfg, 512)
         from retrogram.retro.generate import prefill
 
+        mine = {"ours": ours, "q4": q4} if q4 is not None else {"ours": ours}
         with torch.inference_mode():
             ref = hf(torch.tensor([ids], device=device)).logits[0, -1].float()
-            cache = ours.new_cache(math.ceil(600 / 64), 64)
-            mine = prefill(ours, cache, 0, ids)
-        rel = float((mine - ref).norm() / ref.norm())
+            rel = {k: float((prefill(m, m.new_cache(math.ceil(600 / 64), 64), 0, ids) - ref).norm() / ref.norm())
+                   for k, m in mine.items()}
         short = prompt_ids(cfg, 32, seed=1)
-        hf_generate(hf, short, 4), ours_generate(ours, short, 4)   # warm-up (Triton compiles, graphs)
-        t_hf, toks_hf = best_of(lambda: hf_generate(hf, short, new), args.reps)
-        t_ours, toks_ours = best_of(lambda: ours_generate(ours, short, new), args.reps)
-        agree = next((i for i, (a, b) in enumerate(zip(toks_hf, toks_ours)) if a != b), len(toks_hf))
-        ttft_hf, _ = best_of(lambda: hf_generate(hf, ids, 1), args.reps)
-        ttft_ours, _ = best_of(lambda: ours_generate(ours, ids, 1), args.reps)
-        row = {"params_m": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1), "dtype": str(ours.dtype),
-               "logits_rel_err_512": rel, "greedy_tokens_agree": agree, "new_tokens": new,
-               "hf_tokens_per_s": new / t_hf, "ours_tokens_per_s": new / t_ours,
-               "speedup": t_hf / t_ours, "ttft_512_hf_ms": ttft_hf * 1e3, "ttft_512_ours_ms": ttft_ours * 1e3,
-               "ttft_ratio": ttft_ours / ttft_hf}
-        if device == "cuda":
-            # the same engine with the layers' elementwise ops unfused (torch ops): what the fused kernels buy
-            ours.set_backend("triton", ours.attn_options, fused=False)
-            ours_generate(ours, short, 4)
-            t_unf, _ = best_of(lambda: ours_generate(ours, short, new), args.reps)
-            ttft_unf, _ = best_of(lambda: ours_generate(ours, ids, 1), args.reps)
-            ours.set_backend("triton", ours.attn_options)
-            row.update(ours_unfused_tokens_per_s=new / t_unf, ttft_512_ours_unfused_ms=ttft_unf * 1e3)
-            log(f"batch1 {name}: unfused elementwise ops: {new / t_unf:.1f} tok/s, TTFT(512) {ttft_unf * 1e3:.1f} ms")
-        log(f"batch1 {name} ({row['params_m']}M, {device}): HF {row['hf_tokens_per_s']:.1f} tok/s, ours "
-            f"{row['ours_tokens_per_s']:.1f} tok/s = {row['speedup']:.2f}x; TTFT(512) HF {row['ttft_512_hf_ms']:.1f} ms, "
-            f"ours {row['ttft_512_ours_ms']:.1f} ms = {row['ttft_ratio']:.2f} of HF; logits rel err {rel:.2e}, "
-            f"greedy agree {agree}/{new}")
-        out[name] = row
-        del hf, ours
+        hf_generate(hf, short, 4)                                      # warm-up (Triton compiles, graphs)
+        for m in mine.values():
+            ours_generate(m, short, 4)
+        gen = best_of_each({"hf": lambda: hf_generate(hf, short, new),
+                            **{k: (lambda m=m: ours_generate(m, short, new)) for k, m in mine.items()}}, args.reps)
+        ttft = best_of_each({"hf": lambda: hf_generate(hf, ids, 1),
+                             **{k: (lambda m=m: ours_generate(m, ids, 1)) for k, m in mine.items()}}, args.reps)
+        for k in mine:
+            row = batch1_row(ours, rel[k], gen["hf"][1], gen[k][1], new, gen["hf"][0], gen[k][0], ttft["hf"][0],
+                             ttft[k][0], dtype="Q4_1 layers, Q8_0 head" if k == "q4" else None)
+            if device == "cuda":
+                # the same engine with parts switched off: what the fused kernels buy
+                for variant, setting in (("unfused", dict(fused=False)),
+                                         ("no_matvec", dict(fused=True, matvec_rows=0))):
+                    ours.set_backend("triton", ours.attn_options, **setting)
+                    ours_generate(ours, short, 4)
+                    t_v, _ = best_of(lambda: ours_generate(ours, short, new), args.reps)
+                    ttft_v, _ = best_of(lambda: ours_generate(ours, ids, 1), args.reps)
+                    row.update({f"ours_{variant}_tokens_per_s": new / t_v, f"ttft_512_ours_{variant}_ms": ttft_v * 1e3})
+                    log(f"batch1 {name}: {variant}: {new / t_v:.1f} tok/s, TTFT(512) {ttft_v * 1e3:.1f} ms")
+                ours.set_backend("triton", ours.attn_options)
+            key = name if k == "ours" else f"{name} {k}"
+            log(f"batch1 {key} ({row['params_m']}M, {device}): " + describe(row))
+            out[key] = row
+        del hf, ours, q4, mine
         if device == "cuda":
             torch.cuda.empty_cache()
     return out
