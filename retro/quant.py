@@ -10,8 +10,10 @@ matrices from their blocks is the same model with ~6x fewer weight bytes (as lla
   float embedding was dequantised from (the embedding lookup stays float32: it reads one row).
 
 The kernels (numba, `parallel=True` over output rows, fp32 activations and accumulation) compute exactly
-x @ W.T of the dequantised W up to summation order (~1e-6 relative): each row's blocks are expanded to d * q
-in an L1-sized scratch row and dotted with x; the m term is one multiply a block against x's block sums.
+x @ W.T of the dequantised W up to summation order (~1e-6 relative): a row's dot product with x is an LLVM-IR
+loop over its blocks (nibbles -> floats in registers, each block's sum scaled by its d once); the m term is
+one multiply a block against x's block sums. A decode step of a quantized model runs torch's own ops on one
+thread (see _torch_on_one_thread_when_small).
 For more than SMALL_BATCH rows of x (prefill) the matrix is dequantised once, bit for bit as gguf/transformers
 do, and multiplied by torch's sgemm.
 
