@@ -120,11 +120,10 @@ class Block(nn.Module):
         self.cross_attn: nn.Module | None = None
         # up to this many rows (a decode step) each norm runs inside the projection after it; 0: never
         self.matvec_rows = 0
-        self._matvec_ok = self.attention.wqkv.bias is None and self.feed_forward.w13.bias is None
 
     def forward(self, x, residual, cos, sin, batch, cache, backend, opts, neighbours=None):
         """The stream x + residual (residual None: x alone) in, the same pair out."""
-        matvec = x.shape[0] <= self.matvec_rows and self._matvec_ok
+        matvec = x.shape[0] <= self.matvec_rows
         if matvec:
             from ..kernels.norm_matvec import norm_matvec
 
@@ -184,7 +183,10 @@ class Transformer(nn.Module):
                 m.fused = fused
         rows = (MATVEC_ROWS if fused else 0) if matvec_rows is None else int(matvec_rows)
         for block in self.layers:
-            block.matvec_rows = rows
+            # plain bias-free Linear projections only (not quantized ones: retro/quant.py)
+            plain = all(type(m) is nn.Linear and m.bias is None
+                        for m in (block.attention.wqkv, block.feed_forward.w13))
+            block.matvec_rows = rows if plain else 0
         return self
 
     def new_cache(self, num_pages: int, page_size: int = 64) -> KVCache:
