@@ -121,6 +121,16 @@ def decoder_table(d):
                  f"{r['greedy_tokens_agree']}/{r['new_tokens']}"] for name, r in d["batch1"].items()]
         out += md(["model", "weights", "HF generate (tok/s)", "ours (tok/s)", "speed-up", "TTFT 512 HF (ms)",
                    "TTFT ours (ms)", "TTFT ours/HF", "logits rel. err", "greedy agree"], rows, "llrrrrrrrr")
+        variants = [(name, r) for name, r in d["batch1"].items() if "ours_no_matvec_tokens_per_s" in r]
+        if variants:
+            rows = [[name, num(r["ours_unfused_tokens_per_s"]), num(r["ours_no_matvec_tokens_per_s"]),
+                     num(r["ours_tokens_per_s"]), f"{dec(r['ours_no_matvec_tokens_per_s'] / r['hf_tokens_per_s']):.2f}×",
+                     ms(r["ttft_512_ours_unfused_ms"]), ms(r["ttft_512_ours_no_matvec_ms"]), ms(r["ttft_512_ours_ms"])]
+                    for name, r in variants]
+            out += ["", "The same run with parts switched off (`set_backend(fused=..., matvec_rows=...)`); \"ours\" above "
+                    "is the last column:", "",
+                    *md(["model", "unfused (tok/s)", "fused (tok/s)", "fused + norm_matvec (tok/s)", "fused / HF",
+                         "TTFT unfused (ms)", "TTFT fused (ms)", "TTFT fused + norm_matvec (ms)"], rows, "lrrrrrrr")]
     if "infgram" in d:
         r = d["infgram"]
         out += ["", f"∞-gram interpolation at batch 1 (SmolLM2, ngram_lambda 0.5, index of {r['index_tokens']:,} "

@@ -9,9 +9,9 @@ Only the rows listed in logits_at go through the LM head.
 The residual stream travels as a pair (x, residual): x is the last sublayer's output, not yet added, and the
 next norm adds it (vLLM's layout), so on the GPU the add and the norm are one kernel. With the triton backend
 the layer's elementwise work runs fused (kernels.rmsnorm, kernels.rope_cache, kernels.swiglu): a decode step
-is about nine kernels a layer instead of thirty-odd; the torch code here is the reference they match. For the
-few rows of a decode step each norm also fuses into the projection after it (kernels.norm_matvec, with SwiGLU in
-the MLP's): six kernels a layer.
+is about nine kernels a layer instead of thirty-odd; the torch code here is the reference they match. Each norm
+can also fuse into the projection after it for the few rows of a decode step (kernels.norm_matvec, with SwiGLU in
+the MLP's: six kernels a layer), off by default: cuBLAS's matvec was faster on the H100 (MATVEC_ROWS).
 
 Each Block has a `cross_attn` slot (None here): RETRO's chunked cross-attention layers go there (every third
 layer from the sixth) and receive the per-sequence `neighbours` passed to the forward.
@@ -29,8 +29,9 @@ from .kv_cache import KVCache
 from .rope import Rotary, apply_rope
 
 
-# norm_matvec reads the weights once per row: past a few rows cuBLAS's matmul (reading them once) wins
-MATVEC_ROWS = 4
+# Off by default: on an H100 a decode step was faster with cuBLAS's matvec after the fused norm (SmolLM2 shape
+# 986 vs 904 tok/s, Llama-1B shape 728 vs 709; BENCHMARKS). set_backend(matvec_rows=4) turns it on.
+MATVEC_ROWS = 0
 
 
 class RMSNorm(nn.Module):
