@@ -12,6 +12,16 @@ from ..utils import is_interpret, next_pow2
 
 
 @triton.jit
+def _stream(x_row, r_row, cols, m, HAS_RESIDUAL: tl.constexpr):
+    """The columns cols of the stream x + residual, rounded to x's dtype as torch's add."""
+    h = tl.load(x_row + cols, mask=m, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_row + cols, mask=m, other=0.0)
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
+    return h
+
+
+@triton.jit
 def norm_matvec_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, h_ptr, K, n_out, eps,
                        stride_x, stride_r, stride_w, stride_y, stride_h,
                        HAS_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -24,12 +34,9 @@ def norm_matvec_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, h_ptr, K, n_out, eps,
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         m = cols < K
-        h = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(r_ptr + row * stride_r + cols, mask=m, other=0.0)
-            h = (h.to(tl.float32) + r.to(tl.float32)).to(dt)
-            if pid == 0:
-                tl.store(h_ptr + row * stride_h + cols, h, mask=m)
+        h = _stream(x_ptr + row * stride_x, r_ptr + row * stride_r, cols, m, HAS_RESIDUAL)
+        if HAS_RESIDUAL and pid == 0:
+            tl.store(h_ptr + row * stride_h + cols, h, mask=m)
         hf = h.to(tl.float32)
         ss += hf * hf
     rs = tl.math.rsqrt(tl.sum(ss, axis=0) / K + eps)
@@ -41,10 +48,7 @@ def norm_matvec_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, h_ptr, K, n_out, eps,
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         m = cols < K
-        h = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(r_ptr + row * stride_r + cols, mask=m, other=0.0)
-            h = (h.to(tl.float32) + r.to(tl.float32)).to(dt)
+        h = _stream(x_ptr + row * stride_x, r_ptr + row * stride_r, cols, m, HAS_RESIDUAL)
         hn = (h.to(tl.float32) * rs).to(dt)
         nw = tl.load(nw_ptr + cols, mask=m, other=0.0)
         xn = (nw.to(tl.float32) * hn.to(tl.float32)).to(dt).to(tl.float32)

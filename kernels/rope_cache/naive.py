@@ -1,20 +1,17 @@
-"""Plain PyTorch reference for rope_cache_write, and the rotation itself as transformers computes it."""
+"""Plain PyTorch reference for rope_cache_write."""
 
 from __future__ import annotations
 
 import torch
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, H, D] rotated by cos/sin [N, D] (cast to x's dtype first, as transformers does)."""
-    cos = cos.to(x.dtype)[:, None, :]
-    sin = sin.to(x.dtype)[:, None, :]
-    return x * cos + rotate_half(x) * sin
+def rope_naive(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, H, D] rotated by cos/sin [N, D] in the rotate-half layout, cos and sin cast to x's dtype first and
+    each product and sum rounded to it, as transformers' x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    c, s = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]     # [N, 1, D]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * c[..., :half] - x2 * s[..., :half], x2 * c[..., half:] + x1 * s[..., half:]), dim=-1)
 
 
 def rope_cache_write_naive(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -23,8 +20,8 @@ def rope_cache_write_naive(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     N = qkv.shape[0]
     D = k_cache.shape[-1]
     q, k, v = qkv.split((n_heads * D, n_kv_heads * D, n_kv_heads * D), dim=-1)
-    q = apply_rope(q.reshape(N, n_heads, D), cos, sin)
-    k = apply_rope(k.reshape(N, n_kv_heads, D), cos, sin)
+    q = rope_naive(q.reshape(N, n_heads, D), cos, sin)
+    k = rope_naive(k.reshape(N, n_kv_heads, D), cos, sin)
     keep = slots >= 0
     kf, vf = k_cache.view(-1, n_kv_heads, D), v_cache.view(-1, n_kv_heads, D)
     kf.index_copy_(0, slots[keep], k[keep].to(kf.dtype))
