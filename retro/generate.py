@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from .attention import AttentionBatch, prepare_step
-from .graphs import PrefillGraphs, capture
+from .graphs import CapturedGraphs, PrefillGraphs
 from .kv_cache import KVCache
 from .model import Transformer
 
@@ -99,8 +99,7 @@ class CUDAGraphDecoder:
             slot_mapping=torch.zeros(1, dtype=torch.int64, device=dev),
             max_seqlen_q=1, max_seqlen_k=self.max_seqlen, seqs=[seq])
         self._pages_in_table = 0
-        self._graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._graphs = CapturedGraphs()   # dense / HiP
 
     def restart(self, seq) -> "CUDAGraphDecoder":
         """Decode another sequence of the same cache with the graphs already captured."""
@@ -119,12 +118,6 @@ class CUDAGraphDecoder:
 
     def _forward(self) -> torch.Tensor:
         return self.model(self.tokens, self.positions, self.batch, self.cache)  # [1, V]
-
-    def _graph(self, sparse: bool):
-        if sparse not in self._graphs:
-            g, out, self._pool = capture(self._forward, self._pool)
-            self._graphs[sparse] = (g, out)
-        return self._graphs[sparse]
 
     @torch.inference_mode()
     def step(self, token) -> torch.Tensor:
@@ -151,9 +144,7 @@ class CUDAGraphDecoder:
         sparse = self._sparse(length + 1)
         self.batch.sparse_decode = sparse
         if self.cuda:
-            graph, out = self._graph(sparse)
-            graph.replay()
-            return out[0]
+            return self._graphs.replay(sparse, self._forward)[0]
         if self.model.attn_backend != "triton":
             # the SDPA path reads host lengths; the Triton path runs exactly what a graph would capture
             self.batch.q_lens, self.batch.kv_lens = [1], [length + 1]

@@ -43,6 +43,26 @@ def capture(forward, pool=None):
     return g, out, pool
 
 
+class CapturedGraphs:
+    """CUDA graphs captured once per key (a batch bucket, a prompt bucket, dense or sparse) in one memory pool,
+    replayed after; each replay returns its graph's static output."""
+
+    def __init__(self):
+        self._graphs: dict = {}
+        self._pool = None
+
+    def __iter__(self):
+        return iter(self._graphs)
+
+    def replay(self, key, forward) -> torch.Tensor:
+        if key not in self._graphs:
+            g, out, self._pool = capture(forward, self._pool)
+            self._graphs[key] = (g, out)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out
+
+
 def buckets(max_batch: int) -> list[int]:
     """1, 2, 4, ... and max_batch itself."""
     out, b = [], 1
@@ -69,8 +89,7 @@ class DecodeGraphs:
         self.block_table = torch.full((B, self.max_pages), self.scratch_page, dtype=torch.int32, device=dev)
         self.slot_mapping = torch.full((B,), self.scratch_page * cache.page_size, dtype=torch.int64, device=dev)
         self.cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=dev)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._graphs = CapturedGraphs()
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -95,12 +114,6 @@ class DecodeGraphs:
     def _forward(self, B: int, kv_lens: list[int] | None = None) -> torch.Tensor:
         return self.model(self.tokens[:B], self.positions[:B], self._batch(B, kv_lens), self.cache)   # [B, V]
 
-    def _graph(self, B: int):
-        if B not in self._graphs:
-            g, out, self._pool = capture(lambda: self._forward(B), self._pool)
-            self._graphs[B] = (g, out)
-        return self._graphs[B]
-
     @torch.inference_mode()
     def step(self, seqs: list, tokens: list[int]) -> torch.Tensor:
         """Append one token to each sequence; logits [len(seqs), V] (a view of a static buffer on CUDA:
@@ -124,9 +137,7 @@ class DecodeGraphs:
         self.slot_mapping[:B].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
         self.block_table[:B].copy_(table.to(dev), non_blocking=True)
         if self.cuda:
-            graph, out = self._graph(B)
-            graph.replay()
-            return out[:n]
+            return self._graphs.replay(B, lambda: self._forward(B))[:n]
         return self._forward(B, seqlens)[:n]
 
 
@@ -142,6 +153,7 @@ class PrefillGraphs:
 
     def __init__(self, model: Transformer, cache: KVCache, max_tokens: int = 2048):
         self.model, self.cache = model, cache
+        self.cuda = model.device.type == "cuda"
         self.buckets = [b for b in (*range(64, 513, 64), 1024, 2048, 4096) if b < max_tokens] + [max_tokens]
         M, dev = max_tokens, model.device
         self.tokens = torch.zeros(M, dtype=torch.int64, device=dev)
@@ -152,8 +164,7 @@ class PrefillGraphs:
         self.seqlens = torch.zeros(1, dtype=torch.int32, device=dev)
         self.last = torch.zeros(1, dtype=torch.int64, device=dev)
         self.block_table = torch.zeros(1, 1, dtype=torch.int32, device=dev)   # unread by the captured path
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._graphs = CapturedGraphs()
 
     def fits(self, cache: KVCache, seq, n: int) -> bool:
         m = self.model
@@ -190,13 +201,4 @@ class PrefillGraphs:
         self.last.fill_(n - 1)
         if not self.cuda:
             return self._forward(B)[0]
-        if B not in self._graphs:
-            g, out, self._pool = capture(lambda: self._forward(B), self._pool)
-            self._graphs[B] = (g, out)
-        graph, out = self._graphs[B]
-        graph.replay()
-        return out[0]
-
-    @property
-    def cuda(self) -> bool:
-        return self.model.device.type == "cuda"
+        return self._graphs.replay(B, lambda: self._forward(B))[0]
