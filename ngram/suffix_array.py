@@ -34,26 +34,23 @@ UNKNOWN = -2         # in ntd's divide and conquer: the boundary token is not kn
 CNF_SEED = 19260817  # infini-gram's fixed seed for subsampling CNF clauses
 
 
-@intrinsic
-def _u8_pointer(typingctx, address):
-    """An int64 address as a uint8 pointer (the inverse of ndarray.ctypes.data)."""
-    sig = types.CPointer(types.uint8)(types.int64)
+def _pointer_from_address(ty):
+    """An intrinsic taking an int64 address to a pointer of numba type ty (the inverse of ndarray.ctypes.data)."""
 
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint8)))
+    @intrinsic
+    def pointer(typingctx, address):
+        sig = types.CPointer(ty)(types.int64)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(ty)))
+
+        return sig, codegen
+
+    return pointer
 
 
-@intrinsic
-def _i64_pointer(typingctx, address):
-    """An int64 address as an int64 pointer."""
-    sig = types.CPointer(types.int64)(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
-
-    return sig, codegen
+_u8_pointer = _pointer_from_address(types.uint8)
+_i64_pointer = _pointer_from_address(types.int64)
 
 
 @intrinsic
